@@ -1,0 +1,5 @@
+import sys
+
+from dataorder.cli import main
+
+sys.exit(main())

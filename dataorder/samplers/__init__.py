@@ -1,0 +1,1 @@
+"""Samplers: one module per family (see DESIGN.md)."""
