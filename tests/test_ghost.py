@@ -1,0 +1,188 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from dataorder.ghost import GhostGrads
+
+
+def reference_per_example(model, loss_fn, x, y):
+    """(B, d) per-example gradients by torch.func, in named_parameters order."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def one(p, xi, yi):
+        return loss_fn(functional_call(model, {**p, **buffers}, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
+
+
+class TokenClassifier(nn.Module):
+    """A small transformer block made of supported layers: embedding, layer norm, attention from Linears, MLP."""
+
+    def __init__(self, vocab=11, dim=8, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        h = h + self.proj(attn @ v)
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h.mean(dim=1))
+
+
+class Scale(nn.Module):
+    def __init__(self, features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def ce(out, y):
+    return nn.functional.cross_entropy(out, y)
+
+
+CASES = {
+    "linear2d": (lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)),
+                 lambda g: torch.randn(7, 6, generator=g)),
+    "linear3d_small_T": (lambda: nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 40, 3)),
+                         lambda g: torch.randn(7, 2, 6, generator=g)),
+    "linear3d_long_T": (lambda: nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 30, 3)),
+                        lambda g: torch.randn(7, 30, 3, generator=g)),
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1), nn.ReLU(),
+                                     nn.Conv2d(4, 3, 2, dilation=2), nn.Flatten(), nn.LazyLinear(3)),
+               lambda g: torch.randn(5, 2, 9, 9, generator=g)),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 4, 3, padding=2, stride=2), nn.ReLU(), nn.Flatten(),
+                                     nn.LazyLinear(3)),
+               lambda g: torch.randn(6, 3, 10, generator=g)),
+    "groupnorm": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                                        nn.LazyLinear(3)),
+                  lambda g: torch.randn(5, 2, 6, 6, generator=g)),
+    "transformer": (lambda: TokenClassifier(), lambda g: torch.randint(0, 11, (6, 9), generator=g)),
+}
+
+
+def build(case, seed=0):
+    torch.manual_seed(seed)
+    make_model, make_x = CASES[case]
+    generator = torch.Generator().manual_seed(seed)
+    x = make_x(generator)
+    model = make_model()
+    model(x)  # materialise lazy layers
+    y = torch.randint(0, 3, (len(x),), generator=generator)
+    return model, x, y
+
+
+def captured(model, x, y):
+    ghost = GhostGrads(model)
+    ce(model(x), y).backward()
+    [batch] = ghost.collect()
+    ghost.remove()
+    return batch
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ghost_products_equal_materialised(case):
+    model, x, y = build(case)
+    reference = reference_per_example(model, ce, x, y).double()
+    batch = captured(model, x, y)
+    assert torch.allclose(batch.materialize().double(), reference, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(batch.gram().double(), reference @ reference.T, rtol=1e-4, atol=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    vectors = [{n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()} for _ in range(2)]
+    flat = torch.stack([torch.cat([v[n].reshape(-1) for n, _ in model.named_parameters()]) for v in vectors]).double()
+    assert torch.allclose(batch.dots(vectors).double(), flat @ reference.T, rtol=1e-4, atol=1e-4)
+    weights = torch.randn(len(x), generator=generator)
+    summed = batch.weighted_sum(weights)
+    flat_sum = torch.cat([summed[n].reshape(-1) for n, _ in model.named_parameters()]).double()
+    assert torch.allclose(flat_sum, weights.double() @ reference, rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_with_padding_and_repeats():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2))
+    x = torch.tensor([[1, 1, 0, 2], [3, 0, 0, 3], [4, 4, 4, 4]])
+    y = torch.tensor([0, 1, 1])
+    reference = reference_per_example(model, ce, x, y)
+    batch = captured(model, x, y)
+    assert torch.allclose(batch.gram(), reference @ reference.T, atol=1e-5)
+    assert torch.allclose(batch.materialize(), reference, atol=1e-6)
+
+
+def test_unsupported_module_falls_back_with_one_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Scale(4), nn.Linear(4, 2))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    ghost = GhostGrads(model)
+    with pytest.warns(UserWarning, match=r"Scale \('1'\)"):
+        ce(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        model.zero_grad()
+        ce(model(x), y).backward()
+    batches = ghost.collect()
+    assert len(batches) == 2
+    reference = reference_per_example(model, ce, x, y)
+    assert torch.allclose(batches[1].gram(), reference @ reference.T, atol=1e-5)
+
+
+def test_micro_batches_come_back_in_order_and_eval_passes_are_skipped():
+    model, x, y = build("linear2d")
+    ghost = GhostGrads(model)
+    ce(model(x[:3]), y[:3]).backward()
+    model(x)  # grad enabled but no backward: ignored
+    with torch.no_grad():
+        model(x)
+    ce(model(x[3:]), y[3:]).backward()
+    first, second = ghost.collect()
+    assert (first.batch_size, second.batch_size) == (3, 4)
+    reference = reference_per_example(model, ce, x, y)
+    assert torch.allclose(second.materialize(), reference[3:], atol=1e-6)
+    assert ghost.collect() == []
+
+
+def test_module_called_twice_sums_its_contributions():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.head = shared, nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+    model = Twice()
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    reference = reference_per_example(model, ce, x, y)
+    batch = captured(model, x, y)
+    assert torch.allclose(batch.gram(), reference @ reference.T, atol=1e-5)
+
+
+def test_param_selection_and_errors():
+    model, x, y = build("linear2d")
+    ghost = GhostGrads(model, params=["2.weight", "2.bias"])
+    ce(model(x), y).backward()
+    [batch] = ghost.collect()
+    reference = reference_per_example(model, ce, x, y)[:, -(5 * 3 + 3):]
+    assert torch.allclose(batch.materialize(), reference, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown"):
+        GhostGrads(model, params=["nope"])
+    with pytest.raises(ValueError, match="no trainable"):
+        GhostGrads(model, params=lambda name, p: False)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="tied"):
+        GhostGrads(tied)
