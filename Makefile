@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dataorder compare --data digits --model logreg --orders rr,so,grab --epochs 10 --seeds 3
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
+	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider tests dataorder --doctest-modules
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q -p no:cacheprovider
