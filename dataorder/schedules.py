@@ -1,0 +1,655 @@
+"""Mixture weights over training progress, their per-batch allocation, and curriculum pacing.
+
+A :class:`Schedule` gives the weight of each data source at every point ``p`` of a run
+(``p`` = samples seen / samples in the run, from 0 to 1). It starts from base weights and
+changes at *segments*: at progress ``at`` the weights move to new values, either at once
+(``transition: step``) or over a span ``over`` (``linear`` or ``cosine``). Weights are
+relative: every set is divided by its sum, and the division is reported in
+:attr:`Schedule.notes`.
+
+The YAML form (``Schedule.load`` / ``Schedule.save``; read with ``yaml.safe_load``)::
+
+    sources: {web: 0.70, code: 0.15, math: 0.10, books: 0.05}   # starting weights
+    schedule:                                                    # optional
+      - {at: 0.85, weights: {web: 0.35, code: 0.30, math: 0.25, books: 0.10},
+         transition: linear, over: 0.05}
+    run: {num_samples: 1000000, batch_size: 1024, tokens_per_sample: 2048}   # optional
+
+:func:`largest_remainder` and :class:`BatchCounts` turn weights into exact per-batch counts
+(what :class:`~dataorder.samplers.mixture.MixtureSampler` draws); :func:`pacing_function`
+gives the curriculum pacing functions of :class:`~dataorder.samplers.curriculum.CurriculumSampler`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PACINGS",
+    "TRANSITIONS",
+    "BatchCounts",
+    "Schedule",
+    "Segment",
+    "largest_remainder",
+    "pacing_function",
+]
+
+TRANSITIONS = ("step", "linear", "cosine")
+PACINGS = ("linear", "root", "geometric", "step")
+_RUN_KEYS = ("num_samples", "batch_size", "tokens_per_sample")
+_SEGMENT_KEYS = ("at", "weights", "transition", "over")
+
+
+# -- validation helpers ---------------------------------------------------------------------
+def _number(value: Any, where: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (YAML reads 1e9 as text: write 1.0e+9 or 1_000_000_000)" if _looks_numeric(value) else ""
+        raise ValueError(f"{where}: {what} must be a number, got {value!r}{hint}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: {what} must be finite, got {value}")
+    return value
+
+
+def _looks_numeric(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def _weights(weights: Any, names: Sequence[str] | None, where: str) -> dict[str, float]:
+    """Check one set of weights; ``names=None`` means it defines the sources."""
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError(f"{where}: weights must be a non-empty mapping source -> weight, got {weights!r}")
+    bad_names = [key for key in weights if not isinstance(key, str) or not key]
+    if bad_names:
+        raise ValueError(f"{where}: source names must be non-empty strings, got {bad_names}")
+    if names is not None:
+        unknown = [key for key in weights if key not in names]
+        if unknown:
+            raise ValueError(f"{where}: unknown source {', '.join(map(repr, unknown))}; sources are {', '.join(names)}")
+        missing = [name for name in names if name not in weights]
+        if missing:
+            raise ValueError(f"{where}: no weight for {', '.join(missing)}; give every source a weight (0 turns it off)")
+    checked = {}
+    for key, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
+            raise ValueError(f"{where}: weight of {key!r} must be a number, got {value!r}")
+        if value < 0 or math.isinf(float(value)):
+            raise ValueError(f"{where}: weight of {key!r} must be finite and >= 0, got {value}")
+        checked[key] = float(value)
+    if sum(checked.values()) <= 0:
+        raise ValueError(f"{where}: all weights are zero; give at least one source a positive weight")
+    return checked if names is None else {name: checked[name] for name in names}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A change of the weights at progress ``at``: at once (``step``) or over ``over`` (``linear``/``cosine``).
+
+    >>> Segment(at=0.9, weights={"web": 1.0, "code": 1.0}, transition="linear", over=0.05).over
+    0.05
+    """
+
+    at: float
+    weights: Mapping[str, float]
+    transition: str = "step"
+    over: float = 0.0
+
+
+# -- the schedule ---------------------------------------------------------------------------
+class Schedule:
+    """Mixture weights as a function of training progress ``p`` in [0, 1].
+
+    ``sources`` maps each source name to its starting weight (the dict order is the
+    sources' order everywhere); ``segments`` is a sequence of :class:`Segment` or dicts with
+    keys ``at``, ``weights``, ``transition`` (``step`` | ``linear`` | ``cosine``, default
+    ``step``) and ``over`` (span of a linear/cosine transition). ``run`` optionally records
+    ``num_samples``, ``batch_size`` and ``tokens_per_sample`` of the run.
+
+    Example (upsample code and math over the last 15% of a run)::
+
+        >>> s = Schedule.anneal(base={"web": 0.8, "code": 0.1, "math": 0.1},
+        ...                     final={"web": 0.4, "code": 0.3, "math": 0.3}, last=0.15)
+        >>> s.weights_at(0.5)
+        {'web': 0.8, 'code': 0.1, 'math': 0.1}
+        >>> s.weights_at(0.9)
+        {'web': 0.4, 'code': 0.3, 'math': 0.3}
+        >>> ramp = Schedule({"a": 1, "b": 1}, [{"at": 0.5, "weights": {"a": 1, "b": 0},
+        ...                                     "transition": "linear", "over": 0.2}])
+        >>> ramp.weights_at(0.6)
+        {'a': 0.75, 'b': 0.25}
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, float],
+        segments: Sequence[Segment | Mapping[str, Any]] = (),
+        *,
+        run: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._build(sources, segments, run, lambda label: label)
+
+    def _build(self, sources: Any, segments: Any, run: Any, where: Callable[[str], str]) -> None:
+        base = _weights(sources, None, where("sources"))
+        names = tuple(base)
+        if isinstance(segments, (str, bytes, Mapping)) or not isinstance(segments, Sequence):
+            raise ValueError(f"{where('schedule')}: must be a list of segments, got {type(segments).__name__}")
+        checked: list[Segment] = []
+        free_from = 0.0  # progress from which the next segment may start
+        for i, raw in enumerate(segments):
+            segment = _segment(raw, names, where(f"schedule[{i}]"), free_from)
+            checked.append(segment)
+            free_from = segment.at + segment.over
+        self.names: tuple[str, ...] = names
+        self.base: dict[str, float] = base
+        self.segments: tuple[Segment, ...] = tuple(checked)
+        self.run: dict[str, Any] = _run(run, where("run"))
+        self.notes: tuple[str, ...] = tuple(
+            _normalisation_note(weights, where(label))
+            for label, weights in [("sources", base)] + [(f"schedule[{i}]", s.weights) for i, s in enumerate(checked)]
+            if abs(sum(weights.values()) - 1.0) > 1e-9
+        )
+        self._phases = _phases(self)
+
+    # -- constructors ----------------------------------------------------------------------
+    @classmethod
+    def constant(cls, weights: Mapping[str, float]) -> Schedule:
+        """The same weights for the whole run.
+
+        >>> Schedule.constant({"a": 3, "b": 1}).weights_at(0.7)
+        {'a': 0.75, 'b': 0.25}
+        """
+        return cls(weights)
+
+    @classmethod
+    def anneal(
+        cls,
+        base: Mapping[str, float],
+        final: Mapping[str, float],
+        last: float = 0.15,
+        *,
+        transition: str = "step",
+        over: float = 0.0,
+    ) -> Schedule:
+        """``base`` weights, then ``final`` weights over the ``last`` fraction of the run.
+
+        The preset for end-of-training domain upsampling (Blakeney et al. 2024: upsampling
+        domain data over the last 10-20% of pretraining). ``transition="linear"`` with
+        ``over=...`` ramps into ``final`` instead of switching at once.
+
+        >>> Schedule.anneal({"web": 1, "math": 0}, {"web": 1, "math": 1}, last=0.2).segments[0].at
+        0.8
+        """
+        last = _number(last, "anneal", "last")
+        if not 0.0 < last <= 1.0:
+            raise ValueError(f"anneal: last must be a fraction of the run in (0, 1], got {last}")
+        at = round(1.0 - last, 12)
+        return cls(base, [Segment(at=at, weights=final, transition=transition, over=over)])
+
+    @classmethod
+    def from_yaml(cls, text: str, *, name: str = "<yaml>") -> Schedule:
+        """Parse the YAML form (see the module docstring); errors name ``name`` and the line.
+
+        >>> Schedule.from_yaml("sources: {a: 1, b: 3}").weights_at(0.0)
+        {'a': 0.25, 'b': 0.75}
+        """
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+            lines = _yaml_lines(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{name}: not valid YAML: {error}") from None
+
+        def where(label: str) -> str:
+            line = lines.get(label.split("[")[0] if label not in lines else label)
+            return f"{name} line {line} ({label})" if line else f"{name} ({label})"
+
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{name}: expected a mapping with keys sources, schedule, run; got {type(data).__name__}")
+        unknown = [key for key in data if key not in ("sources", "schedule", "run")]
+        if unknown:
+            raise ValueError(f"{where(str(unknown[0]))}: unknown key {unknown[0]!r}; allowed keys are sources, schedule, run")
+        if "sources" not in data:
+            raise ValueError(f"{name}: missing 'sources' (the starting weight of every source)")
+        schedule = cls.__new__(cls)
+        schedule._build(data["sources"], data.get("schedule") or [], data.get("run"), where)
+        return schedule
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Schedule:
+        """Read a YAML schedule file.
+
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "mix.yaml"
+        >>> Schedule.constant({"a": 1.0}).save(path)
+        >>> Schedule.load(path) == Schedule.constant({"a": 1.0})
+        True
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no schedule file at {path}")
+        return cls.from_yaml(path.read_text(encoding="utf-8"), name=str(path))
+
+    # -- output ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML structure as plain Python types (weights as given, not normalised)."""
+        data: dict[str, Any] = {"sources": dict(self.base)}
+        if self.segments:
+            data["schedule"] = [
+                {"at": s.at, "weights": dict(s.weights), "transition": s.transition}
+                | ({"over": s.over} if s.over else {})
+                for s in self.segments
+            ]
+        if self.run:
+            data["run"] = dict(self.run)
+        return data
+
+    def to_yaml(self) -> str:
+        """The YAML form; ``Schedule.from_yaml(s.to_yaml()) == s``.
+
+        >>> print(Schedule.constant({"a": 1.0, "b": 2.0}).to_yaml().strip())
+        sources: {a: 1.0, b: 2.0}
+        """
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_yaml` to ``path``."""
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+    # -- evaluation ------------------------------------------------------------------------
+    def weights(self, progress: float | np.ndarray) -> np.ndarray:
+        """Normalised weights at ``progress``: shape ``(S,)`` for a float, ``(m, S)`` for ``m`` values.
+
+        >>> Schedule.constant({"a": 1, "b": 3}).weights(np.array([0.0, 1.0])).tolist()
+        [[0.25, 0.75], [0.25, 0.75]]
+        """
+        p = np.asarray(progress, dtype=np.float64)
+        if np.any(~np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
+            raise ValueError(f"progress must be in [0, 1], got {progress!r}; progress = samples seen / samples in the run")
+        return _evaluate(self._phases, p)
+
+    def weights_at(self, progress: float) -> dict[str, float]:
+        """The weights at ``progress`` as a dict (rounded to 12 digits, for display and logs)."""
+        return {name: round(float(w), 12) for name, w in zip(self.names, self.weights(float(progress)))}
+
+    def at_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """The weights at optimizer step ``step`` of ``total_steps`` (progress ``step / total_steps``).
+
+        >>> Schedule.anneal({"a": 1, "b": 0}, {"a": 0, "b": 1}, last=0.5).at_step(60, 100)
+        {'a': 0.0, 'b': 1.0}
+        """
+        return self.weights_at(_fraction(step, total_steps, "step", "total_steps"))
+
+    def at_tokens(self, tokens: int, total_tokens: int) -> dict[str, float]:
+        """The weights after ``tokens`` of ``total_tokens`` training tokens."""
+        return self.weights_at(_fraction(tokens, total_tokens, "tokens", "total_tokens"))
+
+    @property
+    def breakpoints(self) -> tuple[float, ...]:
+        """Progress values where the weights start or stop changing, with 0 and 1.
+
+        >>> Schedule.anneal({"a": 1}, {"a": 1}, last=0.2, transition="linear", over=0.1).breakpoints
+        (0.0, 0.8, 0.9, 1.0)
+        """
+        points = {0.0, 1.0} | {s.at for s in self.segments} | {s.at + s.over for s in self.segments}
+        return tuple(sorted(round(p, 12) for p in points))
+
+    def mean_weights(self) -> dict[str, float]:
+        """The average mixture over the run (the integral of the weights over ``p``).
+
+        >>> Schedule.anneal({"a": 1, "b": 0}, {"a": 0, "b": 1}, last=0.25).mean_weights()
+        {'a': 0.75, 'b': 0.25}
+        """
+        ph = self._phases
+        mean = ((ph.ends - ph.starts)[:, None] * (ph.anchors[ph.src] + ph.anchors[ph.dst]) / 2).sum(axis=0)
+        return {name: round(float(w), 12) for name, w in zip(self.names, mean)}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Schedule(sources={self.base!r}, segments={len(self.segments)}, run={self.run!r})"
+
+
+def _segment(raw: Any, names: tuple[str, ...], where: str, free_from: float) -> Segment:
+    if isinstance(raw, Segment):
+        raw = {"at": raw.at, "weights": raw.weights, "transition": raw.transition, "over": raw.over}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: a segment must be a mapping with keys at, weights[, transition, over], got {raw!r}")
+    unknown = [key for key in raw if key not in _SEGMENT_KEYS]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; a segment has keys {', '.join(_SEGMENT_KEYS)}")
+    for key in ("at", "weights"):
+        if key not in raw:
+            raise ValueError(f"{where}: missing {key!r}")
+    at = _number(raw["at"], where, "at")
+    if not 0.0 <= at <= 1.0:
+        raise ValueError(f"{where}: at={at} is outside [0, 1]; at is the fraction of the run where the change starts")
+    if at < free_from - 1e-12:
+        raise ValueError(
+            f"{where}: at={at} is out of order: the previous segment runs until {round(free_from, 12)}; "
+            "list segments by increasing at, without overlapping transitions"
+        )
+    transition = raw.get("transition", "step")
+    if transition not in TRANSITIONS:
+        raise ValueError(f"{where}: transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
+    over = _number(raw.get("over", 0.0), where, "over")
+    if transition == "step" and over != 0.0:
+        raise ValueError(f"{where}: a step transition happens at once; drop over={over} or use transition: linear")
+    if transition != "step" and over <= 0.0:
+        raise ValueError(f"{where}: a {transition} transition needs over > 0 (its span as a fraction of the run)")
+    if at + over > 1.0 + 1e-12:
+        raise ValueError(f"{where}: the transition ends at {at + over:g} > 1; start it earlier or shorten over")
+    return Segment(at=at, weights=_weights(raw["weights"], names, where), transition=transition, over=over)
+
+
+def _run(run: Any, where: str) -> dict[str, Any]:
+    if run is None:
+        return {}
+    if not isinstance(run, Mapping):
+        raise ValueError(f"{where}: must be a mapping with keys {', '.join(_RUN_KEYS)}")
+    checked: dict[str, Any] = {}
+    for key, value in run.items():
+        if key not in _RUN_KEYS:
+            raise ValueError(f"{where}: unknown key {key!r}; allowed keys are {', '.join(_RUN_KEYS)}")
+        number = _number(value, where, key)
+        if number <= 0 or (key != "tokens_per_sample" and number != int(number)):
+            raise ValueError(f"{where}: {key} must be a positive {'number' if key == 'tokens_per_sample' else 'int'}, got {value!r}")
+        checked[key] = number if key == "tokens_per_sample" and number != int(number) else int(number)
+    return checked
+
+
+def _normalisation_note(weights: Mapping[str, float], where: str) -> str:
+    total = sum(weights.values())
+    shares = ", ".join(f"{name} {w / total:.4g}" for name, w in weights.items())
+    return f"{where}: weights sum to {total:.6g}; normalised to {shares}"
+
+
+def _fraction(value: Any, total: Any, name: str, total_name: str) -> float:
+    total = _number(total, total_name, total_name)
+    value = _number(value, name, name)
+    if total <= 0:
+        raise ValueError(f"{total_name} must be > 0, got {total}")
+    if not 0 <= value <= total:
+        raise ValueError(f"{name} must be in [0, {total_name}={total:g}], got {value:g}")
+    return value / total
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """1-based line of each top-level key and of each ``schedule`` item."""
+    import yaml
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[str, int] = {}
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:
+            lines[str(key.value)] = key.start_mark.line + 1
+            if key.value == "schedule" and isinstance(value, yaml.SequenceNode):
+                for i, item in enumerate(value.value):
+                    lines[f"schedule[{i}]"] = item.start_mark.line + 1
+    return lines
+
+
+# -- phases: the schedule as constant and transition pieces -----------------------------------
+_KIND = {"const": 0, "linear": 1, "cosine": 2}
+
+
+@dataclass(frozen=True)
+class _Phases:
+    """Pieces of [0, 1]: ``[starts, ends)`` moving from anchor row ``src`` to ``dst`` (``kind``)."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    kind: np.ndarray
+    anchors: np.ndarray  # normalised weights: the base row, then one row per segment
+
+
+def _phases(schedule: Schedule) -> _Phases:
+    """Split [0, 1] into constant pieces and transitions between anchor weight rows."""
+    rows = [schedule.base] + [s.weights for s in schedule.segments]
+    anchors = np.array([[w[name] for name in schedule.names] for w in rows], dtype=np.float64)
+    anchors /= anchors.sum(axis=1, keepdims=True)
+    pieces: list[tuple[float, float, int, int, int]] = []
+    start, current = 0.0, 0
+    for k, segment in enumerate(schedule.segments, start=1):
+        pieces.append((start, segment.at, current, current, _KIND["const"]))
+        if segment.transition != "step":
+            pieces.append((segment.at, segment.at + segment.over, current, k, _KIND[segment.transition]))
+        start, current = segment.at + segment.over, k
+    pieces.append((start, 1.0, current, current, _KIND["const"]))
+    pieces = [piece for piece in pieces if piece[1] > piece[0]] or [(0.0, 1.0, current, current, 0)]
+    starts, ends, src, dst, kind = (np.array(column) for column in zip(*pieces))
+    return _Phases(starts.astype(np.float64), ends.astype(np.float64), src.astype(np.int64),
+                   dst.astype(np.int64), kind.astype(np.int64), anchors)
+
+
+def _evaluate(phases: _Phases, p: np.ndarray) -> np.ndarray:
+    """Weights at progress ``p`` (any shape) -> ``p.shape + (S,)``."""
+    k = np.clip(np.searchsorted(phases.starts, p, side="right") - 1, 0, len(phases.starts) - 1)
+    if k.size and k.min() == k.max():  # one phase: index it once (same arithmetic, less indexing)
+        k = k.ravel()[0]
+    kind = phases.kind[k]
+    t = np.clip((p - phases.starts[k]) / (phases.ends[k] - phases.starts[k]), 0.0, 1.0)
+    if np.any(kind == _KIND["cosine"]):
+        t = np.where(kind == _KIND["cosine"], (1.0 - np.cos(np.pi * t)) / 2.0, t)
+    t = np.where(kind == _KIND["const"], 0.0, t)[..., None]
+    a, b = phases.anchors[phases.src[k]], phases.anchors[phases.dst[k]]
+    return np.where(t == 0.0, a, (1.0 - t) * a + t * b)
+
+
+# -- allocation: weights -> integer counts per batch ------------------------------------------
+def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` items by ``weights`` (rows summing to 1): floors, then +1 by largest remainder.
+
+    Works row-wise on ``(m, S)``. Ties go to the earlier source; a zero weight never gets
+    an item. Each count is ``floor`` or ``ceil`` of ``total * weight``.
+
+    >>> largest_remainder(np.array([0.5, 0.3, 0.2]), 7).tolist()
+    [4, 2, 1]
+    >>> largest_remainder(np.array([[0.5, 0.5], [0.25, 0.75]]), 3).tolist()
+    [[2, 1], [1, 2]]
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    ideal = np.round(total * w, 9)  # snap float noise so that exact shares stay exact
+    counts = np.floor(ideal).astype(np.int64)
+    remainder = np.where(w > 0, np.round(ideal - counts, 9), -1.0)  # equal shares tie exactly
+    extra = total - counts.sum(axis=-1, keepdims=True)
+    return counts + (_rank_descending(remainder) < extra)
+
+
+def _rank_descending(values: np.ndarray) -> np.ndarray:
+    """Rank of each entry along the last axis, largest first, ties to the lower index."""
+    order = np.argsort(-values, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(values.shape[-1]), order.shape), axis=-1)
+    return rank
+
+
+class BatchCounts:
+    """Exact per-source counts of every global batch of a run following ``schedule``.
+
+    Batch ``b`` holds ``batch_size`` samples (the last one ``num_samples % batch_size`` if
+    that is not 0); its counts are :func:`largest_remainder` of ``batch_size`` times the
+    weights at its progress ``b * batch_size / num_samples``.
+
+    :meth:`cumulative` (counts of all batches before ``b``) costs O(1) per constant piece:
+    its batches all have the same counts. Batches inside a transition (a linear or cosine
+    ramp) are summed with vectorised numpy, once, keeping a checkpoint every
+    :attr:`CHECKPOINT` batches; afterwards a lookup costs at most ``CHECKPOINT`` batch
+    evaluations. So the first lookup at ``b`` costs O(ramp batches before ``b``), and
+    later ones O(CHECKPOINT), whatever the number of samples.
+
+    >>> counts = BatchCounts(Schedule.constant({"a": 0.75, "b": 0.25}), num_samples=10, batch_size=4)
+    >>> counts.batch(0).tolist(), counts.batch(2).tolist(), counts.total().tolist()
+    ([3, 1], [2, 0], [8, 2])
+    """
+
+    CHECKPOINT = 4096
+
+    def __init__(self, schedule: Schedule, num_samples: int, batch_size: int) -> None:
+        self.schedule = schedule
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.full_batches = self.num_samples // self.batch_size
+        self.last_size = self.num_samples % self.batch_size
+        self.num_batches = self.full_batches + (self.last_size > 0)
+        self._knots: tuple[np.ndarray, np.ndarray] | None = None  # (batch index, cumulative counts)
+        self._bounds: list[tuple[int, int, bool]] | None = None
+        self._filled = 0  # knots whose cumulative counts are known
+
+    def progress(self, b: np.ndarray | int) -> np.ndarray:
+        """Progress of batch ``b``: samples before it / samples in the run."""
+        return np.asarray(b, dtype=np.int64) * self.batch_size / self.num_samples
+
+    def weights(self, b: np.ndarray | int) -> np.ndarray:
+        """The schedule's weights at each batch's progress."""
+        return _evaluate(self.schedule._phases, self.progress(b))
+
+    def batch(self, b: np.ndarray | int) -> np.ndarray:
+        """Counts of batch(es) ``b``: ``(S,)`` or ``(m, S)``."""
+        b = np.asarray(b, dtype=np.int64)
+        counts = largest_remainder(self.weights(b), self.batch_size)
+        if self.last_size and np.any(b == self.full_batches):
+            last = largest_remainder(self.weights(self.full_batches), self.last_size)
+            counts = np.where((b == self.full_batches)[..., None], last, counts)
+        return counts
+
+    def cumulative(self, b: int) -> np.ndarray:
+        """Counts of all batches before batch ``b`` (``0 <= b <= num_batches``)."""
+        if not 0 <= b <= self.num_batches:
+            raise ValueError(f"batch index must be in [0, {self.num_batches}], got {b}")
+        if b > self.full_batches:
+            return self.cumulative(self.full_batches) + self.batch(self.full_batches)
+        knots, _ = self._table()
+        k = int(np.searchsorted(knots, b, side="right")) - 1
+        return self._cumulative_at_knot(k) + self._sum(int(knots[k]), b)
+
+    def total(self) -> np.ndarray:
+        """Counts over the whole run."""
+        return self.cumulative(self.num_batches)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _phase_bounds(self) -> list[tuple[int, int, bool]]:
+        """``(first batch, end batch, constant?)`` of each phase, over the full batches."""
+        phases = self.schedule._phases
+        bounds = [self._first_batch_at(float(s)) for s in phases.starts] + [self.full_batches]
+        return [(lo, hi, bool(phases.kind[k] == _KIND["const"]))
+                for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+
+    def _first_batch_at(self, p: float) -> int:
+        """Smallest full batch whose progress, as computed by :meth:`progress`, is >= ``p``."""
+        b = min(self.full_batches, max(0, math.ceil(p * self.num_samples / self.batch_size)))
+        while b > 0 and self.progress(b - 1) >= p:
+            b -= 1
+        while b < self.full_batches and self.progress(b) < p:
+            b += 1
+        return b
+
+    def _sum(self, lo: int, hi: int) -> np.ndarray:
+        """Counts of full batches ``[lo, hi)``: one evaluation for a constant phase, else vectorised."""
+        total = np.zeros(len(self.schedule.names), dtype=np.int64)
+        for a, z, constant in self._phase_bounds_cached():
+            a, z = max(a, lo), min(z, hi)
+            if z <= a:
+                continue
+            if constant:
+                total += self.batch(a) * (z - a)
+            else:
+                for chunk in range(a, z, 1 << 16):
+                    total += self.batch(np.arange(chunk, min(z, chunk + (1 << 16)))).sum(axis=0)
+        return total
+
+    def _phase_bounds_cached(self) -> list[tuple[int, int, bool]]:
+        if self._bounds is None:
+            self._bounds = self._phase_bounds()
+        return self._bounds
+
+    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Knots (phase starts, checkpoints in transitions) and the cumulative counts at them."""
+        if self._knots is None:
+            points = {0}
+            for lo, hi, constant in self._phase_bounds_cached():
+                points.update([lo] if constant else range(lo, hi, self.CHECKPOINT))
+            knots = np.array(sorted(points), dtype=np.int64)
+            self._knots = (knots, np.zeros((len(knots), len(self.schedule.names)), dtype=np.int64))
+            self._filled = 1
+        return self._knots
+
+    def _cumulative_at_knot(self, k: int) -> np.ndarray:
+        """Cumulative counts at knot ``k``, summing the knots before it on first use."""
+        knots, sums = self._table()
+        while self._filled <= k:
+            i = self._filled
+            sums[i] = sums[i - 1] + self._sum(int(knots[i - 1]), int(knots[i]))
+            self._filled += 1
+        return sums[k]
+
+
+# -- curriculum pacing ------------------------------------------------------------------------
+def pacing_function(
+    pacing: str | Callable[[float], float], *, start: float = 0.2, full_at: float = 0.8
+) -> Callable[[float], float]:
+    """The fraction ``g(p)`` of the data a curriculum may use at progress ``p``.
+
+    Built-ins rise from ``g(0) = start`` to ``g(full_at) = 1`` and stay at 1 (with
+    ``t = min(p / full_at, 1)``):
+
+    * ``linear``: ``start + (1 - start) t``;
+    * ``root``: ``sqrt(start² + (1 - start²) t)`` (competence-based, Platanios et al. 2019);
+    * ``geometric``: ``start ** (1 - t)`` (exponential pacing, Hacohen & Weinshall 2019);
+    * ``step``: ``start`` until ``full_at``, then 1 (single-step pacing).
+
+    A callable is returned as is after a check at 0 and 1; it must map [0, 1] to (0, 1]
+    and should be non-decreasing.
+
+    >>> g = pacing_function("linear", start=0.2, full_at=0.8)
+    >>> [round(g(p), 3) for p in (0.0, 0.4, 0.8, 1.0)]
+    [0.2, 0.6, 1.0, 1.0]
+    >>> round(pacing_function("geometric", start=0.25, full_at=1.0)(0.5), 3)
+    0.5
+    """
+    if callable(pacing):
+        for p in (0.0, 1.0):
+            value = pacing(p)
+            if not (isinstance(value, numbers.Real) and 0.0 < float(value) <= 1.0):
+                raise ValueError(f"pacing({p}) must be a fraction in (0, 1], got {value!r}")
+        return pacing
+    if pacing not in PACINGS:
+        raise ValueError(f"pacing must be one of {', '.join(PACINGS)} or a callable p -> fraction, got {pacing!r}")
+    start = _number(start, "start", "start")
+    full_at = _number(full_at, "full_at", "full_at")
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"start must be the starting fraction of the data in (0, 1], got {start}")
+    if not 0.0 < full_at <= 1.0:
+        raise ValueError(f"full_at must be the progress in (0, 1] where all data is used, got {full_at}")
+
+    def g(p: float) -> float:
+        t = min(max(p, 0.0) / full_at, 1.0)
+        if pacing == "linear":
+            return start + (1.0 - start) * t
+        if pacing == "root":
+            return math.sqrt(start * start + (1.0 - start * start) * t)
+        if pacing == "geometric":
+            return start ** (1.0 - t)
+        return 1.0 if t >= 1.0 else start
+
+    g.__name__ = f"{pacing}_pacing"
+    return g

@@ -1,0 +1,80 @@
+"""``dataorder schedule show|plot``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dataorder.cli import main
+from dataorder.schedules import BatchCounts, Schedule
+
+CONFIG = """\
+sources: {web: 0.70, code: 0.15, math: 0.10, books: 0.05}
+schedule:
+  - {at: 0.85, weights: {web: 0.35, code: 0.30, math: 0.25, books: 0.10}, transition: linear, over: 0.05}
+run: {num_samples: 100000, batch_size: 64, tokens_per_sample: 2048}
+"""
+
+
+@pytest.fixture()
+def config(tmp_path):
+    path = tmp_path / "mix.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+
+
+def test_show_prints_weights_at_breakpoints_and_exact_counts(config, capsys):
+    assert main(["schedule", "show", str(config)]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert table["0.000"] == ["0", "0.7000", "0.1500", "0.1000", "0.0500"]
+    assert table["0.875"][1:] == ["0.5250", "0.2250", "0.1750", "0.0750"]
+    assert table["0.900"][0] == "1,406"  # step = 0.9 * 100000 / 64
+    expected = BatchCounts(Schedule.from_yaml(CONFIG), 100_000, 64).total()
+    for name, count in zip(["web", "code", "math", "books"], expected):
+        samples, share, tokens = table[name]
+        assert int(samples.replace(",", "")) == count
+        assert int(tokens.replace(",", "")) == count * 2048
+    assert table["total"][0] == "100,000"
+
+
+def test_show_flags_override_the_run_and_custom_points(config, capsys):
+    assert main(["schedule", "show", str(config), "--num-samples", "1000", "--batch-size", "10", "--at", "0.5"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert table["0.500"] == ["50", "0.7000", "0.1500", "0.1000", "0.0500"]
+    assert table["total"][0] == "1,000"
+
+
+def test_show_without_a_run_prints_mean_weights(tmp_path, capsys):
+    path = tmp_path / "plain.yaml"
+    path.write_text("sources: {a: 1, b: 3}\n")
+    assert main(["schedule", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "note:" in out and "sum to 4" in out
+    assert "mean weights over the run: a 0.2500, b 0.7500" in out
+
+
+def test_plot_writes_a_png(config, tmp_path, capsys):
+    out = tmp_path / "mix.png"
+    assert main(["schedule", "plot", str(config), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(out) in capsys.readouterr().out
+
+
+def test_errors_are_one_line_usage_errors(config, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: {a: 1}\nschedule:\n  - {at: 2, weights: {a: 1}}\n")
+    assert main(["schedule", "show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"bad.yaml line 3 \(schedule\[0\]\): at=2.0 is outside \[0, 1\]", err)
+    assert main(["schedule", "show", str(tmp_path / "missing.yaml")]) == 2
+    assert "no schedule file" in capsys.readouterr().err
+    assert main(["schedule", "show", str(config), "--at", "x"]) == 2
+    assert "--at must be comma-separated numbers" in capsys.readouterr().err
+    assert main(["schedule", "show", str(config), "--num-samples", "-5"]) == 2
+    assert "--num-samples must be > 0" in capsys.readouterr().err

@@ -1,0 +1,227 @@
+"""Schedule: evaluation, presets, YAML round-trip and validation; allocation; pacing."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import numpy as np
+import pytest
+
+from dataorder.schedules import BatchCounts, Schedule, Segment, largest_remainder, pacing_function
+
+RAMP = Schedule(
+    {"web": 0.6, "code": 0.3, "math": 0.1},
+    [
+        {"at": 0.4, "weights": {"web": 0.2, "code": 0.4, "math": 0.4}, "transition": "linear", "over": 0.2},
+        {"at": 0.8, "weights": {"web": 0.0, "code": 0.5, "math": 0.5}},
+        {"at": 0.9, "weights": {"web": 1.0, "code": 1.0, "math": 2.0}, "transition": "cosine", "over": 0.1},
+    ],
+)
+
+
+def reference_weights(p: float) -> list[float]:
+    """The schedule above written out by hand."""
+    a, b, c, d = [0.6, 0.3, 0.1], [0.2, 0.4, 0.4], [0.0, 0.5, 0.5], [0.25, 0.25, 0.5]
+    if p < 0.4:
+        return a
+    if p < 0.6:
+        t = (p - 0.4) / 0.2
+        return [(1 - t) * x + t * y for x, y in zip(a, b)]
+    if p < 0.8:
+        return b
+    if p < 0.9:
+        return c
+    t = (1 - math.cos(math.pi * (p - 0.9) / 0.1)) / 2
+    return [(1 - t) * x + t * y for x, y in zip(c, d)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.39, 0.4, 0.45, 0.5, 0.59, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.99, 1.0])
+def test_weights_follow_segments(p):
+    assert RAMP.weights(p) == pytest.approx(reference_weights(p), abs=1e-12)
+    assert sum(RAMP.weights_at(p).values()) == pytest.approx(1.0)
+
+
+def test_vectorised_weights_match_scalar():
+    p = np.linspace(0, 1, 101)
+    table = RAMP.weights(p)
+    assert table.shape == (101, 3)
+    assert np.allclose(table, [RAMP.weights(float(x)) for x in p])
+
+
+def test_step_and_token_addressing():
+    s = Schedule.anneal({"a": 1, "b": 0}, {"a": 0, "b": 1}, last=0.2)
+    assert s.at_step(79, 100) == {"a": 1.0, "b": 0.0}
+    assert s.at_step(80, 100) == {"a": 0.0, "b": 1.0}
+    assert s.at_tokens(8 * 10**11, 10**12) == {"a": 0.0, "b": 1.0}
+    with pytest.raises(ValueError, match="step must be in"):
+        s.at_step(101, 100)
+
+
+def test_anneal_preset_and_ramp():
+    s = Schedule.anneal({"web": 0.9, "math": 0.1}, {"web": 0.5, "math": 0.5}, last=0.15, transition="linear", over=0.05)
+    assert s.segments == (Segment(0.85, {"web": 0.5, "math": 0.5}, "linear", 0.05),)
+    assert s.weights_at(0.875) == {"web": 0.7, "math": 0.3}
+    assert s.breakpoints == (0.0, 0.85, 0.9, 1.0)
+
+
+def test_mean_weights_integrates_the_schedule():
+    p = (np.arange(200_000) + 0.5) / 200_000
+    numeric = RAMP.weights(p).mean(axis=0)
+    assert list(RAMP.mean_weights().values()) == pytest.approx(numeric.tolist(), abs=1e-6)
+
+
+def test_normalisation_is_reported():
+    s = Schedule({"a": 2, "b": 6}, [{"at": 0.5, "weights": {"a": 0.5, "b": 0.5}}])
+    assert s.weights_at(0.0) == {"a": 0.25, "b": 0.75}
+    assert len(s.notes) == 1 and "sources" in s.notes[0] and "sum to 8" in s.notes[0]
+
+
+def test_yaml_round_trip(tmp_path):
+    path = tmp_path / "mix.yaml"
+    s = Schedule(RAMP.base, RAMP.segments, run={"num_samples": 1000, "batch_size": 10, "tokens_per_sample": 2048})
+    s.save(path)
+    loaded = Schedule.load(path)
+    assert loaded == s
+    assert np.array_equal(loaded.weights(np.linspace(0, 1, 57)), s.weights(np.linspace(0, 1, 57)))
+    assert loaded.run == {"num_samples": 1000, "batch_size": 10, "tokens_per_sample": 2048}
+
+
+def test_yaml_documented_format():
+    text = """
+    sources: {web: 0.70, code: 0.15, math: 0.10, books: 0.05}   # starting weights (relative)
+    schedule:
+      - {at: 0.85, weights: {web: 0.35, code: 0.30, math: 0.25, books: 0.10}, transition: linear, over: 0.05}
+    run: {num_samples: 1_000_000, batch_size: 1024}
+    """
+    s = Schedule.from_yaml(textwrap.dedent(text))
+    assert s.names == ("web", "code", "math", "books")
+    assert s.weights_at(0.9) == {"web": 0.35, "code": 0.3, "math": 0.25, "books": 0.1}
+    assert s.run == {"num_samples": 1_000_000, "batch_size": 1024}
+    assert s.notes == ()
+
+
+def test_example_config_loads():
+    from pathlib import Path
+
+    s = Schedule.load(Path(__file__).parents[1] / "examples" / "pretraining_mixture.yaml")
+    assert s.weights_at(1.0)["code"] == 0.3
+
+
+BASE = "sources: {web: 0.7, code: 0.3}\nschedule:\n"
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ("  - {at: 0.5, weights: {web: 1, cod: 1}}\n", r"line 3 \(schedule\[0\]\): unknown source 'cod'"),
+        ("  - {at: 0.5, weights: {web: 1}}\n", r"line 3 \(schedule\[0\]\): no weight for code"),
+        ("  - {at: 0.5, weights: {web: -1, code: 1}}\n", r"line 3 .*weight of 'web' must be finite and >= 0"),
+        ("  - {at: 0.5, weights: {web: .nan, code: 1}}\n", r"line 3 .*weight of 'web' must be a number"),
+        ("  - {at: 0.5, weights: {web: 0, code: 0}}\n", r"line 3 .*all weights are zero"),
+        ("  - {at: 1.5, weights: {web: 1, code: 1}}\n", r"line 3 .*at=1.5 is outside \[0, 1\]"),
+        ("  - {at: -0.1, weights: {web: 1, code: 1}}\n", r"line 3 .*outside \[0, 1\]"),
+        ("  - {at: 0.6, weights: {web: 1, code: 1}}\n  - {at: 0.5, weights: {web: 1, code: 1}}\n",
+         r"line 4 \(schedule\[1\]\): at=0.5 is out of order"),
+        ("  - {at: 0.5, weights: {web: 1, code: 1}, transition: linear, over: 0.2}\n"
+         "  - {at: 0.6, weights: {web: 1, code: 1}}\n", r"line 4 .*previous segment runs until 0.7"),
+        ("  - {at: 0.5, weights: {web: 1, code: 1}, transition: linear}\n", r"line 3 .*needs over > 0"),
+        ("  - {at: 0.5, weights: {web: 1, code: 1}, transition: jump}\n", r"line 3 .*transition must be one of"),
+        ("  - {at: 0.9, weights: {web: 1, code: 1}, transition: linear, over: 0.2}\n", r"line 3 .*ends at 1.1"),
+        ("  - {at: 0.5, weight: {web: 1, code: 1}}\n", r"line 3 .*unknown key 'weight'"),
+    ],
+)
+def test_yaml_validation_names_the_line(entries, message):
+    with pytest.raises(ValueError, match=message):
+        Schedule.from_yaml(BASE + entries, name="mix.yaml")
+
+
+def test_yaml_validation_of_sources_and_run():
+    with pytest.raises(ValueError, match=r"mix.yaml line 2 \(sources\): weight of 'b' must be finite and >= 0"):
+        Schedule.from_yaml("# comment\nsources: {a: 1, b: -2}", name="mix.yaml")
+    with pytest.raises(ValueError, match="missing 'sources'"):
+        Schedule.from_yaml("schedule: []", name="mix.yaml")
+    with pytest.raises(ValueError, match=r"line 2 \(run\): num_samples must be a number.*1e9"):
+        Schedule.from_yaml("sources: {a: 1}\nrun: {num_samples: 1e9}", name="mix.yaml")
+    with pytest.raises(ValueError, match=r"line 2 \(stages\): unknown key 'stages'"):
+        Schedule.from_yaml("sources: {a: 1}\nstages: []", name="mix.yaml")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        Schedule.from_yaml("sources: {a: 1", name="mix.yaml")
+
+
+def test_python_constructor_validation():
+    with pytest.raises(ValueError, match=r"schedule\[0\]: unknown source 'x'"):
+        Schedule({"a": 1}, [{"at": 0.5, "weights": {"a": 1, "x": 1}}])
+    with pytest.raises(ValueError, match="progress must be in"):
+        RAMP.weights(1.5)
+
+
+# -- allocation --------------------------------------------------------------------------------
+def reference_largest_remainder(weights: list[float], total: int) -> list[int]:
+    ideal = [total * w for w in weights]
+    counts = [math.floor(x + 1e-9) for x in ideal]
+    order = sorted(range(len(weights)), key=lambda i: (-(ideal[i] - counts[i]) if weights[i] > 0 else 2.0, i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def test_largest_remainder_matches_reference_and_ties_go_to_the_earlier_source():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        w = rng.dirichlet(np.ones(5)) * (rng.random(5) > 0.3)
+        if w.sum() == 0:
+            continue
+        w = w / w.sum()
+        total = int(rng.integers(1, 50))
+        assert largest_remainder(w, total).tolist() == reference_largest_remainder(w.tolist(), total)
+    assert largest_remainder(np.array([0.25, 0.25, 0.25, 0.25]), 2).tolist() == [1, 1, 0, 0]
+    assert largest_remainder(np.array([0.0, 0.5, 0.5]), 1).tolist() == [0, 1, 0]
+    # 358.4 and 102.4 have equal remainders although their floats differ in the last bits
+    assert largest_remainder(np.array([0.35, 0.3, 0.25, 0.1]), 1024).tolist() == [359, 307, 256, 102]
+
+
+def test_batch_counts_cumulative_matches_summing_every_batch():
+    for num_samples, batch in [(1000, 7), (4099, 32)]:
+        counts = BatchCounts(RAMP, num_samples, batch)
+        counts.CHECKPOINT = 5  # exercise the checkpoints inside transitions
+        every = counts.batch(np.arange(counts.num_batches))
+        cumulative = np.vstack([np.zeros(3, dtype=np.int64), np.cumsum(every, axis=0)])
+        for b in range(counts.num_batches + 1):
+            assert counts.cumulative(b).tolist() == cumulative[b].tolist()
+        assert counts.total().sum() == num_samples
+
+
+# -- pacing ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("linear", [0.2, 0.6, 1.0, 1.0]),
+        ("root", [0.2, math.sqrt(0.04 + 0.96 * 0.5), 1.0, 1.0]),
+        ("geometric", [0.2, 0.2**0.5, 1.0, 1.0]),
+        ("step", [0.2, 0.2, 1.0, 1.0]),
+    ],
+)
+def test_pacing_functions(name, expected):
+    g = pacing_function(name, start=0.2, full_at=0.8)
+    assert [g(p) for p in (0.0, 0.4, 0.8, 1.0)] == pytest.approx(expected)
+
+
+def test_pacing_validation():
+    with pytest.raises(ValueError, match="pacing must be one of"):
+        pacing_function("cubic")
+    with pytest.raises(ValueError, match="start must be"):
+        pacing_function("linear", start=0.0)
+    with pytest.raises(ValueError, match=r"pacing\(0.0\) must be a fraction"):
+        pacing_function(lambda p: 0.0)
+
+
+@pytest.mark.parametrize(
+    "module", ["dataorder.schedules", "dataorder.samplers.mixture", "dataorder.samplers.curriculum"]
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
