@@ -15,7 +15,7 @@ The YAML form (``Schedule.load`` / ``Schedule.save``; read with ``yaml.safe_load
          transition: linear, over: 0.05}
     run: {num_samples: 1000000, batch_size: 1024, tokens_per_sample: 2048}   # optional
 
-:func:`largest_remainder` and :class:`BatchCounts` turn weights into exact per-batch counts
+:func:`~dataorder.samplers.allocation.largest_remainder` and :class:`BatchCounts` turn weights into exact per-batch counts
 (what :class:`~dataorder.samplers.mixture.MixtureSampler` draws); :func:`pacing_function`
 gives the curriculum pacing functions of :class:`~dataorder.samplers.curriculum.CurriculumSampler`.
 """
@@ -32,13 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from dataorder.samplers.allocation import largest_remainder
+
 __all__ = [
     "PACINGS",
     "TRANSITIONS",
     "BatchCounts",
     "Schedule",
     "Segment",
-    "largest_remainder",
     "pacing_function",
 ]
 
@@ -456,33 +457,6 @@ def _evaluate(phases: _Phases, p: np.ndarray) -> np.ndarray:
 
 
 # -- allocation: weights -> integer counts per batch ------------------------------------------
-def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
-    """Split ``total`` items by ``weights`` (rows summing to 1): floors, then +1 by largest remainder.
-
-    Works row-wise on ``(m, S)``. Ties go to the earlier source; a zero weight never gets
-    an item. Each count is ``floor`` or ``ceil`` of ``total * weight``.
-
-    >>> largest_remainder(np.array([0.5, 0.3, 0.2]), 7).tolist()
-    [4, 2, 1]
-    >>> largest_remainder(np.array([[0.5, 0.5], [0.25, 0.75]]), 3).tolist()
-    [[2, 1], [1, 2]]
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    ideal = np.round(total * w, 9)  # snap float noise so that exact shares stay exact
-    counts = np.floor(ideal).astype(np.int64)
-    remainder = np.where(w > 0, np.round(ideal - counts, 9), -1.0)  # equal shares tie exactly
-    extra = total - counts.sum(axis=-1, keepdims=True)
-    return counts + (_rank_descending(remainder) < extra)
-
-
-def _rank_descending(values: np.ndarray) -> np.ndarray:
-    """Rank of each entry along the last axis, largest first, ties to the lower index."""
-    order = np.argsort(-values, axis=-1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(values.shape[-1]), order.shape), axis=-1)
-    return rank
-
-
 class BatchCounts:
     """Exact per-source counts of every global batch of a run following ``schedule``.
 
@@ -526,9 +500,9 @@ class BatchCounts:
     def batch(self, b: np.ndarray | int) -> np.ndarray:
         """Counts of batch(es) ``b``: ``(S,)`` or ``(m, S)``."""
         b = np.asarray(b, dtype=np.int64)
-        counts = largest_remainder(self.weights(b), self.batch_size)
+        counts = largest_remainder(self.batch_size * self.weights(b), self.batch_size)
         if self.last_size and np.any(b == self.full_batches):
-            last = largest_remainder(self.weights(self.full_batches), self.last_size)
+            last = largest_remainder(self.last_size * self.weights(self.full_batches), self.last_size)
             counts = np.where((b == self.full_batches)[..., None], last, counts)
         return counts
 

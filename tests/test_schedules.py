@@ -8,7 +8,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from dataorder.schedules import BatchCounts, Schedule, Segment, largest_remainder, pacing_function
+from dataorder.samplers.allocation import largest_remainder as _largest_remainder
+from dataorder.schedules import BatchCounts, Schedule, Segment, pacing_function
+
+
+def largest_remainder(weights, total):
+    return _largest_remainder(total * np.asarray(weights, dtype=float), total)
 
 RAMP = Schedule(
     {"web": 0.6, "code": 0.3, "math": 0.1},

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from dataorder.samplers.base import check_bool, check_seed, epoch_rng
-from dataorder.samplers.mixture import RunSampler, fingerprint, hash_key, keyed_permutation
+from dataorder.samplers.permutation import hash_key, keyed_permutation
+from dataorder.samplers.run import RunSampler, fingerprint
 from dataorder.schedules import pacing_function
 
 __all__ = ["CurriculumSampler", "difficulty", "prune", "read_scores"]

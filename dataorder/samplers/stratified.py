@@ -1,9 +1,9 @@
 """Stratified minibatches: every global batch holds fixed per-stratum counts.
 
-The allocation math lives in small pure functions (:func:`encode_strata`,
-:func:`largest_remainder`, :func:`bounded_quotas`, :func:`allocate`, :func:`stratum_draws`,
-:func:`merge_moments`); :class:`StratifiedBatchSampler` does the bookkeeping (epochs,
-ranks, resumable state, the online standard deviations of Neyman allocation).
+The math lives in small pure functions (:func:`encode_strata`, :func:`stratum_draws`,
+:func:`merge_moments`, and the rounding in :mod:`dataorder.samplers.allocation`);
+:class:`StratifiedBatchSampler` does the bookkeeping (epochs, ranks, resumable state, the
+online standard deviations of Neyman allocation).
 
 References: Lu, Park, Chen, Wang, De Sa, Foster, "Variance reduced training with stratified
 sampling for forecasting models" (SCott, ICML 2021); Neyman, "On the two different aspects
@@ -22,18 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from dataorder.samplers.allocation import allocate, count_range
 from dataorder.samplers.base import check_bool, check_epoch, check_seed, epoch_rng, resolve_world
 
-__all__ = [
-    "StratifiedBatchSampler",
-    "allocate",
-    "bounded_quotas",
-    "count_range",
-    "encode_strata",
-    "largest_remainder",
-    "merge_moments",
-    "stratum_draws",
-]
+__all__ = ["StratifiedBatchSampler", "encode_strata", "merge_moments", "stratum_draws"]
 
 ALLOCATIONS = ("proportional", "equal", "neyman")
 
@@ -76,100 +68,6 @@ def encode_strata(strata: Any) -> tuple[np.ndarray, list[Hashable]]:
         labels = list(dict.fromkeys(items))
     lookup = {label: code for code, label in enumerate(labels)}
     return np.fromiter((lookup[item] for item in items), dtype=np.int64, count=len(items)), labels
-
-
-def largest_remainder(quotas: np.ndarray, total: int, priority: np.ndarray) -> np.ndarray:
-    """Integers summing to ``total``, each the floor or the ceiling of its quota.
-
-    The units left after taking floors go to the largest remainders; equal remainders go
-    to the stratum that comes first in ``priority`` (a permutation, e.g. a seeded one).
-
-    >>> largest_remainder(np.array([1.5, 1.5, 1.0]), 4, priority=np.array([1, 0, 2])).tolist()
-    [1, 2, 1]
-    """
-    quotas = np.asarray(quotas, dtype=np.float64)
-    floors = np.floor(quotas + 1e-9).astype(np.int64)  # 2.9999999999 is a float for 3
-    remainders = np.round(quotas - floors, 9)  # equal in exact arithmetic -> equal here
-    extra = int(total) - int(floors.sum())
-    if not 0 <= extra <= len(quotas):
-        raise ValueError(f"quotas sum to {quotas.sum():g}, not to total={total}")
-    rank = np.empty(len(quotas), dtype=np.int64)
-    rank[np.asarray(priority)] = np.arange(len(quotas))
-    winners = np.lexsort((rank, -remainders))[:extra]
-    floors[winners] += 1
-    return floors
-
-
-def bounded_quotas(weights: np.ndarray, total: float, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    """Real quotas proportional to ``weights``, summing to ``total``, kept within ``[lower, upper]``.
-
-    Water-filling: strata that would exceed ``upper`` are fixed there and the rest share
-    the remainder in proportion; then strata below ``lower`` are raised to it likewise.
-    Strata whose weights are all zero share equally. Needs ``sum(lower) <= total <= sum(upper)``.
-
-    >>> bounded_quotas(np.array([8.0, 1.0, 1.0]), 10, lower=np.ones(3), upper=np.array([6.0, 9, 9])).tolist()
-    [6.0, 2.0, 2.0]
-    """
-    weights = np.asarray(weights, dtype=np.float64)
-    lower, upper = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
-    if lower.sum() > total + 1e-9 or upper.sum() < total - 1e-9:
-        raise ValueError(f"no quotas within the bounds sum to {total}")
-    fixed = np.full(len(weights), np.nan)
-    for bound, beyond in ((upper, np.greater), (lower, np.less)):  # caps first: they only raise others
-        while True:
-            quotas = _fill(weights, total, fixed)
-            violated = np.isnan(fixed) & beyond(quotas, bound) & (np.abs(quotas - bound) > 1e-9)
-            if not violated.any():
-                break
-            fixed[violated] = bound[violated]
-    return _fill(weights, total, fixed)
-
-
-def _fill(weights: np.ndarray, total: float, fixed: np.ndarray) -> np.ndarray:
-    """``fixed`` with its NaN entries sharing what is left of ``total`` in proportion to ``weights``."""
-    free = np.isnan(fixed)
-    quotas = fixed.copy()
-    if free.any():
-        share = weights[free] if weights[free].sum() > 0 else np.ones(int(free.sum()))
-        quotas[free] = (total - np.nansum(fixed)) * share / share.sum()
-    return quotas
-
-
-def count_range(quotas: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """The least and the most each stratum can get from :func:`largest_remainder` over all tie-breaks.
-
-    >>> [r.tolist() for r in count_range(np.array([2.5, 2.5, 1.0]), 6)]
-    [[2, 2, 1], [3, 3, 1]]
-    """
-    quotas = np.asarray(quotas, dtype=np.float64)
-    floors = np.floor(quotas + 1e-9).astype(np.int64)
-    remainders = np.round(quotas - floors, 9)
-    extra = int(total) - int(floors.sum())
-    above = (remainders[None, :] > remainders[:, None]).sum(axis=1)  # strictly larger remainders
-    level = (remainders[None, :] == remainders[:, None]).sum(axis=1)  # equal ones, itself included
-    return floors + (above + level <= extra), floors + (above < extra)
-
-
-def allocate(
-    weights: np.ndarray, sizes: np.ndarray, total: int, priority: np.ndarray, *, explicit: bool
-) -> np.ndarray:
-    """Per-stratum counts of a batch of ``total`` examples, proportional to ``weights``.
-
-    With ``explicit=False`` (proportional and Neyman allocation) every stratum gets at least
-    one slot and at most its size, the rest shared in proportion (:func:`bounded_quotas`).
-    With ``explicit=True`` (equal and user-given shares) the quotas are rounded as they are.
-    Rounding is :func:`largest_remainder` with ties broken by ``priority``.
-
-    >>> allocate(np.array([50, 30, 20]), np.array([50, 30, 20]), 8, np.arange(3), explicit=False).tolist()
-    [4, 2, 2]
-    """
-    weights = np.asarray(weights, dtype=np.float64)
-    sizes = np.asarray(sizes, dtype=np.float64)
-    if explicit:
-        quotas = total * weights / weights.sum()
-    else:
-        quotas = bounded_quotas(weights, total, np.ones_like(sizes), sizes)
-    return largest_remainder(quotas, total, priority)
 
 
 def stratum_draws(size: int, per_batch: int, num_batches: int, rng: np.random.Generator) -> np.ndarray:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataorder.samplers.mixture import MixtureSampler, keyed_permutation
+from dataorder.samplers.mixture import MixtureSampler
+from dataorder.samplers.permutation import keyed_permutation
 from dataorder.schedules import Schedule
 
 SCHEDULE = Schedule(

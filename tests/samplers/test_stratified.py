@@ -7,16 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from dataorder.samplers.stratified import (
-    StratifiedBatchSampler,
-    allocate,
-    bounded_quotas,
-    count_range,
-    encode_strata,
-    largest_remainder,
-    merge_moments,
-    stratum_draws,
-)
+from dataorder.samplers.allocation import allocate, bounded_quotas, count_range, largest_remainder
+from dataorder.samplers.stratified import StratifiedBatchSampler, encode_strata, merge_moments, stratum_draws
 
 
 def labels_of(sizes):
