@@ -63,4 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package's module so that UsageError is the class the commands raise.
+    from dataorder.cli import main as package_main
+
+    sys.exit(package_main())

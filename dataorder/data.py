@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["TensorSplit", "load_digits_split"]
+__all__ = ["TensorSplit", "fingerprint", "load_digits_split", "load_split", "read_examples"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,191 @@ def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0, *, image
         num_classes=10,
         name="digits",
     )
+
+
+# -- user data: HF save_to_disk directories, .parquet, .csv, .npz ------------------------------
+
+#: File suffixes :func:`read_examples` understands (a directory is read as an HF dataset).
+SUFFIXES = (".parquet", ".csv", ".npz")
+
+
+def load_split(data: str, *, label_column: str = "label", num_classes: int | None = None) -> TensorSplit:
+    """``"digits"`` (the built-in split) or a path read by :func:`read_examples`.
+
+    >>> load_split("digits").x_train.shape
+    torch.Size([1347, 64])
+    """
+    if data == "digits":
+        return load_digits_split()
+    return read_examples(data, label_column=label_column, num_classes=num_classes)
+
+
+def read_examples(path: str, *, label_column: str = "label", num_classes: int | None = None) -> TensorSplit:
+    """Read a labelled table into a :class:`TensorSplit` whose train part is every row, in file order.
+
+    ``path`` is a directory written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict``
+    contributes its ``train`` split), or a ``.parquet``, ``.csv`` or ``.npz`` file (``.npz``:
+    one array per column). Every column but ``label_column`` is a feature: numeric scalars,
+    or fixed-length (nested) lists / arrays of numbers. A single multi-dimensional feature
+    column keeps its shape (e.g. ``(C, H, W)`` images); otherwise features are flattened and
+    concatenated. Labels must be integer class ids in ``[0, num_classes)`` (``num_classes``
+    defaults to the dataset's ``ClassLabel`` size, else the largest label + 1). The test part
+    is empty.
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` (naming the column and
+    the fix) for a missing label column, non-numeric or ragged columns, labels out of range,
+    or NaN/infinite features.
+
+    Example::
+
+        >>> import os, tempfile, numpy as np
+        >>> path = os.path.join(tempfile.mkdtemp(), "toy.npz")
+        >>> np.savez(path, a=np.arange(3.0), b=np.ones(3), label=np.array([0, 1, 1]))
+        >>> split = read_examples(path)
+        >>> split.x_train.tolist(), split.y_train.tolist(), split.num_classes
+        ([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]], [0, 1, 1], 2)
+    """
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data not found: {path!r} (expected 'digits', a .parquet/.csv/.npz file or a "
+                                "directory written by datasets' save_to_disk)")
+    suffix = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        columns, class_count = _read_hf(path, label_column)
+        num_classes = class_count if num_classes is None else num_classes
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            columns = {name: archive[name] for name in archive.files}
+    elif suffix in (".parquet", ".csv"):
+        columns = _read_arrow(path, suffix)
+    else:
+        raise ValueError(f"cannot read {path!r}: expected a {', '.join(SUFFIXES)} file or a save_to_disk directory")
+    name = os.path.basename(os.path.normpath(path))
+    return _columns_to_split(columns, label_column=label_column, num_classes=num_classes, name=name)
+
+
+def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int | None]:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(path)
+    except FileNotFoundError as error:
+        raise ValueError(f"{path!r} is a directory but not one written by datasets' save_to_disk: {error}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset and len(dataset) != 1:
+            raise ValueError(f"{path!r} holds splits {list(dataset)} and none is 'train'; save the split to score")
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    feature = dataset.features.get(label_column)
+    class_count = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
+    table = dataset.with_format("arrow")[:]  # a pyarrow Table, with any select()/shuffle() applied
+    columns = {name: _arrow_to_numpy(name, table.column(name)) for name in table.column_names}
+    return columns, class_count
+
+
+def _read_arrow(path: str, suffix: str) -> dict[str, np.ndarray]:
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path) if suffix == ".parquet" else pyarrow.csv.read_csv(path)
+    except Exception as error:  # pyarrow raises its own error types for unreadable files
+        raise ValueError(f"cannot read {path!r} as {suffix[1:]}: {error}") from None
+    return {name: _arrow_to_numpy(name, table.column(name)) for name in table.column_names}
+
+
+def _arrow_to_numpy(name: str, column) -> np.ndarray:  # noqa: ANN001 - a pyarrow ChunkedArray
+    """A (possibly nested, fixed-length) list column as an (n, *shape) array; other columns as (n,)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = column.combine_chunks()
+    shape = [len(array)]
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        if array.null_count:
+            raise ValueError(f"column {name!r} has missing values; fill or drop those rows")
+        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != lengths[0]).any():
+            raise ValueError(f"column {name!r} holds lists of different lengths; features need a fixed shape")
+        shape.append(int(lengths[0]) if len(lengths) else 0)
+        array = array.flatten()
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_boolean(array.type)):
+        return np.asarray(array.to_pylist(), dtype=object).reshape(shape)
+    values = array.to_numpy(zero_copy_only=False)
+    if array.null_count:
+        values = values.astype(np.float64)  # missing entries read as NaN and are reported by the checks
+    return values.reshape(shape)
+
+
+def _columns_to_split(columns: dict[str, np.ndarray], *, label_column: str, num_classes: int | None,
+                      name: str) -> TensorSplit:
+    if label_column not in columns:
+        raise ValueError(f"no label column {label_column!r} in {name}; columns are {list(columns)} "
+                         "(pass --label-column / label_column=)")
+    labels = _check_labels(columns[label_column], label_column, num_classes)
+    features = {key: value for key, value in columns.items() if key != label_column}
+    if not features:
+        raise ValueError(f"{name} has no feature columns besides the label {label_column!r}")
+    n = len(labels)
+    for key, value in features.items():
+        if value.dtype.kind not in "biuf":
+            raise ValueError(f"feature column {key!r} is not numeric ({value.dtype}); drop it or encode it as numbers")
+        if len(value) != n:
+            raise ValueError(f"column {key!r} has {len(value)} rows but {label_column!r} has {n}")
+        bad = ~np.isfinite(value.reshape(n, -1).astype(np.float64)).all(axis=1)
+        if bad.any():
+            raise ValueError(f"feature column {key!r} has NaN or infinite values (first at row {int(bad.argmax())}); "
+                             "impute or drop those rows")
+    if len(features) == 1 and next(iter(features.values())).ndim > 2:
+        x = next(iter(features.values())).astype(np.float32)
+    else:
+        x = np.concatenate([value.reshape(n, -1).astype(np.float32) for value in features.values()], axis=1)
+    classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    return TensorSplit(
+        x_train=torch.from_numpy(np.ascontiguousarray(x)),
+        y_train=torch.from_numpy(labels),
+        x_test=torch.zeros((0, *x.shape[1:]), dtype=torch.float32),
+        y_test=torch.zeros(0, dtype=torch.int64),
+        num_classes=classes,
+        name=name,
+    )
+
+
+def _check_labels(values: np.ndarray, column: str, num_classes: int | None) -> np.ndarray:
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"label column {column!r} must hold one integer per row, got shape {values.shape}")
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all():
+            raise ValueError(f"label column {column!r} has missing or NaN labels; drop those rows")
+        if (values != np.round(values)).any():
+            raise ValueError(f"label column {column!r} holds non-integer values; labels must be class ids 0..K-1")
+    elif values.dtype.kind not in "iub":
+        raise ValueError(f"label column {column!r} is not numeric ({values.dtype}); map the labels to class ids 0..K-1")
+    labels = values.astype(np.int64)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if labels.min() < 0:
+        raise ValueError(f"labels out of range in column {column!r}: found {int(labels.min())}; labels must be "
+                         "class ids 0..K-1 (drop unlabelled rows)")
+    if num_classes is not None and labels.max() >= num_classes:
+        raise ValueError(f"labels out of range in column {column!r}: found {int(labels.max())} but there are "
+                         f"{num_classes} classes; labels must be class ids in [0, {num_classes})")
+    return labels
+
+
+def fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """A SHA-256 over the shapes, dtypes and bytes of ``x`` and ``y``: equal data, equal fingerprint.
+
+    >>> a = fingerprint(torch.zeros(2, 3), torch.tensor([0, 1]))
+    >>> a == fingerprint(torch.zeros(2, 3), torch.tensor([0, 1])), a == fingerprint(torch.ones(2, 3), torch.tensor([0, 1]))
+    (True, False)
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in (x, y):
+        array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

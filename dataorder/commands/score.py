@@ -1,0 +1,92 @@
+"""``dataorder score``: train short runs and write per-example difficulty scores.
+
+Example::
+
+    $ dataorder score --data digits --model mlp --scores el2n,grand,loss,forgetting,aum,datamap \\
+          --runs 5 --epochs 20 --score-epoch 10 --out scores/digits
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dataorder.cli import UsageError
+
+SCORES = "el2n,grand,loss,confidence,margin,entropy,forgetting,aum,datamap"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="digits",
+                        help="digits, a save_to_disk directory, or a .parquet/.csv/.npz file (default: digits)")
+    parser.add_argument("--model", default="mlp", help="logreg | mlp | cnn | package.module:factory (default: mlp)")
+    parser.add_argument("--scores", default="el2n,grand,loss,forgetting,aum,datamap",
+                        help=f"comma-separated, from {SCORES} (default: el2n,grand,loss,forgetting,aum,datamap)")
+    parser.add_argument("--runs", type=int, default=5, help="training runs (seeds seed..seed+runs-1) (default: 5)")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
+    parser.add_argument("--score-epoch", type=int, default=10,
+                        help="epoch after which the functional scores are taken; 0 = at init (default: 10)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (reused to resume)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    parser.add_argument("--label-column", default="label", help="label column of a file or dataset (default: label)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes (default: ClassLabel size or largest label + 1)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--score-batch-size", type=int, default=256, help="batch size of the scoring pass")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of run 0; run r uses seed + r (default: 0)")
+    parser.add_argument("--grand-params", default="all",
+                        help="parameters whose gradient GraNd measures: all, last, or comma-separated names")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dataorder.data import load_split
+    from dataorder.scores import runner
+
+    try:
+        config = runner.ScoreConfig(
+            model=args.model, scores=tuple(s.strip() for s in args.scores.split(",") if s.strip()), runs=args.runs,
+            epochs=args.epochs, score_epoch=args.score_epoch, batch_size=args.batch_size,
+            score_batch_size=args.score_batch_size, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, seed=args.seed, grand_params=args.grand_params, device=args.device)
+    except ValueError as error:
+        raise UsageError(_flag(str(error))) from None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
+    try:
+        split = load_split(args.data, label_column=args.label_column, num_classes=args.num_classes)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--data {args.data}: {error}") from None
+    try:
+        result = runner.score_dataset(split.x_train, split.y_train, split.num_classes, config, args.out,
+                                      name=split.name, progress=not args.no_progress)
+    except runner.ScoreSetupError as error:
+        raise UsageError(str(error)) from None
+    except FloatingPointError as error:
+        raise UsageError(f"{error} (--lr)") from None
+    if result.consistency:  # rank 0
+        print(f"dataorder score: {split.name}, {len(split.y_train)} examples, {config.runs} runs "
+              f"({len(result.computed)} computed, {len(result.reused)} reused) -> {args.out}/scores.parquet")
+        for column, report in result.consistency.items():
+            spearman = report["mean_pairwise"]["spearman"]
+            print(f"  {column:<22} run-vs-run Spearman {spearman:6.3f}" if spearman == spearman
+                  else f"  {column:<22} (one run: no run-vs-run agreement)")
+    return 0
+
+
+def _flag(message: str) -> str:
+    """Name the CLI flag for a ScoreConfig field in an error message."""
+    for field in ("score_batch_size", "score_epoch", "batch_size", "weight_decay", "grand_params"):
+        message = message.replace(field, "--" + field.replace("_", "-"))
+    for field in ("runs", "epochs", "seed", "lr", "momentum"):
+        if message.startswith(field + " "):
+            message = "--" + message
+    if message.startswith("unknown score"):
+        message = "--scores: " + message
+    return message

@@ -1,0 +1,157 @@
+"""The ``scores.parquet`` format written by ``dataorder score``, and how to read it back.
+
+One row per example, in dataset order:
+
+* ``index`` — int64, ``0 .. n-1``;
+* ``<score>`` — float64, the mean over runs (``el2n``, ``grand``, ``loss``, ``confidence``,
+  ``margin``, ``entropy``, ``forgetting``, ``aum``, ``datamap_confidence``,
+  ``datamap_variability``, ``datamap_correctness``);
+* ``<score>_run<r>`` — float64, run ``r`` (``r = 0 .. R-1``).
+
+The file's schema metadata key ``dataorder`` holds the manifest (dataset fingerprint and
+settings) as JSON. :data:`HIGHER_MEANS` gives each score's direction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["HIGHER_MEANS", "SCORES_FILE", "add_scores_column", "load_scores", "read_metadata", "run_column",
+           "write_scores"]
+
+SCORES_FILE = "scores.parquet"
+
+#: Score column -> what a higher value marks: ``"harder"``, ``"easier"`` or ``"ambiguous"``.
+HIGHER_MEANS: dict[str, str] = {
+    "loss": "harder",
+    "confidence": "easier",
+    "margin": "easier",
+    "el2n": "harder",
+    "entropy": "harder",
+    "grand": "harder",
+    "forgetting": "harder",
+    "aum": "easier",
+    "datamap_confidence": "easier",
+    "datamap_variability": "ambiguous",
+    "datamap_correctness": "easier",
+}
+
+
+def run_column(score: str, run: int) -> str:
+    """Name of the column holding ``score`` from run ``run``.
+
+    >>> run_column("el2n", 3)
+    'el2n_run3'
+    """
+    return f"{score}_run{run}"
+
+
+def write_scores(path: str | os.PathLike, runs: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
+    """Write ``scores.parquet`` atomically from ``{score: (R, n) array}``; the mean over runs is the score column.
+
+    >>> import tempfile, numpy as np
+    >>> path = Path(tempfile.mkdtemp()) / "scores.parquet"
+    >>> write_scores(path, {"el2n": np.array([[0.1, 0.3], [0.3, 0.5]])}, {"note": "example"})
+    >>> load_scores(path, "el2n").tolist(), load_scores(path, "el2n", run=1).tolist()
+    ([0.2, 0.4], [0.3, 0.5])
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataorder.scores.aggregate import aggregate
+
+    if not runs:
+        raise ValueError("runs must hold at least one score")
+    n = {np.shape(values)[-1] for values in runs.values()}
+    if len(n) != 1:
+        raise ValueError(f"every score must cover the same examples, got lengths {sorted(n)}")
+    columns: dict[str, Any] = {"index": np.arange(n.pop(), dtype=np.int64)}
+    for score, values in runs.items():
+        columns[score] = aggregate(values)
+    for score, values in runs.items():
+        for run, row in enumerate(np.asarray(values, dtype=np.float64)):
+            columns[run_column(score, run)] = row
+    table = pa.table(columns).replace_schema_metadata({"dataorder": json.dumps(metadata, sort_keys=True)})
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, temporary)
+    os.replace(temporary, path)
+
+
+def _scores_path(path_or_dir: str | os.PathLike) -> Path:
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / SCORES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no scores file at {path}; run `dataorder score --out DIR` first")
+    return path
+
+
+def read_metadata(path_or_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest stored in a scores file (dataset fingerprint, settings, runs)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(_scores_path(path_or_dir)).metadata or {}
+    return json.loads(metadata.get(b"dataorder", b"{}"))
+
+
+def load_scores(path_or_dir: str | os.PathLike, column: str | None = None, *, run: int | None = None) -> np.ndarray:
+    """One score per example, in dataset order, as a float64 array.
+
+    ``path_or_dir`` is a ``scores.parquet`` file or the ``--out`` directory holding it;
+    ``column`` a score (its mean over runs), or with ``run=r`` that run's values. With
+    ``column=None`` the file must hold exactly one score.
+
+    >>> import tempfile, numpy as np
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> write_scores(folder / "scores.parquet", {"aum": np.array([[1.0, -2.0]])}, {})
+    >>> load_scores(folder).tolist()
+    [1.0, -2.0]
+    """
+    import pyarrow.parquet as pq
+
+    path = _scores_path(path_or_dir)
+    names = pq.read_schema(path).names
+    scores = [name for name in names if name != "index" and not _is_run_column(name, names)]
+    if column is None:
+        if len(scores) != 1:
+            raise ValueError(f"{path} holds several scores {scores}; pass column=one of them")
+        column = scores[0]
+    wanted = column if run is None else run_column(column, run)
+    if wanted not in names:
+        runs = [name for name in names if _is_run_column(name, names) and name.startswith(column + "_run")]
+        hint = f"scores are {scores}" if run is None else f"runs of {column!r} are {runs}"
+        raise ValueError(f"{path} has no column {wanted!r}; {hint}")
+    table = pq.read_table(path, columns=["index", wanted])
+    index = table.column("index").to_numpy()
+    if not np.array_equal(index, np.arange(len(index))):
+        raise ValueError(f"{path}: column 'index' is not 0..n-1 in order; the file was modified")
+    return table.column(wanted).to_numpy().astype(np.float64)
+
+
+def _is_run_column(name: str, names: list[str]) -> bool:
+    stem, separator, run = name.rpartition("_run")
+    return bool(separator) and run.isdigit() and stem in names
+
+
+def add_scores_column(dataset: Any, scores: Any, name: str = "score") -> Any:
+    """Return a Hugging Face ``datasets.Dataset`` with ``scores`` added as column ``name``.
+
+    >>> import datasets, numpy as np
+    >>> data = datasets.Dataset.from_dict({"x": [1, 2, 3]})
+    >>> add_scores_column(data, np.array([0.5, 0.1, 0.9]), "el2n")[0]
+    {'x': 1, 'el2n': 0.5}
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1 or len(values) != len(dataset):
+        raise ValueError(f"scores must be one value per example: got shape {values.shape} for a dataset of "
+                         f"{len(dataset)} rows")
+    if name in getattr(dataset, "column_names", ()):
+        raise ValueError(f"the dataset already has a column {name!r}; pick another name or remove_columns first")
+    return dataset.add_column(name, values.tolist())

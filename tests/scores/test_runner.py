@@ -1,0 +1,257 @@
+"""The train-and-score loop: scoring passes, determinism, output files, resume, distributed merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from dataorder.models import build_model
+from dataorder.scores import functional, load_scores, runner
+from dataorder.scores.io import read_metadata
+from dataorder.scores.runner import ScoreConfig, ScoreSetupError, score_dataset, score_model, train_and_score
+
+
+def toy(n: int = 96, features: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    y = (x[:, :classes] + 0.8 * torch.randn(n, classes, generator=generator)).argmax(dim=1)
+    return x, y
+
+
+FAST = dict(model="logreg", runs=2, epochs=2, score_epoch=1, batch_size=16, lr=0.1)
+
+
+def test_score_model_matches_functional_scores_and_leaves_training_state_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    x, y = toy(20)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)           # a half-accumulated training gradient
+    model.train()
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    scores = score_model(model, batches, ["el2n", "loss", "margin", "grand", "aum"], grand_params="last")
+    assert sorted(scores) == ["el2n", "grand", "loss", "margin"]
+    assert model.training and all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    with torch.no_grad():
+        logits = model.eval()(x)
+    np.testing.assert_allclose(scores["el2n"], functional.el2n(logits, y).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(scores["margin"], functional.margin(logits, y).numpy(), rtol=1e-5, atol=1e-6)
+    loop = []
+    for i in range(len(y)):                         # GraNd over the last layer, one backward per example
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        loop.append(torch.cat([model[3].weight.grad.flatten(), model[3].bias.grad]).norm().item())
+    np.testing.assert_allclose(scores["grand"], loop, rtol=1e-4)
+
+
+def test_parameter_subset():
+    model = build_model("mlp", (4,), 3)
+    assert runner.parameter_subset(model, "all") is None
+    assert runner.parameter_subset(model, "last") == ["5.weight", "5.bias"]
+    assert runner.parameter_subset(model, "1,5.bias") == ["1.weight", "1.bias", "5.bias"]
+    with pytest.raises(ValueError, match="matches no parameter"):
+        runner.parameter_subset(model, "head")
+
+
+def test_a_run_is_a_pure_function_of_its_seed():
+    x, y = toy()
+    config = ScoreConfig(scores=("el2n", "forgetting", "aum", "datamap"), **FAST)
+    first = train_and_score(x, y, 3, config, run=0)
+    again = train_and_score(x, y, 3, config, run=0)
+    other = train_and_score(x, y, 3, config, run=1)
+    assert list(first) == ["el2n", "forgetting", "aum", "datamap_confidence", "datamap_variability",
+                           "datamap_correctness"]
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert not np.array_equal(first["el2n"], other["el2n"])
+
+
+def test_scoring_passes_do_not_disturb_training():
+    x, y = toy()
+    plain = train_and_score(x, y, 3, ScoreConfig(scores=("aum", "datamap"), **FAST), run=0)
+    scored = train_and_score(x, y, 3, ScoreConfig(scores=("aum", "grand", "el2n", "datamap"), **FAST), run=0)
+    assert np.array_equal(plain["aum"], scored["aum"])
+    assert np.array_equal(plain["datamap_confidence"], scored["datamap_confidence"])
+
+
+def test_score_epoch_zero_scores_the_initial_model():
+    x, y = toy()
+    config = ScoreConfig(scores=("el2n",), model="logreg", runs=1, epochs=1, score_epoch=0)
+    scores = train_and_score(x, y, 3, config, run=0)
+    torch.manual_seed(0)                            # run 0 uses seed 0 for the initial weights
+    with torch.no_grad():
+        expected = functional.el2n(build_model("logreg", (6,), 3)(x), y).numpy()
+    np.testing.assert_allclose(scores["el2n"], expected, rtol=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown score.*nope"):
+        ScoreConfig(scores=("el2n", "nope"))
+    with pytest.raises(ValueError, match="score_epoch \\(5\\) must be <= epochs \\(2\\)"):
+        ScoreConfig(epochs=2, score_epoch=5)
+    with pytest.raises(ValueError, match="runs must be an int >= 1"):
+        ScoreConfig(runs=0)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        ScoreConfig(lr=0.0)
+
+
+def test_output_files_follow_the_format_contract(tmp_path):
+    x, y = toy()
+    config = ScoreConfig(scores=("el2n", "loss", "forgetting", "datamap"), **FAST)
+    result = score_dataset(x, y, 3, config, tmp_path / "out", name="toy", progress=False)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["consistency.json", "manifest.json", "runs", "scores.parquet",
+                                                     "scores.png"]
+    table = pq.read_table(out / "scores.parquet")
+    columns = ["el2n", "loss", "forgetting", "datamap_confidence", "datamap_variability", "datamap_correctness"]
+    assert table.column_names == ["index", *columns, *[f"{c}_run{r}" for c in columns for r in range(2)]]
+    assert table.schema.field("index").type == "int64"
+    np.testing.assert_array_equal(table.column("index").to_numpy(), np.arange(len(y)))
+    for column in columns:
+        runs = np.stack([table.column(f"{column}_run{r}").to_numpy() for r in range(2)])
+        np.testing.assert_array_equal(table.column(column).to_numpy(), runs.mean(axis=0))
+        np.testing.assert_array_equal(load_scores(out, column), runs.mean(axis=0))
+    direct = train_and_score(x, y, 3, config, run=1)
+    np.testing.assert_array_equal(load_scores(out / "scores.parquet", "el2n", run=1), direct["el2n"])
+    report = json.loads((out / "consistency.json").read_text())
+    assert set(report) == set(columns) and report["el2n"]["runs"] == 2
+    assert report == json.loads(json.dumps(result.consistency, default=float).replace("NaN", "null"))
+    metadata = read_metadata(out)
+    assert metadata["complete"] and metadata["runs"] == 2 and metadata["dataset"]["examples"] == len(y)
+    assert metadata["higher_means"]["el2n"] == "harder"
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="several scores"):
+        load_scores(out)
+    with pytest.raises(ValueError, match="no column 'aum'"):
+        load_scores(out, "aum")
+
+
+def test_crash_after_the_first_run_then_resume_gives_the_identical_parquet(tmp_path, monkeypatch):
+    x, y = toy()
+    config = ScoreConfig(scores=("el2n", "aum"), **{**FAST, "runs": 3})
+    score_dataset(x, y, 3, config, tmp_path / "clean", progress=False, plot=False)
+
+    real = runner.train_and_score
+    calls: list[int] = []
+
+    def crash_after_first(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(kwargs.get("run", args[4] if len(args) > 4 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_and_score", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        score_dataset(x, y, 3, config, tmp_path / "crashed", progress=False, plot=False)
+    crashed = tmp_path / "crashed"
+    assert [p.name for p in (crashed / "runs").iterdir()] == ["run0.npz"]
+    assert not (crashed / "scores.parquet").exists()           # nothing looks complete
+    assert json.loads((crashed / "manifest.json").read_text())["complete"] is False
+    monkeypatch.setattr(runner, "train_and_score", real)
+    result = score_dataset(x, y, 3, config, crashed, progress=False, plot=False)
+    assert result.reused == [0] and result.computed == [1, 2]
+    assert (crashed / "scores.parquet").read_bytes() == (tmp_path / "clean" / "scores.parquet").read_bytes()
+
+
+def test_more_runs_reuse_finished_ones_and_stale_outputs_are_removed(tmp_path, monkeypatch):
+    x, y = toy()
+    config = ScoreConfig(scores=("loss",), **FAST)
+    score_dataset(x, y, 3, config, tmp_path, progress=False, plot=False)
+    grown = ScoreConfig(scores=("loss",), **{**FAST, "runs": 3})
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "train_and_score", fail)
+    with pytest.raises(RuntimeError):
+        score_dataset(x, y, 3, grown, tmp_path, progress=False, plot=False)
+    assert not (tmp_path / "scores.parquet").exists() and not (tmp_path / "consistency.json").exists()
+    monkeypatch.undo()
+    result = score_dataset(x, y, 3, grown, tmp_path, progress=False, plot=False)
+    assert result.reused == [0, 1] and result.computed == [2]
+    assert pq.read_table(tmp_path / "scores.parquet").column_names[-1] == "loss_run2"
+
+
+def test_out_holding_other_results_is_refused_before_anything_is_written(tmp_path):
+    x, y = toy()
+    config = ScoreConfig(scores=("loss",), **FAST)
+    score_dataset(x, y, 3, config, tmp_path / "out", name="toy", progress=False, plot=False)
+    before = (tmp_path / "out" / "scores.parquet").read_bytes()
+    other_x, other_y = toy(seed=1)
+    with pytest.raises(ScoreSetupError, match="different dataset \\(toy, 96 examples\\)"):
+        score_dataset(other_x, other_y, 3, config, tmp_path / "out", progress=False, plot=False)
+    with pytest.raises(ScoreSetupError, match="other settings \\(epochs 2 -> 3\\)"):
+        score_dataset(x, y, 3, ScoreConfig(scores=("loss",), **{**FAST, "epochs": 3}), tmp_path / "out",
+                      progress=False, plot=False)
+    assert (tmp_path / "out" / "scores.parquet").read_bytes() == before
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ScoreSetupError, match="not empty"):
+        score_dataset(x, y, 3, config, tmp_path / "busy", progress=False, plot=False)
+    with pytest.raises(ScoreSetupError, match="cannot import model factory"):
+        score_dataset(x, y, 3, ScoreConfig(scores=("loss",), **{**FAST, "model": "nowhere_xyz:make"}),
+                      tmp_path / "fresh", progress=False, plot=False)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_factory_with_wrong_output_shape_is_refused():
+    with pytest.raises(ScoreSetupError, match="expected \\(2, 3\\) logits"):
+        runner.check_model("tests.scores.test_runner:two_outputs", (6,), 3)
+
+
+def two_outputs(in_shape, num_classes):  # a model factory for the test above
+    return nn.Linear(in_shape[0], 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_split_the_runs_and_rank_zero_writes_the_merged_result(tmp_path):
+    x, y = toy()
+    np.savez(tmp_path / "toy.npz", x=x.numpy(), label=y.numpy())
+    args = ["--data", str(tmp_path / "toy.npz"), "--model", "logreg", "--scores", "el2n,aum", "--runs", "3",
+            "--epochs", "2", "--score-epoch", "1", "--batch-size", "16", "--lr", "0.1", "--no-progress"]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "dataorder", "score", *args, "--out", str(tmp_path / "dist")],
+                         env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]
+    try:
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert "3 runs (3 computed" in outputs[0][0] and outputs[1][0] == ""   # only rank 0 reports
+    merged = pq.read_table(tmp_path / "dist" / "scores.parquet")
+    config = ScoreConfig(scores=("el2n", "aum"), **{**FAST, "runs": 3})
+    for run in range(3):                                                  # rank 1 did run 1
+        expected = train_and_score(x, y, 3, config, run=run)
+        for column in ("el2n", "aum"):
+            np.testing.assert_allclose(merged.column(f"{column}_run{run}").to_numpy(), expected[column],
+                                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_scoring_benchmark_quick_smoke():
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "scoring.py")
+    done = subprocess.run([sys.executable, bench, "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for heading in ("1. throughput", "2. peak memory", "3. data diet", "random 50%"):
+        assert heading in done.stdout

@@ -1,0 +1,148 @@
+"""`dataorder score` end to end: digits, a parquet file, crash-and-resume, and each bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataorder.cli import main
+from dataorder.scores import load_scores, runner
+
+FAST = ["--model", "logreg", "--runs", "2", "--epochs", "2", "--score-epoch", "1", "--no-progress"]
+
+
+def score(*args: str) -> int:
+    return main(["score", *args])
+
+
+def test_digits_end_to_end(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert score("--data", "digits", "--scores", "el2n,grand,loss,forgetting,aum,datamap", *FAST,
+                 "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "digits, 1347 examples, 2 runs (2 computed, 0 reused)" in printed and "el2n" in printed
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "runs", "scores.parquet", "consistency.json",
+                                               "scores.png"}
+    table = pq.read_table(out / "scores.parquet")
+    assert table.num_rows == 1347
+    assert {"index", "el2n", "grand", "loss", "forgetting", "aum", "datamap_confidence", "datamap_variability",
+            "datamap_correctness", "el2n_run0", "el2n_run1", "grand_run1"} <= set(table.column_names)
+    el2n = load_scores(out, "el2n")
+    assert el2n.shape == (1347,) and np.all((el2n >= 0) & (el2n <= np.sqrt(2)))
+    report = json.loads((out / "consistency.json").read_text())
+    assert -1 <= report["el2n"]["mean_pairwise"]["spearman"] <= 1
+
+
+def write_parquet(path, n=80, seed=0, label="label"):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+    pq.write_table(pa.table({"f0": x[:, 0], "f1": x[:, 1], "f2": x[:, 2], "f3": x[:, 3], label: y}), path)
+    return x, y
+
+
+def test_parquet_file_end_to_end_with_a_label_column(tmp_path):
+    data = tmp_path / "table.parquet"
+    write_parquet(data, label="y")
+    out = tmp_path / "out"
+    assert score("--data", str(data), "--label-column", "y", "--scores", "el2n,aum", *FAST, "--out", str(out)) == 0
+    assert load_scores(out, "aum").shape == (80,)
+    assert json.loads((out / "manifest.json").read_text())["dataset"]["name"] == "table.parquet"
+
+
+def test_crash_after_the_first_run_and_rerun_gives_the_identical_parquet(tmp_path, monkeypatch):
+    data = tmp_path / "table.parquet"
+    write_parquet(data)
+    args = ["--data", str(data), "--scores", "el2n,loss,forgetting", *FAST]
+    assert score(*args, "--out", str(tmp_path / "clean")) == 0
+    real = runner.train_and_score
+    started: list[int] = []
+
+    def die_on_second_run(*a, **k):
+        if started:
+            raise KeyboardInterrupt  # as if the process were killed between runs
+        started.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "train_and_score", die_on_second_run)
+    assert score(*args, "--out", str(tmp_path / "crashed")) == 130
+    assert not (tmp_path / "crashed" / "scores.parquet").exists()
+    monkeypatch.setattr(runner, "train_and_score", real)
+    assert score(*args, "--out", str(tmp_path / "crashed")) == 0
+    assert (tmp_path / "crashed" / "scores.parquet").read_bytes() == \
+        (tmp_path / "clean" / "scores.parquet").read_bytes()
+
+
+def bad_npz(tmp_path, **columns):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **columns)
+    return str(path)
+
+
+X = np.random.default_rng(0).normal(size=(20, 3))
+Y = np.arange(20) % 3
+
+
+@pytest.mark.parametrize(("make_args", "message"), [
+    (lambda tmp: ["--data", str(tmp / "missing.parquet")], "data not found"),
+    (lambda tmp: ["--data", bad_npz(tmp, x=X, target=Y)], "no label column 'label'"),
+    (lambda tmp: ["--data", bad_npz(tmp, x=X, label=Y - 1)], "labels out of range"),
+    (lambda tmp: ["--data", bad_npz(tmp, x=X, label=Y), "--num-classes", "2"], "labels out of range"),
+    (lambda tmp: ["--data", bad_npz(tmp, x=np.where(np.eye(20, 3) > 0, np.nan, X), label=Y)], "NaN"),
+    (lambda tmp: ["--data", "digits", "--model", "no_such_pkg.models:make"], "cannot import model factory"),
+    (lambda tmp: ["--data", "digits", "--model", "dataorder.models:no_such_factory"], "no callable"),
+    (lambda tmp: ["--data", "digits", "--scores", "el2n,vibes"], "--scores: unknown score(s) vibes"),
+    (lambda tmp: ["--data", "digits", "--epochs", "2", "--score-epoch", "3"], "--score-epoch (3) must be <="),
+    (lambda tmp: ["--data", "digits", "--runs", "0"], "--runs must be an int >= 1"),
+    (lambda tmp: ["--data", "digits", "--device", "tpu"], "--device"),
+    (lambda tmp: ["--data", "digits", "--scores", "grand", "--grand-params", "nothing_here"], "matches no parameter"),
+])
+def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, capsys, make_args, message):
+    out = tmp_path / "out"
+    args = [*FAST, *make_args(tmp_path), "--out", str(out)]
+    assert score(*args) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("dataorder score: error: ") and message in error, error
+    assert not (out / "scores.parquet").exists()
+
+
+def test_out_holding_another_datasets_results_is_refused(tmp_path, capsys):
+    first, second = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    write_parquet(first, seed=0)
+    write_parquet(second, seed=1)
+    out = tmp_path / "out"
+    assert score("--data", str(first), "--scores", "loss", *FAST, "--out", str(out)) == 0
+    capsys.readouterr()
+    before = (out / "scores.parquet").read_bytes()
+    assert score("--data", str(second), "--scores", "loss", *FAST, "--out", str(out)) == 2
+    error = capsys.readouterr().err
+    assert "holds scores of a different dataset (a.parquet, 80 examples)" in error and error.count("\n") == 1
+    assert (out / "scores.parquet").read_bytes() == before          # the old results stay intact
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_second_run_then_rerun_gives_the_identical_parquet(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "dataorder", "score", "--data", "digits", "--model", "mlp", "--scores",
+               "el2n,aum", "--runs", "2", "--epochs", "8", "--score-epoch", "4", "--no-progress", "--out"]
+    subprocess.run([*command, str(tmp_path / "clean")], check=True, timeout=600, capture_output=True)
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen([*command, str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (crashed / "runs" / "run0.npz").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no cleanup handlers run
+    process.wait(timeout=60)
+    if (crashed / "runs" / "run1.npz").exists():
+        pytest.skip("the job finished its second run before it could be killed")
+    assert (crashed / "runs" / "run0.npz").exists() and not (crashed / "scores.parquet").exists()
+    rerun = subprocess.run([*command, str(crashed)], check=True, timeout=600, capture_output=True, text=True)
+    assert "(1 computed, 1 reused)" in rerun.stdout
+    assert (crashed / "scores.parquet").read_bytes() == (tmp_path / "clean" / "scores.parquet").read_bytes()
