@@ -31,7 +31,6 @@ from dataorder.models import LeNet, build_model
 from dataorder.orderings import make_ordering
 from dataorder.scores import el2n
 from dataorder.scores.aggregate import aggregate, consistency
-from dataorder.scores.gradnorm import ghost_layers
 from dataorder.scores.runner import ScoreConfig, score_model, train_and_score
 from dataorder.training import train_run
 
@@ -93,7 +92,7 @@ def throughput(quick: bool, device: torch.device) -> list[dict]:
         for score, naive in (("el2n", naive_el2n), ("grand", naive_grand)):
             batched = _rate(lambda: score_model(model, batches, [score]), len(y), device, repeats=2 if quick else 5)
             looped = _rate(lambda: naive(model, x[:loop_n], y[:loop_n]), loop_n, device, repeats=2 if quick else 3)
-            path = "forward" if score == "el2n" else ("ghost" if ghost_layers(model, None) else "torch.func")
+            path = "forward" if score == "el2n" else "ghost"
             rows.append({"device": device.type, "case": name, "score": score, "path": path, "batched": batched,
                          "loop": looped, "ratio": batched / looped})
             print(f"  {device.type:<4} {name:<20} {score:<6} {path:<10} batched {batched:>10,.0f} ex/s   "

@@ -61,6 +61,17 @@ def _rows_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return dense @ dense.T
 
 
+def _rows_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Squared norms of g_j = d_j^T a_j for a:(B,T,I), d:(B,T,O), by the cheaper of two forms."""
+    batch, steps, inputs = a.shape
+    outputs = d.shape[2]
+    if steps == 1:
+        return a[:, 0].square().sum(dim=1) * d[:, 0].square().sum(dim=1)
+    if steps * (inputs + outputs) <= inputs * outputs:
+        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum(dim=(1, 2))
+    return torch.einsum("bto,bti->boi", d, a).square().sum(dim=(1, 2))
+
+
 @dataclass
 class _LinearFactors:
     """Factors of a weight used as ``out = a @ W^T (+ b)``: a:(B,T,I), d:(B,T,O)."""
@@ -76,6 +87,12 @@ class _LinearFactors:
         if self.bias:
             summed = self.d.sum(dim=1)
             total = total + summed @ summed.T
+        return total
+
+    def sq_norms(self) -> torch.Tensor:
+        total = _rows_sq_norms(self.a, self.d) if self.weight else 0.0
+        if self.bias:
+            total = total + self.d.sum(dim=1).square().sum(dim=1)
         return total
 
     def dot(self, vector: Vector) -> torch.Tensor:
@@ -121,6 +138,10 @@ class _EmbeddingFactors:
         same = (flat_idx[:, None] == flat_idx[None, :]).to(flat_d.dtype)
         return (same * (flat_d @ flat_d.T)).reshape(batch, steps, batch, steps).sum(dim=(1, 3))
 
+    def sq_norms(self) -> torch.Tensor:
+        same = (self.idx[:, :, None] == self.idx[:, None, :]).to(self.d.dtype)
+        return (same * (self.d @ self.d.transpose(1, 2))).sum(dim=(1, 2))
+
     def dot(self, vector: Vector) -> torch.Tensor:
         return (vector[self.weight].to(self.d.dtype)[self.idx] * self.d).sum(dim=(1, 2))
 
@@ -149,6 +170,9 @@ class _DenseFactors:
     def gram(self) -> torch.Tensor:
         flat = self._flat()
         return flat @ flat.T
+
+    def sq_norms(self) -> torch.Tensor:
+        return self._flat().square().sum(dim=1)
 
     def dot(self, vector: Vector) -> torch.Tensor:
         return sum((g.reshape(len(g), -1) @ vector[name].reshape(-1).to(g.dtype)) for name, g in self.grads.items())
@@ -259,6 +283,10 @@ class GhostBatch:
     def gram(self) -> torch.Tensor:
         """(B, B) Gram matrix ``<g_i, g_j>`` of the per-example gradients."""
         return sum(f.gram() for f in self._factors)
+
+    def sq_norms(self) -> torch.Tensor:
+        """(B,) squared norms ``||g_j||^2``: the Gram's diagonal, without the off-diagonal work."""
+        return sum(f.sq_norms() for f in self._factors)
 
     def dots(self, vectors: Sequence[Vector]) -> torch.Tensor:
         """(len(vectors), B): ``<v, g_j>`` for each parameter-shaped vector ``v``."""

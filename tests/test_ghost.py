@@ -99,6 +99,7 @@ def test_ghost_products_equal_materialised(case):
     batch = captured(model, x, y)
     assert torch.allclose(batch.materialize().double(), reference, rtol=1e-4, atol=1e-5)
     assert torch.allclose(batch.gram().double(), reference @ reference.T, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(batch.sq_norms().double(), reference.square().sum(dim=1), rtol=1e-4, atol=1e-5)
     generator = torch.Generator().manual_seed(1)
     vectors = [{n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()} for _ in range(2)]
     flat = torch.stack([torch.cat([v[n].reshape(-1) for n, _ in model.named_parameters()]) for v in vectors]).double()
@@ -117,6 +118,7 @@ def test_embedding_with_padding_and_repeats():
     reference = reference_per_example(model, ce, x, y)
     batch = captured(model, x, y)
     assert torch.allclose(batch.gram(), reference @ reference.T, atol=1e-5)
+    assert torch.allclose(batch.sq_norms(), reference.square().sum(dim=1), atol=1e-5)
     assert torch.allclose(batch.materialize(), reference, atol=1e-6)
 
 

@@ -147,7 +147,7 @@ def test_grand_rejects_bad_arguments():
 
 
 class SharedTwice(nn.Module):
-    """Applies one Linear twice: the ghost identity does not hold per call, the fallback must be used."""
+    """Applies one Linear twice: its per-example gradient sums the two calls."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,7 +158,7 @@ class SharedTwice(nn.Module):
 
 
 class Sequence3d(nn.Module):
-    """A Linear over a (B, T, F) input: per-example gradients sum over T, so the fallback is used."""
+    """A Linear over a (B, T, F) input: per-example gradients sum over T."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -166,6 +166,18 @@ class Sequence3d(nn.Module):
 
     def forward(self, x):
         return self.head(torch.relu(self.proj(x.reshape(len(x), 2, 16))).mean(dim=1))
+
+
+class TiedWeights(nn.Module):
+    """One weight shared by two Linears: only the materialised path is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+        self.second.weight = self.first.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
 
 
 def conv2d_net(**conv):
@@ -184,10 +196,11 @@ def conv2d_net(**conv):
      None, False),                                                              # one patch: the T×T form
     (lambda: nn.Sequential(nn.Unflatten(1, (4, 8)), nn.Conv1d(4, 3, 3, stride=2, padding=1), nn.Flatten(),
                            nn.Linear(12, 3)), ["1.weight"], False),
-    (lambda: nn.Sequential(nn.Linear(32, 6), nn.LayerNorm(6), nn.Linear(6, 3)), None, True),     # fallback
+    (lambda: nn.Sequential(nn.Linear(32, 6), nn.LayerNorm(6), nn.Linear(6, 3)), None, False),
     (lambda: nn.Sequential(nn.Linear(32, 6), nn.LayerNorm(6), nn.Linear(6, 3)), ["2.weight"], False),
-    (SharedTwice, None, True),                                                                    # fallback
-    (Sequence3d, None, True),                                                                     # fallback
+    (SharedTwice, None, False),
+    (Sequence3d, None, False),
+    (TiedWeights, None, True),                                                                    # fallback
 ])
 def test_grad_norms_match_the_loop_on_every_path(make, subset, fallback, monkeypatch):
     import dataorder.grads
