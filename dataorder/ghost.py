@@ -381,16 +381,26 @@ class GhostGrads:
                               f"('{module_name}'): using torch.func per-example gradients for this module only",
                               stacklevel=2)
             record = _Record(self._forward_count, module, names,
-                             tuple(t.detach() for t in inputs if isinstance(t, torch.Tensor)))
+                             tuple(t.detach() for t in inputs if isinstance(t, torch.Tensor)), output)
             self._records.append(record)
             output.register_hook(record.add_grad)
         return hook
+
+    def pending_outputs(self) -> list[torch.Tensor]:
+        """Outputs of the recorded module calls still waiting for their gradient.
+
+        ``torch.autograd.grad(loss, ghost.pending_outputs())`` fills the records without
+        computing any parameter gradient (cheaper than a full backward when only the
+        products are wanted, as for gradient norms).
+        """
+        return [record.output for record in self._records if record.grad is None]
 
     def collect(self) -> list[GhostBatch]:
         """One :class:`GhostBatch` per model forward followed by a backward; clears the records."""
         records, self._records = self._records, []
         groups: dict[int, list[_Record]] = {}
         for record in records:
+            record.output = None
             if record.grad is not None:  # a forward with no backward (e.g. evaluation) is skipped
                 groups.setdefault(record.forward, []).append(record)
         return [self._batch(group) for _, group in sorted(groups.items())]
@@ -426,8 +436,9 @@ def _inside_functorch(tensor: torch.Tensor) -> bool:
 class _Record:
     """One forward call of one module: its inputs and (after backward) its output gradient."""
 
-    def __init__(self, forward: int, module: nn.Module, names: dict[str, str], inputs: tuple) -> None:
-        self.forward, self.module, self.names, self.inputs = forward, module, names, inputs
+    def __init__(self, forward: int, module: nn.Module, names: dict[str, str], inputs: tuple,
+                 output: torch.Tensor) -> None:
+        self.forward, self.module, self.names, self.inputs, self.output = forward, module, names, inputs, output
         self.grad: torch.Tensor | None = None
 
     def add_grad(self, grad: torch.Tensor) -> None:

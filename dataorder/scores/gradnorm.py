@@ -54,8 +54,8 @@ def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the torch.func fallback of a layer is exact, only slower
             logits = model(x)
-            selected = [p for name, p in model.named_parameters() if name in ghost.names]
-            torch.autograd.grad(F.cross_entropy(logits, y), selected)  # runs the hooks, touches no .grad
+            # gradients w.r.t. the layers' outputs only: fills the records, computes and touches no .grad
+            torch.autograd.grad(F.cross_entropy(logits, y), ghost.pending_outputs(), allow_unused=True)
             [batch] = ghost.collect()
             norms = batch.sq_norms()
     finally:
