@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,21 @@ class _LinearFactors:
             total = total + self.d.sum(dim=1) @ vector[self.bias].to(self.d.dtype)
         return total
 
+    def select(self, rows: torch.Tensor) -> "_LinearFactors":
+        return _LinearFactors(self.weight, self.bias, self.a[rows], self.d[rows], self.weight_shape)
+
+    def weighted_sums(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``weights`` (N, B) -> name -> (N, *shape): N weighted sums in one product per parameter."""
+        out = {}
+        outputs, inputs = self.d.shape[2], self.a.shape[2]
+        scaled = weights[:, :, None, None] * self.d[None]  # (N, B, T, O)
+        if self.weight:
+            flat = scaled.reshape(len(weights), -1, outputs).transpose(1, 2) @ self.a.reshape(-1, inputs)
+            out[self.weight] = flat.reshape(len(weights), *self.weight_shape)
+        if self.bias:
+            out[self.bias] = scaled.sum(dim=(1, 2))
+        return out
+
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         scaled = self.d * weights[:, None, None]
@@ -145,6 +161,12 @@ class _EmbeddingFactors:
     def dot(self, vector: Vector) -> torch.Tensor:
         return (vector[self.weight].to(self.d.dtype)[self.idx] * self.d).sum(dim=(1, 2))
 
+    def select(self, rows: torch.Tensor) -> "_EmbeddingFactors":
+        return _EmbeddingFactors(self.weight, self.idx[rows], self.d[rows], self.num_embeddings)
+
+    def weighted_sums(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.weight: torch.stack([self.weighted_sum(w)[self.weight] for w in weights])}
+
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = (self.d * weights[:, None, None]).reshape(-1, self.d.shape[2])
         table = torch.zeros(self.num_embeddings, self.d.shape[2], dtype=self.d.dtype, device=self.d.device)
@@ -176,6 +198,12 @@ class _DenseFactors:
 
     def dot(self, vector: Vector) -> torch.Tensor:
         return sum((g.reshape(len(g), -1) @ vector[name].reshape(-1).to(g.dtype)) for name, g in self.grads.items())
+
+    def select(self, rows: torch.Tensor) -> "_DenseFactors":
+        return _DenseFactors({name: g[rows] for name, g in self.grads.items()})
+
+    def weighted_sums(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: torch.tensordot(weights, g, dims=1) for name, g in self.grads.items()}
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: torch.tensordot(weights, g, dims=1) for name, g in self.grads.items()}
@@ -277,8 +305,43 @@ class GhostBatch:
     matrix product per layer; all results are float32 on the model's device.
     """
 
-    def __init__(self, factors: list, names: list[str], batch_size: int) -> None:
+    def __init__(self, factors: list, names: list[str], batch_size: int,
+                 shapes: dict[str, torch.Size] | None = None) -> None:
         self._factors, self.names, self.batch_size = factors, names, batch_size
+        self.shapes = shapes or {}
+
+    @property
+    def dim(self) -> int:
+        """Total number of selected parameter values ``d``."""
+        return sum(math.prod(self.shapes[name]) for name in self.names)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device(self._factors[0])
+
+    def select(self, rows: torch.Tensor | list[int]) -> "GhostBatch":
+        """The factors of a subset of the batch's examples (e.g. one example, to materialise it)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        return GhostBatch([f.select(rows) for f in self._factors], self.names, len(rows), self.shapes)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a flat ``(..., d)`` tensor as parameter-shaped pieces, in ``names`` order."""
+        sizes = [math.prod(self.shapes[name]) for name in self.names]
+        pieces = torch.split(flat, sizes, dim=-1)
+        return {name: piece.reshape(*flat.shape[:-1], *self.shapes[name]) for name, piece in zip(self.names, pieces)}
+
+    def flatten(self, parts: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+        """Concatenate parameter-shaped ``parts`` (each ``(lead, *shape)``) into ``(lead, d)``."""
+        return torch.cat([parts[name].reshape(lead, -1) for name in self.names], dim=1)
+
+    def weighted_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` (N, B) -> (N, d): ``sum_j weights[v, j] * g_j`` for each row ``v``, flat."""
+        weights = weights.to(dtype=torch.float32)
+        out: dict[str, torch.Tensor] = {}
+        for factor in self._factors:
+            for name, value in factor.weighted_sums(weights.to(self._device(factor))).items():
+                out[name] = out[name] + value if name in out else value
+        return self.flatten(out, len(weights))
 
     def gram(self) -> torch.Tensor:
         """(B, B) Gram matrix ``<g_i, g_j>`` of the per-example gradients."""
@@ -348,6 +411,7 @@ class GhostGrads:
         if not selected:
             raise ValueError("params selects no trainable parameter of the model")
         self.names = [name for name, _ in model.named_parameters() if name in selected]
+        self.shapes = {name: p.shape for name, p in model.named_parameters() if name in selected}
         self._forward_count = 0
         self._records: list[_Record] = []
         self._warned: set[str] = set()
@@ -419,7 +483,7 @@ class GhostGrads:
         if missing:
             raise RuntimeError(f"no gradient was captured for {missing}: was every selected parameter used "
                                "in the forward pass?")
-        return GhostBatch(factors, self.names, batch_size)
+        return GhostBatch(factors, self.names, batch_size, self.shapes)
 
     def remove(self) -> None:
         """Remove the hooks from the model."""

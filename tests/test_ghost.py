@@ -188,3 +188,16 @@ def test_param_selection_and_errors():
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="tied"):
         GhostGrads(tied)
+
+
+@pytest.mark.parametrize("case", ["linear2d", "linear3d_long_T", "conv2d", "transformer"])
+def test_select_weighted_sums_and_flat_layout(case):
+    model, x, y = build(case)
+    reference = reference_per_example(model, ce, x, y)
+    batch = captured(model, x, y)
+    assert batch.dim == reference.shape[1]
+    assert torch.allclose(batch.select([2, 0]).materialize(), reference[[2, 0]], atol=1e-6)
+    weights = torch.randn(3, len(x), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(batch.weighted_sums(weights), weights @ reference, atol=1e-5)
+    flat = torch.randn(2, batch.dim)
+    assert torch.equal(batch.flatten(batch.unflatten(flat), 2), flat)
