@@ -14,7 +14,7 @@ from torch.utils.data import Sampler
 
 from dataorder.samplers.shuffle import FlipFlop, RandomReshuffling, ShuffleOnce, WithReplacement
 
-__all__ = ["ORDERINGS", "Ordering", "SamplerOrdering", "make_ordering"]
+__all__ = ["ORDERINGS", "GradientOrdering", "Ordering", "SamplerOrdering", "make_ordering"]
 
 
 class Ordering:
@@ -46,12 +46,60 @@ class SamplerOrdering(Ordering):
         return self.sampler_cls(n, seed=seed)
 
 
+class GradientOrdering(Ordering):
+    """An ordering whose sampler learns from per-example gradients (GraB, herding).
+
+    The backward pass is :class:`~dataorder.grads.PerExampleGrads` (which sets ``p.grad`` to
+    the batch mean, as ``loss.backward()`` would) followed by ``sampler.step(grads)``. Models
+    with more than ``sketch_above`` parameters feed a ``sketch_dim``-wide CountSketch instead
+    of the full gradients when ``sketch_dim`` is set (herding's O(n·k) store needs it).
+
+    >>> ordering = GradientOrdering("grab", balance="mean")
+    >>> ordering.make_sampler(4, seed=0).balance
+    'mean'
+    """
+
+    def __init__(self, name: str, *, balance: str | None = None, depth: int = 2,
+                 sketch_dim: int | None = None, sketch_above: int = 4096) -> None:
+        self.name, self.balance, self.depth = name, balance, depth
+        self.sketch_dim, self.sketch_above = sketch_dim, sketch_above
+        self._per_example = None
+
+    def make_sampler(self, n: int, seed: int) -> Sampler[int]:
+        if self.balance is None:
+            from dataorder.samplers.herding import HerdingSampler
+
+            return HerdingSampler(n, seed=seed)
+        from dataorder.samplers.grab import GraBSampler
+
+        return GraBSampler(n, balance=self.balance, depth=self.depth, seed=seed)
+
+    def attach(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], sampler: Sampler[int]) -> None:
+        from dataorder.grads import PerExampleGrads
+
+        size = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        sketch = self.sketch_dim if self.sketch_dim is not None and size > self.sketch_above else None
+        self._per_example = PerExampleGrads(model, loss_fn, sketch_dim=sketch, seed=getattr(sampler, "seed", 0))
+
+    def backward(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, sampler: Sampler[int]) -> torch.Tensor:
+        if self._per_example is None:
+            self.attach(model, loss_fn, sampler)
+        out = self._per_example(x, y)
+        sampler.step(out.grads)
+        return out.losses.mean()
+
+
 #: name -> factory of an :class:`Ordering`.
 ORDERINGS: dict[str, Callable[[], Ordering]] = {
     "rr": lambda: SamplerOrdering("rr", RandomReshuffling),
     "so": lambda: SamplerOrdering("so", ShuffleOnce),
     "wr": lambda: SamplerOrdering("wr", WithReplacement),
     "flipflop": lambda: SamplerOrdering("flipflop", FlipFlop),
+    "grab": lambda: GradientOrdering("grab", balance="mean"),
+    "pair": lambda: GradientOrdering("pair", balance="pair"),
+    "recursive": lambda: GradientOrdering("recursive", balance="recursive"),
+    "herding": lambda: GradientOrdering("herding", sketch_dim=1024),
 }
 
 

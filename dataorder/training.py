@@ -52,7 +52,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: int, epochs: int,
               batch_size: int = 16, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-              device: str = "cpu") -> RunResult:
+              device: str = "cpu", augment: str | None = None) -> RunResult:
     """Train ``model_name`` on ``split`` with ``ordering``; the model init is fixed by ``seed``.
 
     The same seed gives the same initial weights to every ordering, so orderings are
@@ -70,6 +70,9 @@ def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: 
     model = build_model(model_name, tuple(split.x_train.shape[1:]), split.num_classes).to(device)
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     dataset = TensorDataset(x_train, y_train)
+    if augment is not None:  # "qmc" | "iid": random shifts of square images (dataorder.augment)
+        from dataorder.augment import shifted_dataset
+        dataset = shifted_dataset(x_train, y_train, augment, seed=seed)
     sampler = ordering.make_sampler(len(dataset), seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -79,6 +82,8 @@ def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: 
     result.train_loss.append(evaluate(model, x_train, y_train)[0])
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         model.train()
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,7 @@ def run_distributed(fn, world_size: int, out_dir, *args, timeout: float = 120.0)
 
     ``fn`` must be importable (a module-level function of a test module).
     """
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
     port = free_port()
     processes = [context.Process(target=_worker, args=(r, world_size, port, fn, args, str(out_dir)))

@@ -43,6 +43,10 @@ class DenseRows:
     def device(self) -> torch.device:
         return self.rows.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
     def products(self, sums: Tensor) -> np.ndarray:
         return balance_products(self.rows, sums)
 
@@ -83,6 +87,10 @@ class GhostRows:
     @property
     def device(self) -> torch.device:
         return self.batch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # ghost products are formed in float32 whatever the model's dtype
 
     def products(self, sums: Tensor) -> np.ndarray:
         sums = sums.to(self.device, torch.float32)
