@@ -60,9 +60,13 @@ class GradientOrdering(Ordering):
     """
 
     def __init__(self, name: str, *, balance: str | None = None, depth: int = 2,
-                 sketch_dim: int | None = None, sketch_above: int = 4096) -> None:
+                 sketch_dim: int | None = None, sketch_above: int = 4096, grads: str = "ghost") -> None:
+        if grads not in ("ghost", "vmap"):
+            raise ValueError(f"grads must be 'ghost' or 'vmap', got {grads!r}")
         self.name, self.balance, self.depth = name, balance, depth
         self.sketch_dim, self.sketch_above = sketch_dim, sketch_above
+        # herding stores per-example gradients, so it always materialises them
+        self.ghost = grads == "ghost" and balance is not None
         self._per_example = None
 
     def make_sampler(self, n: int, seed: int) -> Sampler[int]:
@@ -77,12 +81,21 @@ class GradientOrdering(Ordering):
     def attach(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], sampler: Sampler[int]) -> None:
         from dataorder.grads import PerExampleGrads
 
+        if self.ghost:
+            sampler.attach(model)
+            return
+
         size = sum(p.numel() for p in model.parameters() if p.requires_grad)
         sketch = self.sketch_dim if self.sketch_dim is not None and size > self.sketch_above else None
         self._per_example = PerExampleGrads(model, loss_fn, sketch_dim=sketch, seed=getattr(sampler, "seed", 0))
 
     def backward(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
                  y: torch.Tensor, sampler: Sampler[int]) -> torch.Tensor:
+        if self.ghost:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            sampler.step()  # balances from the factors the backward left behind
+            return loss.detach()
         if self._per_example is None:
             self.attach(model, loss_fn, sampler)
         out = self._per_example(x, y)
@@ -103,12 +116,16 @@ ORDERINGS: dict[str, Callable[[], Ordering]] = {
 }
 
 
-def make_ordering(name: str) -> Ordering:
-    """The registered ordering ``name``.
+def make_ordering(name: str, *, grads: str = "ghost") -> Ordering:
+    """The registered ordering ``name``; ``grads`` picks GraB's path: ``ghost`` or ``vmap``.
 
     >>> make_ordering("rr").make_sampler(4, seed=0)
     RandomReshuffling(n=4, seed=0, epoch=0, rank=0, world_size=1, drop_last=False)
     """
     if name not in ORDERINGS:
         raise ValueError(f"unknown ordering {name!r}; choose from {', '.join(ORDERINGS)}")
-    return ORDERINGS[name]()
+    ordering = ORDERINGS[name]()
+    if isinstance(ordering, GradientOrdering):
+        ordering = GradientOrdering(ordering.name, balance=ordering.balance, depth=ordering.depth,
+                                    sketch_dim=ordering.sketch_dim, sketch_above=ordering.sketch_above, grads=grads)
+    return ordering

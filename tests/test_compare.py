@@ -71,3 +71,11 @@ def test_benchmark_quick_runs(script):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "machine:" in out.stdout
+
+
+def test_grab_ordering_uses_the_ghost_path_by_default_and_vmap_on_request():
+    from dataorder.orderings import make_ordering
+
+    assert make_ordering("grab").ghost and make_ordering("pair").ghost
+    assert not make_ordering("grab", grads="vmap").ghost
+    assert not make_ordering("herding").ghost  # herding stores per-example gradients

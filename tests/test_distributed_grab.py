@@ -109,3 +109,23 @@ def test_mismatched_seed_and_batch_size_are_clear_errors(tmp_path):
         assert message and "seed differs across ranks" in message
     for message in run_distributed(_mismatched_batch, 2, tmp_path / "batch"):
         assert message and "batch_size differs across ranks (rank 0: 3, rank 1: 4)" in message
+
+
+def _gathered_by_caller(rank, world_size):
+    from dataorder.distributed import gather_global_batch
+
+    vectors = _vectors()
+    sampler = _make("pair")
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        local = list(sampler)
+        for start in range(0, len(local), LOCAL_BATCH):
+            gathered = gather_global_batch(vectors[local[start:start + LOCAL_BATCH]])
+            sampler.step(gathered, global_batch=True)  # the caller gathered (and may use the mean)
+    sampler.set_epoch(EPOCHS)
+    return sampler.global_order().tolist()
+
+
+def test_global_batch_gathered_by_the_caller_gives_the_same_order(tmp_path):
+    orders = run_distributed(_gathered_by_caller, 2, tmp_path)
+    assert orders[0] == orders[1] == _single_process_reference("pair", 2)

@@ -25,6 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-3,
                         help="SGD weight decay (default 1e-3: a finite optimum, where ordering shows)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--grads", default="ghost", choices=("ghost", "vmap"),
+                        help="GraB family: ghost balancing from a plain backward (default) or "
+                             "torch.func per-example gradients (vmap)")
     parser.add_argument("--plot", metavar="PNG", help="save the mean train-loss curves to this PNG")
     parser.add_argument("--augment", metavar="qmc,iid", help="train on digits shifted by up to 1 pixel, shifts "
                         "drawn per (example, epoch) by QMC and/or i.i.d. points; rows become ORDER/AUGMENT")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     for name, augment in [(name, augment) for name in names for augment in augments]:
         try:
             results[name if augment is None else f"{name}/{augment}"] = [
-                train_run(split, args.model, make_ordering(name), seed=seed, epochs=args.epochs,
+                train_run(split, args.model, make_ordering(name, grads=args.grads), seed=seed, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay, device=args.device,
                           augment=augment)

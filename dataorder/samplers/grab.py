@@ -111,20 +111,29 @@ class GradientOrderSampler(IndexSampler):
         return self._visited if self._order_epoch == self.epoch else 0
 
     @torch.no_grad()
-    def step(self, grads: Tensor | Mapping[str, Tensor]) -> None:
+    def step(self, grads: Tensor | Mapping[str, Tensor], *, global_batch: bool = False) -> None:
         """Feed the per-example gradients of the next ``B`` positions of this epoch's order.
 
         ``grads`` is a ``(B, d)`` tensor (e.g. ``PerExampleGrads(...)(x, y).grads``) or
         torch.func's dict ``{name: (B, *shape)}``. Half-precision gradients are accumulated in
         float32. A ``ValueError`` (wrong batch size, a changed ``d``, NaN/inf) leaves the
         sampler as it was, apart from moving to the epoch ``set_epoch`` selected.
+
+        Under ``torch.distributed`` (``world_size > 1``) each rank passes its local batch and
+        the rows are all-gathered into global-batch order (CD-GraB): every rank then runs the
+        same balancing. Pass ``global_batch=True`` when ``grads`` already hold the whole
+        global batch, e.g. from :func:`dataorder.distributed.gather_global_batch` when the
+        gathered rows also serve as the data-parallel gradient.
         """
         rows, dim = self._as_rows(grads)
-        if self.world_size > 1 and active_world() > 1:
-            if self._dim is None:
-                self._check_ranks_agree(rows.shape[0], dim)
+        distributed = self.world_size > 1 and active_world() > 1
+        if distributed and self._dim is None:
+            self._check_ranks_agree(rows.shape[0], dim)
+        if distributed and not global_batch:
             # CD-GraB: every rank balances the same global batch, so all hold the same state
-            rows = gather_global_batch(rows)[: self._global_length() - self.steps_position]
+            rows = gather_global_batch(rows)
+        if distributed or global_batch:
+            rows = rows[: self._global_length() - self.steps_position]  # drop the padding's duplicates
         self._step_rows(self._wrap(rows), dim)
 
     def _check_ranks_agree(self, batch: int, dim: int) -> None:
@@ -494,14 +503,14 @@ class GraBSampler(GradientOrderSampler):
         self._ghost = None
 
     @torch.no_grad()
-    def step(self, grads: Tensor | Mapping[str, Tensor] | None = None) -> None:
+    def step(self, grads: Tensor | Mapping[str, Tensor] | None = None, *, global_batch: bool = False) -> None:
         """Balance the next batch: from ``grads`` (B, d) / a dict, or, with no argument, from the
         backward passes captured since the last step by :meth:`attach`.
 
         See :meth:`GradientOrderSampler.step` for the rules shared by both forms.
         """
         if grads is not None:
-            return super().step(grads)
+            return super().step(grads, global_batch=global_batch)
         if getattr(self, "_ghost", None) is None:
             raise ValueError("step() with no gradients needs sampler.attach(model) first; or pass "
                              "per-example gradients, e.g. sampler.step(PerExampleGrads(model, loss_fn)(x, y).grads)")
