@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Sampler
 
 __all__ = [
+    "EpochCursor",
     "IndexSampler",
     "check_bool",
     "check_epoch",
@@ -159,6 +160,45 @@ def epoch_rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *stream])))
 
 
+class EpochCursor:
+    """Where a rank is in its current epoch's list of items (indices or batches).
+
+    :meth:`iterate` hands out a C-level list iterator (as fast as torch's samplers) and the
+    position is read off its length hint, so no Python code runs per item.
+
+    >>> cursor = EpochCursor()
+    >>> iterator = cursor.iterate([10, 11, 12]); next(iterator)
+    10
+    >>> cursor.position
+    1
+    """
+
+    def __init__(self) -> None:
+        self.start = 0  # position at which the active pass started
+        self._pass: tuple[int, Iterator] | None = None  # (items in the pass, iterator)
+
+    @property
+    def position(self) -> int:
+        if self._pass is None:
+            return self.start
+        count, iterator = self._pass
+        return self.start + count - operator.length_hint(iterator)
+
+    def move_to(self, position: int) -> None:
+        """Forget the active pass; the next :meth:`iterate` starts at ``position``."""
+        self.start, self._pass = position, None
+
+    def iterate(self, items: list) -> Iterator:
+        """An iterator over ``items`` from the current position (from 0 if the epoch was finished)."""
+        start = self.position
+        if start >= len(items):
+            start = 0  # iterating a finished epoch again replays it, as torch's samplers do
+        remaining = items[start:]
+        iterator = iter(remaining)
+        self.start, self._pass = start, (len(remaining), iterator)
+        return iterator
+
+
 class IndexSampler(Sampler[int], abc.ABC):
     """Base class of the index samplers: sharding, epochs and exact mid-epoch resumption.
 
@@ -197,8 +237,7 @@ class IndexSampler(Sampler[int], abc.ABC):
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.drop_last = check_bool(drop_last, "drop_last")
         self.epoch = 0
-        self._start = 0  # position at which the active pass started
-        self._pass: tuple[int, Iterator[int]] | None = None  # (items in the pass, iterator)
+        self._cursor = EpochCursor()
         self._cache: tuple[int, np.ndarray] | None = None  # (epoch, this rank's order)
 
     # -- what subclasses define -------------------------------------------------------------
@@ -232,15 +271,12 @@ class IndexSampler(Sampler[int], abc.ABC):
         epoch = check_epoch(epoch)
         if epoch != self.epoch:
             self.epoch = epoch
-            self._start, self._pass = 0, None
+            self._cursor.move_to(0)
 
     @property
     def position(self) -> int:
         """How many indices this rank has yielded in the current epoch."""
-        if self._pass is None:
-            return self._start
-        count, iterator = self._pass
-        return self._start + count - operator.length_hint(iterator)
+        return self._cursor.position
 
     def global_order(self, epoch: int | None = None) -> np.ndarray:
         """The order of ``epoch`` (default: the current one) over all ranks, before padding."""
@@ -254,13 +290,7 @@ class IndexSampler(Sampler[int], abc.ABC):
         return self._cache[1]
 
     def __iter__(self) -> Iterator[int]:
-        start = self.position
-        if start >= len(self):
-            start = 0  # the epoch was finished: iterating again replays it, as torch's samplers do
-        remaining = self.rank_order()[start:].tolist()
-        iterator = iter(remaining)  # C-level list iterator; position is read off its length hint
-        self._start, self._pass = start, (len(remaining), iterator)
-        return iterator
+        return self._cursor.iterate(self.rank_order().tolist())
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -282,7 +312,8 @@ class IndexSampler(Sampler[int], abc.ABC):
         position = self._check_state(state)
         self._load_extra_state(state)
         self.epoch = state["epoch"]
-        self._start, self._pass, self._cache = position, None, None
+        self._cursor.move_to(position)
+        self._cache = None
 
     def _check_state(self, state: Any) -> int:
         """Validate ``state`` and return this rank's position in it."""

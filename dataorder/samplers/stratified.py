@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dataorder.samplers.allocation import allocate, count_range
-from dataorder.samplers.base import check_bool, check_epoch, check_seed, epoch_rng, resolve_world
+from dataorder.samplers.base import EpochCursor, check_bool, check_epoch, check_seed, epoch_rng, resolve_world
 
 __all__ = ["StratifiedBatchSampler", "encode_strata", "merge_moments", "stratum_draws"]
 
@@ -215,8 +214,7 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         self._sigma = np.full(len(labels), np.nan)  # std used by the current Neyman allocation
         self._moments = np.zeros((len(labels), 3))  # (count, mean, M2) of values seen this epoch
         self._counts = self._allocate(0, self._sigma)
-        self._start = 0
-        self._pass: tuple[int, Iterator[list[int]]] | None = None
+        self._cursor = EpochCursor()
         self._cache: tuple[int, tuple[int, ...], list[list[int]]] | None = None
 
     # -- validation ---------------------------------------------------------------------------
@@ -371,15 +369,12 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         counts = self._allocate(epoch, sigma)
         self.epoch, self._sigma, self._counts = epoch, sigma, counts
         self._moments = np.zeros_like(self._moments)
-        self._start, self._pass = 0, None
+        self._cursor.move_to(0)
 
     @property
     def position(self) -> int:
         """How many batches this rank has yielded in the current epoch."""
-        if self._pass is None:
-            return self._start
-        count, iterator = self._pass
-        return self._start + count - operator.length_hint(iterator)
+        return self._cursor.position
 
     def global_batches(self, epoch: int | None = None) -> np.ndarray:
         """The epoch's global batches, shape ``(len(self), batch_size * world_size)``.
@@ -403,13 +398,7 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         return self._cache[2]
 
     def __iter__(self) -> Iterator[list[int]]:
-        start = self.position
-        if start >= len(self):
-            start = 0  # a finished epoch replays when iterated again
-        remaining = self.rank_batches()[start:]
-        iterator = iter(remaining)
-        self._start, self._pass = start, (len(remaining), iterator)
-        return iterator
+        return self._cursor.iterate(self.rank_batches())
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -468,7 +457,8 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         if position > self.num_batches:
             raise ValueError(f"state position {position} is past the end of the epoch ({self.num_batches} batches)")
         self.epoch, self._counts, self._sigma, self._moments = epoch, counts, sigma, moments
-        self._start, self._pass, self._cache = position, None, None
+        self._cursor.move_to(position)
+        self._cache = None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(n={self.n}, strata={len(self.labels)}, batch_size={self.batch_size}, "
