@@ -413,6 +413,7 @@ class GhostGrads:
         self.names = [name for name, _ in model.named_parameters() if name in selected]
         self.shapes = {name: p.shape for name, p in model.named_parameters() if name in selected}
         self._forward_count = 0
+        self._batch_sizes: dict[int, int | None] = {}  # forward -> batch size of the model's input
         self._records: list[_Record] = []
         self._warned: set[str] = set()
         self._handles = [model.register_forward_pre_hook(self._count_forward)]
@@ -432,6 +433,8 @@ class GhostGrads:
 
     def _count_forward(self, module, inputs) -> None:
         self._forward_count += 1
+        first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+        self._batch_sizes[self._forward_count] = None if first is None or first.dim() == 0 else first.shape[0]
 
     def _make_hook(self, module_name: str, names: dict[str, str]):
         def hook(module, inputs, output):
@@ -462,17 +465,24 @@ class GhostGrads:
     def collect(self) -> list[GhostBatch]:
         """One :class:`GhostBatch` per model forward followed by a backward; clears the records."""
         records, self._records = self._records, []
+        sizes, self._batch_sizes = self._batch_sizes, {}
         groups: dict[int, list[_Record]] = {}
         for record in records:
             record.output = None
             if record.grad is not None:  # a forward with no backward (e.g. evaluation) is skipped
                 groups.setdefault(record.forward, []).append(record)
-        return [self._batch(group) for _, group in sorted(groups.items())]
+        return [self._batch(group, sizes.get(forward)) for forward, group in sorted(groups.items())]
 
-    def _batch(self, group: list[_Record]) -> GhostBatch:
-        batch_size = group[0].inputs[0].shape[0]
+    def _batch(self, group: list[_Record], batch_size: int | None) -> GhostBatch:
+        batch_size = batch_size or group[0].inputs[0].shape[0]
         by_module: dict[int, list] = {}
         for record in group:
+            if record.inputs[0].dim() == 0 or record.inputs[0].shape[0] != batch_size:
+                raise ValueError(
+                    f"{type(record.module).__name__} got an input of shape {tuple(record.inputs[0].shape)} "
+                    f"without the batch ({batch_size}) as dim 0, e.g. positions arange(T) shared by every "
+                    "example: its per-example gradients cannot be separated. Expand the input to (B, ...), "
+                    "or pass per-example gradients to step(grads)")
             delta = record.grad.float() * batch_size
             floats = tuple(t.float() if t.is_floating_point() else t for t in record.inputs)
             rule = _exact_rule(record.module) or _fallback_factors

@@ -201,3 +201,21 @@ def test_select_weighted_sums_and_flat_layout(case):
     assert torch.allclose(batch.weighted_sums(weights), weights @ reference, atol=1e-5)
     flat = torch.randn(2, batch.dim)
     assert torch.equal(batch.flatten(batch.unflatten(flat), 2), flat)
+
+
+def test_input_without_the_batch_dimension_is_a_clear_error():
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(3, 4), nn.Linear(4, 2)
+
+        def forward(self, tokens):
+            h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))  # shared by every example
+            return self.head(h.mean(dim=1))
+
+    model = Positions()
+    ghost = GhostGrads(model)
+    tokens, y = torch.randint(0, 9, (5, 3)), torch.randint(0, 2, (5,))
+    ce(model(tokens), y).backward()
+    with pytest.raises(ValueError, match="without the batch"):
+        ghost.collect()

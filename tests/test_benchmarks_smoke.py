@@ -1,0 +1,42 @@
+"""Smoke runs of the benchmark scripts with ``--quick`` (slow: each spawns Python and times models)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def run_quick(script: str, timeout: float) -> str:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], cwd=BENCHMARKS,
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_grab_overhead_quick_times_both_paths() -> None:
+    out = run_quick("grab_overhead.py", timeout=120)
+    assert "GraB step (mean, sketch_dim=1024)" in out  # the materialised table is still there
+    for row in ("ghost GraB step (mean)", "ghost GraB step (pair)", "vmap GraB step (mean)"):
+        assert row in out
+    for model in ("MLP 64-256-256-10", "LeNet 3x32x32", "Transformer 2L d128 T32"):
+        assert f"{model}, mean:" in out
+    assert "MLP ghost vs vmap (mean):" in out
+
+
+@pytest.mark.slow
+def test_distributed_quick_reports_every_variant() -> None:
+    out = run_quick("distributed.py", timeout=180)
+    assert "d = 9610, sketch k = 1024" in out
+    lines = [line.split() for line in out.splitlines() if line.strip().startswith("2 ")]
+    assert [line[1:-4] for line in lines] == [["ddp+rr"], ["cd-grab", "full"], ["cd-grab", "sketch"],
+                                             ["cd-grab", "sketch,", "1", "pass"]]
+    # analytic bytes per rank at W=2, d=9610, B=16: all-reduce 2·d·4·½; all-gather B·k·4
+    kib = [float(line[-2]) for line in lines]
+    assert kib == [round(9610 * 4 / 1024, 1), round(16 * 9610 * 4 / 1024, 1),
+                   round((9610 * 4 + 16 * 1024 * 4) / 1024, 1), round((9610 * 4 + 16 * 1024 * 4) / 1024, 1)]
