@@ -27,21 +27,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import tempfile
 import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from _common import machine, print_table
+from dataorder.distributed import run_local_group
 
 LOCAL_BATCH = 16
 SKETCH_DIM = 1024
@@ -187,58 +182,13 @@ def timed_runs(rank: int, world: int, steps: int, repeats: int, warmup: int) -> 
     return {"d": d, "seconds_per_step": {name: statistics.median(v) for name, v in samples.items()}}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, steps: int, repeats: int, warmup: int) -> None:
-    torch.set_num_threads(1)
-    path = Path(out_dir) / f"rank{rank}.pt"
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        torch.save({"ok": True, "result": timed_runs(rank, world, steps, repeats, warmup)}, path)
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        torch.save({"ok": False, "error": traceback.format_exc()}, path)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_world(world: int, steps: int, repeats: int, warmup: int, timeout: float) -> dict:
     """Rank 0's timings of every variant in a ``world``-process gloo group; every process is reaped."""
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned processes before torch loads
-    context = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="dataorder-dist-bench-") as out_dir:
-        port = free_port()
-        processes = [context.Process(target=_worker, args=(r, world, port, out_dir, steps, repeats, warmup))
-                     for r in range(world)]
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + timeout
-        try:
-            for process in processes:
-                process.join(max(0.0, deadline - time.monotonic()))
-        finally:
-            hung = [r for r, p in enumerate(processes) if p.is_alive()]
-            for process in processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(5)
-        if hung:
-            raise SystemExit(f"W={world}: ranks {hung} did not finish within {timeout:.0f}s (killed)")
-        results = []
-        for rank, process in enumerate(processes):
-            path = Path(out_dir) / f"rank{rank}.pt"
-            if not path.exists():
-                raise SystemExit(f"W={world}: rank {rank} exited with code {process.exitcode} and wrote no result")
-            payload = torch.load(path, weights_only=False)
-            if not payload["ok"]:
-                raise SystemExit(f"W={world}: rank {rank} failed:\n{payload['error']}")
-            results.append(payload["result"])
-    return results[0]
+    try:
+        return run_local_group(timed_runs, world, steps, repeats, warmup, timeout=timeout)[0]
+    except (RuntimeError, TimeoutError) as error:
+        raise SystemExit(f"W={world}: {error}") from error
 
 
 def main() -> None:

@@ -10,12 +10,19 @@ ranks then hold the identical state and next order without further messages.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["active_world", "check_same_on_all_ranks", "gather_global_batch"]
+__all__ = ["active_world", "check_same_on_all_ranks", "gather_global_batch", "run_local_group"]
 
 
 def active_world() -> int:
@@ -82,3 +89,74 @@ def check_same_on_all_ranks(what: str, **values: Any) -> None:
             dist.all_gather_object(settings, values[name])
             listing = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(settings))
             raise ValueError(f"{what}: {name} differs across ranks ({listing}); every rank must use the same {name}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _group_worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    path = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=60))
+        torch.save({"ok": True, "result": fn(rank, world_size, *args)}, path)
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local_group(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
+                    workdir: str | os.PathLike | None = None) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by a gloo group on 127.0.0.1.
+
+    For tests, benchmarks and trying a distributed loop on one machine. Each process uses
+    one thread. Returns the ranks' results in rank order (``fn`` must be importable and
+    its result picklable). Bounded in time: a rank that hangs past ``timeout`` seconds is
+    killed and ``TimeoutError`` raised; a rank that fails raises ``RuntimeError`` with its
+    traceback. Results travel through files in ``workdir`` (default: a temporary folder).
+
+    Example (a function defined in an importable module, since the processes are spawned)::
+
+        # mymodule.py
+        def world(rank, world_size):
+            return rank, world_size
+
+        run_local_group(mymodule.world, 2)   # -> [(0, 2), (1, 2)]
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="dataorder-group-") as scratch:
+        out_dir = Path(workdir or scratch)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        context = mp.get_context("spawn")
+        port = _free_port()
+        processes = [context.Process(target=_group_worker, args=(r, world_size, port, fn, args, str(out_dir)))
+                     for r in range(world_size)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout)
+        hung = [r for r, p in enumerate(processes) if p.is_alive()]
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        if hung:
+            raise TimeoutError(f"ranks {hung} did not finish within {timeout}s (killed)")
+        results = []
+        for rank, process in enumerate(processes):
+            path = out_dir / f"rank{rank}.pt"
+            if not path.exists():
+                raise RuntimeError(f"rank {rank} exited with code {process.exitcode} and wrote no result")
+            payload = torch.load(path, weights_only=False)
+            if not payload["ok"]:
+                raise RuntimeError(f"rank {rank} failed:\n{payload['error']}")
+            results.append(payload["result"])
+        return results
