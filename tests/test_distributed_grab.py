@@ -129,3 +129,45 @@ def _gathered_by_caller(rank, world_size):
 def test_global_batch_gathered_by_the_caller_gives_the_same_order(tmp_path):
     orders = run_distributed(_gathered_by_caller, 2, tmp_path)
     assert orders[0] == orders[1] == _single_process_reference("pair", 2)
+
+
+def _auto_sketch(rank, world_size):
+    import warnings
+
+    from dataorder.samplers.grab import GraBSampler
+
+    GraBSampler.AUTO_SKETCH_ABOVE, GraBSampler.AUTO_SKETCH_DIM = 4, 3  # a "large" model here: d=6 > 4
+    vectors = _vectors()
+    sampler = GraBSampler(N, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            local = list(sampler)
+            for start in range(0, len(local), LOCAL_BATCH):
+                sampler.step(vectors[local[start:start + LOCAL_BATCH]])
+                if epoch == 1 and start == 0:  # crash and resume with a sampler built as before
+                    state = sampler.state_dict()
+                    sampler = GraBSampler(N, seed=4)
+                    sampler.load_state_dict(state)
+                    sampler.set_epoch(epoch)
+    sampler.set_epoch(2)
+    return sampler.sketch_dim, sampler.global_order().tolist(), [str(w.message) for w in caught]
+
+
+def test_large_models_are_gathered_as_sketches_by_default(tmp_path):
+    from dataorder.samplers.grab import GraBSampler
+
+    results = run_distributed(_auto_sketch, 2, tmp_path)
+    assert all(sketch == 3 for sketch, _, _ in results)
+    assert any("CountSketches of width 3" in message for message in results[0][2])
+    # the same as one process sketching the gathered batches with the same seed
+    vectors = _vectors()
+    reference = GraBSampler(N, seed=4, sketch_dim=3, rank=0, world_size=1)
+    for epoch in range(2):
+        reference.set_epoch(epoch)
+        order = reference.global_order().tolist()
+        for start in range(0, N, 2 * LOCAL_BATCH):
+            reference.step(vectors[order[start:start + 2 * LOCAL_BATCH]])
+    reference.set_epoch(2)
+    assert results[0][1] == results[1][1] == reference.global_order().tolist()

@@ -14,6 +14,7 @@ the gradients of the current epoch (GraB, herding).
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,10 @@ class GradientOrderSampler(IndexSampler):
     """
 
     world_size_independent = True
+    #: Under torch.distributed with ``sketch_dim=None``, gradients wider than this are
+    #: all-gathered as CountSketches of width :attr:`AUTO_SKETCH_DIM` (O(B·k) per rank).
+    AUTO_SKETCH_ABOVE = 1_000_000
+    AUTO_SKETCH_DIM = 4096
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class GradientOrderSampler(IndexSampler):
     ) -> None:
         super().__init__(data, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
         self.sketch_dim = _check_sketch_dim(sketch_dim)
+        self._sketch_auto = sketch_dim is None  # may pick AUTO_SKETCH_DIM for a large model under DDP
         self._order: np.ndarray | None = None  # global order of epoch self._order_epoch
         self._order_epoch: int | None = None
         self._visited = 0  # positions of that order already stepped
@@ -125,8 +131,15 @@ class GradientOrderSampler(IndexSampler):
         global batch, e.g. from :func:`dataorder.distributed.gather_global_batch` when the
         gathered rows also serve as the data-parallel gradient.
         """
-        rows, dim = self._as_rows(grads)
         distributed = self.world_size > 1 and active_world() > 1
+        if distributed and self._sketch_auto and self._dim is None and self.sketch_dim is None:
+            width = _width(grads)
+            if width > self.AUTO_SKETCH_ABOVE:
+                self.sketch_dim = self.AUTO_SKETCH_DIM
+                warnings.warn(f"{type(self).__name__}: d={width} > {self.AUTO_SKETCH_ABOVE:,}, so per-example "
+                              f"gradients are all-gathered as CountSketches of width {self.sketch_dim}; pass "
+                              "sketch_dim explicitly to choose", stacklevel=2)
+        rows, dim = self._as_rows(grads)
         if distributed and self._dim is None:
             self._check_ranks_agree(rows.shape[0], dim)
         if distributed and not global_batch:
@@ -224,6 +237,7 @@ class GradientOrderSampler(IndexSampler):
     def _extra_state(self) -> dict[str, Any]:
         state = {
             "sketch_dim": self.sketch_dim,
+            "sketch_auto": self._sketch_auto and self.sketch_dim is not None,
             "order_epoch": self._order_epoch,
             "order": None if self._order is None else torch.from_numpy(self._order.astype(np.int64)),
             "visited": self._visited,
@@ -238,7 +252,8 @@ class GradientOrderSampler(IndexSampler):
         missing = {"sketch_dim", "order_epoch", "order", "visited", "dim", "dtype"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; pass a dict from {name}.state_dict()")
-        if state["sketch_dim"] != self.sketch_dim:
+        adopted = self._sketch_auto and state.get("sketch_auto", False)  # chosen at a first distributed step
+        if state["sketch_dim"] != self.sketch_dim and not adopted:
             raise ValueError(f"state was saved with sketch_dim={state['sketch_dim']}; construct the sampler with it")
         order = state["order"]
         if order is None:
@@ -254,11 +269,14 @@ class GradientOrderSampler(IndexSampler):
                 raise ValueError(f"state's visited={state['visited']} is not in [0, {self.n}]")
         if state["dtype"] not in (None, "float32", "float64"):
             raise ValueError(f"state's dtype={state['dtype']!r} is not float32 or float64")
-        k = None if state["dim"] is None else (self.sketch_dim or state["dim"])
+        sketch_dim = state["sketch_dim"] if adopted else self.sketch_dim
+        k = None if state["dim"] is None else (sketch_dim or state["dim"])
         self._check_rule_state(state, k)
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         order = state["order"]
+        if state.get("sketch_auto", False):
+            self.sketch_dim = state["sketch_dim"]
         self._order = None if order is None else np.asarray(order, dtype=np.int64).copy()
         self._order_epoch = None if state["order_epoch"] is None else int(state["order_epoch"])
         self._visited = int(state["visited"])
@@ -619,6 +637,15 @@ def _check(ok: bool) -> None:
             "grads contain NaN or inf (or overflow when multiplied): fix the loss, or skip this batch's "
             "step; the sampler was left unchanged"
         )
+
+
+def _width(grads: Any) -> int:
+    """``d`` of a (B, d) tensor or of torch.func's dict of per-example gradients (0 if neither)."""
+    if isinstance(grads, Tensor):
+        return int(grads.shape[-1]) if grads.dim() else 0
+    if isinstance(grads, Mapping):
+        return sum(int(v[0].numel()) for v in grads.values() if isinstance(v, Tensor) and v.dim())
+    return 0
 
 
 def _finite(products: np.ndarray) -> np.ndarray:
