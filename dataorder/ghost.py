@@ -96,19 +96,13 @@ class _LinearFactors:
             total = total + self.d.sum(dim=1).square().sum(dim=1)
         return total
 
-    def dots(self, vectors: Vector) -> torch.Tensor:
-        """(N, B) products with N stacked vectors (name -> (N, *shape)), one batched product per parameter."""
+    def dot(self, vector: Vector) -> torch.Tensor:
         total = 0.0
         if self.weight:
-            stacked = vectors[self.weight]
-            count, (batch, steps, inputs), outputs = len(stacked), self.a.shape, self.d.shape[2]
-            # one GEMM for all N vectors: (B·T, O) @ (O, N·I)
-            w = stacked.reshape(count, outputs, inputs).to(self.d.dtype).transpose(0, 1).reshape(outputs, -1)
-            projected = (self.d.reshape(-1, outputs) @ w).reshape(batch, steps, count, inputs)
-            total = (projected * self.a.unsqueeze(2)).sum(dim=(1, 3)).T
+            w = vector[self.weight].reshape(self.d.shape[2], self.a.shape[2]).to(self.d.dtype)
+            total = ((self.d @ w) * self.a).sum(dim=(1, 2))
         if self.bias:
-            bias = vectors[self.bias]
-            total = total + (self.d.sum(dim=1) @ bias.reshape(len(bias), -1).to(self.d.dtype).T).T
+            total = total + self.d.sum(dim=1) @ vector[self.bias].to(self.d.dtype)
         return total
 
     def select(self, rows: torch.Tensor) -> "_LinearFactors":
@@ -164,9 +158,8 @@ class _EmbeddingFactors:
         same = (self.idx[:, :, None] == self.idx[:, None, :]).to(self.d.dtype)
         return (same * (self.d @ self.d.transpose(1, 2))).sum(dim=(1, 2))
 
-    def dots(self, vectors: Vector) -> torch.Tensor:
-        table = vectors[self.weight].to(self.d.dtype)  # (N, rows, E)
-        return (table[:, self.idx] * self.d.unsqueeze(0)).sum(dim=(2, 3))
+    def dot(self, vector: Vector) -> torch.Tensor:
+        return (vector[self.weight].to(self.d.dtype)[self.idx] * self.d).sum(dim=(1, 2))
 
     def select(self, rows: torch.Tensor) -> "_EmbeddingFactors":
         return _EmbeddingFactors(self.weight, self.idx[rows], self.d[rows], self.num_embeddings)
@@ -203,9 +196,8 @@ class _DenseFactors:
     def sq_norms(self) -> torch.Tensor:
         return self._flat().square().sum(dim=1)
 
-    def dots(self, vectors: Vector) -> torch.Tensor:
-        return sum((vectors[name].reshape(len(vectors[name]), -1).to(g.dtype) @ g.reshape(len(g), -1).T)
-                   for name, g in self.grads.items())
+    def dot(self, vector: Vector) -> torch.Tensor:
+        return sum((g.reshape(len(g), -1) @ vector[name].reshape(-1).to(g.dtype)) for name, g in self.grads.items())
 
     def select(self, rows: torch.Tensor) -> "_DenseFactors":
         return _DenseFactors({name: g[rows] for name, g in self.grads.items()})
@@ -359,13 +351,9 @@ class GhostBatch:
         """(B,) squared norms ``||g_j||^2``: the Gram's diagonal, without the off-diagonal work."""
         return sum(f.sq_norms() for f in self._factors)
 
-    def dots(self, vectors: Sequence[Vector] | torch.Tensor) -> torch.Tensor:
-        """(N, B): ``<v, g_j>`` for each of N vectors: parameter-shaped dicts, or a flat (N, d) tensor."""
-        if isinstance(vectors, torch.Tensor):
-            stacked = self.unflatten(vectors)
-        else:
-            stacked = {name: torch.stack([v[name] for v in vectors]) for name in self.names}
-        return sum(f.dots(stacked) for f in self._factors)
+    def dots(self, vectors: Sequence[Vector]) -> torch.Tensor:
+        """(len(vectors), B): ``<v, g_j>`` for each parameter-shaped vector ``v``."""
+        return torch.stack([sum(f.dot(v) for f in self._factors) for v in vectors])
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """``sum_j weights[j] * g_j`` as a dict of parameter-shaped tensors."""

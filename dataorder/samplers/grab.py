@@ -336,7 +336,8 @@ class _MeanRule:
         if plan.replace is not None:
             self.sums, self.next_sum = (plan.replace[name].to(rows.device) for name in ("sums", "next_sum"))
             return
-        plan.rows.add_weighted_to(self.sums, plan.weights, total_into=self.next_sum)
+        plan.rows.add_weighted_to(self.sums, plan.weights)
+        self.next_sum.add_(rows.total().to(self.next_sum.dtype))
 
     def end_epoch(self, visited: int) -> None:
         if visited:

@@ -1,8 +1,8 @@
 """A batch of per-example vectors as the balancing rules see it: dense, or ghost factors.
 
 The GraB rules need five things of a batch of vectors ``c_j``: ``[S; C] @ C.T`` (the
-products with the running sums and the Gram, one host transfer), ``S += W @ C``, the
-plain sum of the uncentred vectors, centring by a mean, and (for pair balance) a dense copy of a trailing row and a
+products with the running sums and the Gram, one host transfer), ``S += W @ C``, their
+plain sum, centring by a mean, and (for pair balance) a dense copy of a trailing row and a
 dense row put in front. :class:`DenseRows` does these on a ``(B, k)`` tensor with the
 kernels of :mod:`dataorder.samplers.balance`; :class:`GhostRows` does them from a
 :class:`dataorder.ghost.GhostBatch`, never materialising the batch's ``B × d`` gradients.
@@ -32,9 +32,8 @@ class DenseRows:
     [3.0, 3.0]
     """
 
-    def __init__(self, rows: Tensor, raw: Tensor | None = None) -> None:
+    def __init__(self, rows: Tensor) -> None:
         self.rows = rows
-        self.raw = rows if raw is None else raw  # the rows before centring
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,23 +50,20 @@ class DenseRows:
     def products(self, sums: Tensor) -> np.ndarray:
         return balance_products(self.rows, sums)
 
-    def add_weighted_to(self, sums: Tensor, weights: np.ndarray, total_into: Tensor | None = None) -> None:
+    def add_weighted_to(self, sums: Tensor, weights: np.ndarray) -> None:
         apply_signs(sums, self.rows, weights)
-        if total_into is not None:
-            total_into.add_(self.total().to(total_into.dtype))
 
     def total(self) -> Tensor:
-        return self.raw.sum(0)
+        return self.rows.sum(0)
 
     def centred(self, mean: Tensor) -> DenseRows:
-        return DenseRows(self.rows - mean.to(self.rows.device), raw=self.rows)
+        return DenseRows(self.rows - mean.to(self.rows.device))
 
     def tail(self, start: int) -> Tensor:
         return self.rows[start:].clone()
 
     def prepend(self, dense: Tensor) -> DenseRows:
-        dense = dense.to(self.rows.device)
-        return DenseRows(torch.cat([dense, self.rows]), raw=torch.cat([dense.to(self.raw.dtype), self.raw]))
+        return DenseRows(torch.cat([dense.to(self.rows.device), self.rows]))
 
 
 class GhostRows:
@@ -100,7 +96,7 @@ class GhostRows:
         sums = sums.to(self.device, torch.float32)
         prefix = self.prefix.to(self.device, torch.float32)
         vectors = torch.cat([sums, prefix] + ([self.mean[None].float()] if self.mean is not None else []))
-        dots = self.batch.dots(vectors)  # (N + p [+1], B)
+        dots = self.batch.dots([self.batch.unflatten(v) for v in vectors])  # (N + p [+1], B)
         gram = self.batch.gram()
         count, width = len(sums), len(prefix)
         with_sums, with_prefix = dots[:count], dots[count:count + width]
@@ -116,27 +112,22 @@ class GhostRows:
         products = torch.cat([top, prefix_rows, ghost_rows])
         return products.to("cpu", torch.float64).numpy()
 
-    def add_weighted_to(self, sums: Tensor, weights: np.ndarray, total_into: Tensor | None = None) -> None:
-        """``sums += weights @ rows``; with ``total_into``, also add :meth:`total` to it in the same product."""
+    def add_weighted_to(self, sums: Tensor, weights: np.ndarray) -> None:
         matrix = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=self.device)
-        width, count = len(self.prefix), len(matrix)
-        ghost_weights = matrix[:, width:]
-        if total_into is not None:  # one more row of ones: the plain sum rides along
-            ghost_weights = torch.cat([ghost_weights, torch.ones(1, self.batch.batch_size, device=self.device)])
-        products = self.batch.weighted_sums(ghost_weights)
-        update = products[:count]
+        width = len(self.prefix)
+        update = self.batch.weighted_sums(matrix[:, width:])
         if width:
             update = update + matrix[:, :width] @ self.prefix.to(self.device, torch.float32)
         if self.mean is not None:
             update = update - matrix[:, width:].sum(1, keepdim=True) * self.mean.float()[None]
         sums.add_(update.to(sums.dtype))
-        if total_into is not None:
-            total_into.add_((products[count] + self.prefix.float().sum(0)).to(total_into.dtype))
 
     def total(self) -> Tensor:
-        """The plain sum of the rows as given, before any centring."""
         ones = torch.ones(1, self.batch.batch_size, device=self.device)
-        return self.batch.weighted_sums(ones)[0] + self.prefix.float().sum(0)
+        total = self.batch.weighted_sums(ones)[0] + self.prefix.float().sum(0)
+        if self.mean is not None:
+            total = total - self.batch.batch_size * self.mean.float()
+        return total
 
     def centred(self, mean: Tensor) -> GhostRows:
         if self.mean is not None or len(self.prefix):
