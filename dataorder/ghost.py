@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,16 +120,6 @@ class _LinearFactors:
             out[self.bias] = scaled.sum(dim=(1, 2))
         return out
 
-    def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
-        scaled = self.d * weights[:, None, None]
-        if self.weight:
-            flat = scaled.reshape(-1, scaled.shape[2]).T @ self.a.reshape(-1, self.a.shape[2])
-            out[self.weight] = flat.reshape(self.weight_shape)
-        if self.bias:
-            out[self.bias] = scaled.sum(dim=(0, 1))
-        return out
-
     def materialize(self) -> dict[str, torch.Tensor]:
         out = {}
         if self.weight:
@@ -165,12 +155,10 @@ class _EmbeddingFactors:
         return _EmbeddingFactors(self.weight, self.idx[rows], self.d[rows], self.num_embeddings)
 
     def weighted_sums(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {self.weight: torch.stack([self.weighted_sum(w)[self.weight] for w in weights])}
-
-    def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows = (self.d * weights[:, None, None]).reshape(-1, self.d.shape[2])
-        table = torch.zeros(self.num_embeddings, self.d.shape[2], dtype=self.d.dtype, device=self.d.device)
-        return {self.weight: table.index_add_(0, self.idx.reshape(-1), rows)}
+        width = self.d.shape[2]
+        rows = (weights[:, :, None, None] * self.d[None]).reshape(len(weights), -1, width)  # (N, B·T, E)
+        table = torch.zeros(len(weights), self.num_embeddings, width, dtype=self.d.dtype, device=self.d.device)
+        return {self.weight: table.index_add_(1, self.idx.reshape(-1), rows)}
 
     def materialize(self) -> dict[str, torch.Tensor]:
         batch = len(self.idx)
@@ -203,9 +191,6 @@ class _DenseFactors:
         return _DenseFactors({name: g[rows] for name, g in self.grads.items()})
 
     def weighted_sums(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: torch.tensordot(weights, g, dims=1) for name, g in self.grads.items()}
-
-    def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: torch.tensordot(weights, g, dims=1) for name, g in self.grads.items()}
 
     def materialize(self) -> dict[str, torch.Tensor]:
@@ -298,6 +283,15 @@ def _exact_rule(module: nn.Module) -> Callable | None:
     return rule
 
 
+def _add_parts(parts: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Sum dicts of parameter-shaped pieces key by key (a parameter may come from several factors)."""
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for name, value in part.items():
+            out[name] = out[name] + value if name in out else value
+    return out
+
+
 class GhostBatch:
     """Per-example gradient factors of one backward pass (one micro-batch).
 
@@ -334,14 +328,13 @@ class GhostBatch:
         """Concatenate parameter-shaped ``parts`` (each ``(lead, *shape)``) into ``(lead, d)``."""
         return torch.cat([parts[name].reshape(lead, -1) for name in self.names], dim=1)
 
+    def _weighted_parts(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        weights = weights.to(dtype=torch.float32)
+        return _add_parts(f.weighted_sums(weights.to(self._device(f))) for f in self._factors)
+
     def weighted_sums(self, weights: torch.Tensor) -> torch.Tensor:
         """``weights`` (N, B) -> (N, d): ``sum_j weights[v, j] * g_j`` for each row ``v``, flat."""
-        weights = weights.to(dtype=torch.float32)
-        out: dict[str, torch.Tensor] = {}
-        for factor in self._factors:
-            for name, value in factor.weighted_sums(weights.to(self._device(factor))).items():
-                out[name] = out[name] + value if name in out else value
-        return self.flatten(out, len(weights))
+        return self.flatten(self._weighted_parts(weights), len(weights))
 
     def gram(self) -> torch.Tensor:
         """(B, B) Gram matrix ``<g_i, g_j>`` of the per-example gradients."""
@@ -357,20 +350,11 @@ class GhostBatch:
 
     def weighted_sum(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """``sum_j weights[j] * g_j`` as a dict of parameter-shaped tensors."""
-        weights = weights.to(dtype=torch.float32)
-        out: dict[str, torch.Tensor] = {}
-        for factor in self._factors:
-            for name, value in factor.weighted_sum(weights.to(self._device(factor))).items():
-                out[name] = out[name] + value if name in out else value
-        return out
+        return {name: value[0] for name, value in self._weighted_parts(weights[None]).items()}
 
     def materialize(self) -> torch.Tensor:
         """(B, d) per-example gradients in ``named_parameters()`` order (for tests and debugging)."""
-        parts: dict[str, torch.Tensor] = {}
-        for factor in self._factors:
-            for name, value in factor.materialize().items():
-                parts[name] = parts[name] + value if name in parts else value
-        return torch.cat([parts[name].reshape(self.batch_size, -1) for name in self.names], dim=1)
+        return self.flatten(_add_parts(f.materialize() for f in self._factors), self.batch_size)
 
     @staticmethod
     def _device(factor) -> torch.device:
