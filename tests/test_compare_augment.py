@@ -67,8 +67,9 @@ def test_train_run_with_augmentation_is_reproducible_and_differs_from_plain():
 
 def test_compare_cli_runs_both_augmentations(capsys):
     assert main(["compare", "--orders", "rr", "--augment", "qmc,iid", "--epochs", "1", "--seeds", "1"]) == 0
-    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
-    assert rows == ["rr/qmc", "rr/iid"]
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split()[0] for line in lines] == ["rr/qmc", "rr/iid"]
+    assert [line.split()[4] for line in lines] == ["1.000", "1.000"]  # each against rr with its own augmentation
 
 
 def test_compare_cli_rejects_unknown_augmentation(capsys):

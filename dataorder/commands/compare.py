@@ -86,12 +86,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def print_table(results: dict) -> None:
-    """One row per ordering: final full-train loss (mean ± std), ratio to rr, test accuracy."""
-    baseline = statistics.fmean(r.final_train_loss for r in results["rr"]) if "rr" in results else None
+    """One row per ordering: final full-train loss (mean ± std), ratio to rr, test accuracy.
+
+    A row ``ORDER/AUGMENT`` is compared with ``rr/AUGMENT`` (the same augmentation).
+    """
     print(f"{'ordering':<10} {'final train loss':>22} {'vs rr':>7} {'test acc':>16}")
     for name, runs in results.items():
         loss, loss_std = _mean_std([r.final_train_loss for r in runs])
         acc, acc_std = _mean_std([r.test_accuracy for r in runs])
+        suffix = name.partition("/")[2]
+        reference = results.get(f"rr/{suffix}" if suffix else "rr")
+        baseline = statistics.fmean(r.final_train_loss for r in reference) if reference else None
         ratio = f"{loss / baseline:7.3f}" if baseline else f"{'-':>7}"
         print(f"{name:<10} {loss:>12.5f} ± {loss_std:<7.5f} {ratio} {acc:>8.4f} ± {acc_std:.4f}")
 
