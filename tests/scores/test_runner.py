@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from dataorder.distributed import _free_port as free_port
 from dataorder.models import build_model
 from dataorder.scores import functional, load_scores, runner
 from dataorder.scores.io import read_metadata
@@ -211,12 +211,6 @@ def two_outputs(in_shape, num_classes):  # a model factory for the test above
     return nn.Linear(in_shape[0], 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_split_the_runs_and_rank_zero_writes_the_merged_result(tmp_path):
@@ -224,7 +218,7 @@ def test_two_ranks_split_the_runs_and_rank_zero_writes_the_merged_result(tmp_pat
     np.savez(tmp_path / "toy.npz", x=x.numpy(), label=y.numpy())
     args = ["--data", str(tmp_path / "toy.npz"), "--model", "logreg", "--scores", "el2n,aum", "--runs", "3",
             "--epochs", "2", "--score-epoch", "1", "--batch-size", "16", "--lr", "0.1", "--no-progress"]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
     processes = [
         subprocess.Popen([sys.executable, "-m", "dataorder", "score", *args, "--out", str(tmp_path / "dist")],
