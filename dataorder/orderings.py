@@ -103,16 +103,17 @@ class GradientOrdering(Ordering):
         return out.losses.mean()
 
 
-#: name -> factory of an :class:`Ordering`.
-ORDERINGS: dict[str, Callable[[], Ordering]] = {
-    "rr": lambda: SamplerOrdering("rr", RandomReshuffling),
-    "so": lambda: SamplerOrdering("so", ShuffleOnce),
-    "wr": lambda: SamplerOrdering("wr", WithReplacement),
-    "flipflop": lambda: SamplerOrdering("flipflop", FlipFlop),
-    "grab": lambda: GradientOrdering("grab", balance="mean"),
-    "pair": lambda: GradientOrdering("pair", balance="pair"),
-    "recursive": lambda: GradientOrdering("recursive", balance="recursive"),
-    "herding": lambda: GradientOrdering("herding", sketch_dim=1024),
+#: name -> factory of an :class:`Ordering`, called with ``grads`` ("ghost" or "vmap"), the
+#: gradient path of the orderings that learn from gradients (the others ignore it).
+ORDERINGS: dict[str, Callable[[str], Ordering]] = {
+    "rr": lambda grads: SamplerOrdering("rr", RandomReshuffling),
+    "so": lambda grads: SamplerOrdering("so", ShuffleOnce),
+    "wr": lambda grads: SamplerOrdering("wr", WithReplacement),
+    "flipflop": lambda grads: SamplerOrdering("flipflop", FlipFlop),
+    "grab": lambda grads: GradientOrdering("grab", balance="mean", grads=grads),
+    "pair": lambda grads: GradientOrdering("pair", balance="pair", grads=grads),
+    "recursive": lambda grads: GradientOrdering("recursive", balance="recursive", grads=grads),
+    "herding": lambda grads: GradientOrdering("herding", sketch_dim=1024, grads=grads),
 }
 
 
@@ -124,8 +125,4 @@ def make_ordering(name: str, *, grads: str = "ghost") -> Ordering:
     """
     if name not in ORDERINGS:
         raise ValueError(f"unknown ordering {name!r}; choose from {', '.join(ORDERINGS)}")
-    ordering = ORDERINGS[name]()
-    if isinstance(ordering, GradientOrdering):
-        ordering = GradientOrdering(ordering.name, balance=ordering.balance, depth=ordering.depth,
-                                    sketch_dim=ordering.sketch_dim, sketch_above=ordering.sketch_above, grads=grads)
-    return ordering
+    return ORDERINGS[name](grads)
