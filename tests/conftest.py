@@ -10,3 +10,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path / "out"
+
+
+@pytest.fixture(params=["auto", "factored", "dense"])
+def ghost_form(request, monkeypatch):
+    """Run a ghost test with each layer's form as chosen, all factored, or all dense.
+
+    "dense" also takes the shifted-view path for convolutions instead of unfold.
+    """
+    from dataorder.ghost import factors
+
+    if request.param != "auto":
+        monkeypatch.setattr(factors, "_dense_is_cheaper", lambda *costs: request.param == "dense")
+    if request.param == "dense":
+        monkeypatch.setattr(factors, "_SHIFTED_MIN_VALUES", 0)
+    return request.param

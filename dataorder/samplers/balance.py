@@ -212,7 +212,7 @@ def apply_signs(sums: Tensor, rows: Tensor, weights: np.ndarray) -> None:
     [[-2.0, -2.0]]
     """
     matrix = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(device=rows.device, dtype=sums.dtype)
-    sums.add_(matrix @ rows.to(sums.dtype))
+    sums.addmm_(matrix, rows.to(sums.dtype))
 
 
 # -- fused host path (CPU rows) --------------------------------------------------------------

@@ -304,22 +304,33 @@ def _dense_cpu(rows: Any) -> Tensor | None:
 
 
 class _MeanRule:
-    """Mean balance (``depth=0``) or recursive balance: centred by the stale mean, tree of sums."""
+    """Mean balance (``depth=0``) or recursive balance: centred by the stale mean, tree of sums.
+
+    The running sums and the next epoch's sum live in one ``(nodes + 1, k)`` buffer, so one
+    weighted product per step updates both (signs for the sums, ones for the next sum).
+    """
 
     def __init__(self, k: int, dtype: torch.dtype, device: torch.device, depth: int) -> None:
         self.depth = depth
-        self.sums = torch.zeros(tree_size(depth), k, dtype=dtype, device=device)
         self.mean = torch.zeros(k, dtype=dtype, device=device)
-        self.next_sum = torch.zeros(k, dtype=dtype, device=device)
+        self.acc = torch.zeros(tree_size(depth) + 1, k, dtype=dtype, device=device)
+
+    @property
+    def sums(self) -> Tensor:
+        return self.acc[:-1]
+
+    @property
+    def next_sum(self) -> Tensor:
+        return self.acc[-1]
 
     def plan(self, rows: Any, fused: bool) -> _Plan:
         dense = _dense_cpu(rows) if fused else None
-        if dense is not None:  # one pass over the rows, on copies of the sums
-            sums, next_sum = self.sums.cpu().clone(), self.next_sum.cpu().clone()
-            paths, ok = tree_balance_rows(dense.numpy(), self.mean.cpu().to(dense.dtype).numpy(), sums.numpy(),
-                                          next_sum.numpy(), self.depth)
+        if dense is not None:  # one pass over the rows, on a copy of the sums
+            acc = self.acc.cpu().clone()
+            paths, ok = tree_balance_rows(dense.numpy(), self.mean.cpu().to(dense.dtype).numpy(), acc[:-1].numpy(),
+                                          acc[-1].numpy(), self.depth)
             _check(ok)
-            return _Plan(tree_buckets(paths).astype(np.int16), 0, replace={"sums": sums, "next_sum": next_sum})
+            return _Plan(tree_buckets(paths).astype(np.int16), 0, replace={"acc": acc})
         centred = rows.centred(self.mean)
         products = _finite(centred.products(self.sums.to(rows.device)))
         nodes = self.sums.shape[0]
@@ -334,22 +345,27 @@ class _MeanRule:
     def commit(self, rows: Any, plan: _Plan) -> None:
         self.to(rows.device)
         if plan.replace is not None:
-            self.sums, self.next_sum = (plan.replace[name].to(rows.device) for name in ("sums", "next_sum"))
+            self.acc = plan.replace["acc"].to(rows.device)
             return
-        plan.rows.add_weighted_to(self.sums, plan.weights)
-        self.next_sum.add_(rows.total().to(self.next_sum.dtype))
+        size = plan.rows.shape[0]
+        # the last row of weights adds the centred rows' plain sum into the next epoch's sum
+        plan.rows.add_weighted_to(self.acc, np.vstack([plan.weights, np.ones((1, size))]))
+        self.next_sum.add_(self.mean, alpha=size)  # sum of g = sum of (g - mean) + size * mean
 
     def end_epoch(self, visited: int) -> None:
         if visited:
             self.mean = self.next_sum / visited
-        self.next_sum.zero_()
-        self.sums.zero_()
+        self.acc.zero_()
 
     def tensors(self) -> dict[str, Tensor]:
         return {"sums": self.sums, "mean": self.mean, "next_sum": self.next_sum}
 
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        self.mean = tensors["mean"].detach().clone()
+        self.acc = torch.cat([tensors["sums"], tensors["next_sum"][None]]).detach().clone()
+
     def to(self, device: torch.device) -> None:
-        self.sums, self.mean, self.next_sum = (t.to(device) for t in (self.sums, self.mean, self.next_sum))
+        self.mean, self.acc = self.mean.to(device), self.acc.to(device)
 
 
 class _PairRule:
@@ -390,6 +406,9 @@ class _PairRule:
 
     def tensors(self) -> dict[str, Tensor]:
         return {"sums": self.sums, "pending": self.pending}
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        self.sums, self.pending = (tensors[name].detach().clone() for name in ("sums", "pending"))
 
     def to(self, device: torch.device) -> None:
         self.sums, self.pending = self.sums.to(device), self.pending.to(device)
@@ -620,8 +639,7 @@ class GraBSampler(GradientOrderSampler):
         else:
             first = tensors["sums"]
             rule = self._new_rule(first.shape[1], first.dtype, first.device)
-            for name, value in tensors.items():
-                setattr(rule, name, value.detach().clone())
+            rule.load(tensors)
             self._rule = rule
         self._buckets = np.zeros(self.n, dtype=np.int16)
         buckets = np.asarray(state["buckets"], dtype=np.int16)

@@ -1,12 +1,12 @@
 """A batch of per-example vectors as the balancing rules see it: dense, or ghost factors.
 
-The GraB rules need five things of a batch of vectors ``c_j``: ``[S; C] @ C.T`` (the
-products with the running sums and the Gram, one host transfer), ``S += W @ C``, their
-plain sum, centring by a mean, and (for pair balance) a dense copy of a trailing row and a
-dense row put in front. :class:`DenseRows` does these on a ``(B, k)`` tensor with the
-kernels of :mod:`dataorder.samplers.balance`; :class:`GhostRows` does them from a
-:class:`dataorder.ghost.GhostBatch`, never materialising the batch's ``B × d`` gradients.
-Both give the same numbers, so the rules cannot tell them apart.
+The GraB rules need four things of a batch of vectors ``c_j``: ``[S; C] @ C.T`` (the
+products with the running sums and the Gram, one host transfer), ``T += W @ C`` into a
+few flat vectors at once, centring by a mean, and (for pair balance) a dense copy of a
+trailing row and a dense row put in front. :class:`DenseRows` does these on a ``(B, k)``
+tensor with the kernels of :mod:`dataorder.samplers.balance`; :class:`GhostRows` does them
+from a :class:`dataorder.ghost.GhostBatch`, never materialising the batch's ``B × d``
+gradients. Both give the same numbers, so the rules cannot tell them apart.
 
 >>> import torch
 >>> rows = DenseRows(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
@@ -28,8 +28,10 @@ __all__ = ["DenseRows", "GhostRows"]
 class DenseRows:
     """Rows held as a ``(B, k)`` tensor.
 
-    >>> DenseRows(torch.ones(3, 2)).total().tolist()
-    [3.0, 3.0]
+    >>> targets = torch.zeros(2, 2)
+    >>> DenseRows(torch.ones(3, 2)).add_weighted_to(targets, np.array([[1, -1, 1], [1, 1, 1]]))
+    >>> targets.tolist()
+    [[1.0, 1.0], [3.0, 3.0]]
     """
 
     def __init__(self, rows: Tensor) -> None:
@@ -50,11 +52,9 @@ class DenseRows:
     def products(self, sums: Tensor) -> np.ndarray:
         return balance_products(self.rows, sums)
 
-    def add_weighted_to(self, sums: Tensor, weights: np.ndarray) -> None:
-        apply_signs(sums, self.rows, weights)
-
-    def total(self) -> Tensor:
-        return self.rows.sum(0)
+    def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
+        """``targets += weights @ rows`` in place (``targets`` ``(N, k)``, ``weights`` ``(N, B)``)."""
+        apply_signs(targets, self.rows, weights)
 
     def centred(self, mean: Tensor) -> DenseRows:
         return DenseRows(self.rows - mean.to(self.rows.device))
@@ -77,8 +77,7 @@ class GhostRows:
     def __init__(self, batch, mean: Tensor | None = None, prefix: Tensor | None = None) -> None:
         self.batch = batch
         self.mean = mean
-        dim = batch.dim
-        self.prefix = prefix if prefix is not None else torch.zeros(0, dim, device=batch.device)
+        self.prefix = prefix if prefix is not None else torch.zeros(0, batch.dim, device=batch.device)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,41 +92,34 @@ class GhostRows:
         return torch.float32  # ghost products are formed in float32 whatever the model's dtype
 
     def products(self, sums: Tensor) -> np.ndarray:
-        sums = sums.to(self.device, torch.float32)
-        prefix = self.prefix.to(self.device, torch.float32)
-        vectors = torch.cat([sums, prefix] + ([self.mean[None].float()] if self.mean is not None else []))
-        dots = self.batch.dots([self.batch.unflatten(v) for v in vectors])  # (N + p [+1], B)
-        gram = self.batch.gram()
-        count, width = len(sums), len(prefix)
+        # device: the products of every dense vector (sums, prefix, mean) with the ghost rows and
+        # with each other, and the Gram; host (float64): centring and assembly, on small arrays
+        dense = [sums, self.prefix] + ([self.mean[None]] if self.mean is not None else [])
+        vectors = torch.cat([v.to(self.device, torch.float32) for v in dense])
+        dots, gram, pairs = self.batch.dots(vectors), self.batch.gram(), vectors @ vectors.T
+        packed = torch.cat([dots.reshape(-1), gram.reshape(-1), pairs.reshape(-1)]).to("cpu", torch.float64)
+        count, width, size, total = len(sums), len(self.prefix), self.batch.batch_size, len(vectors)
+        dots, gram, pairs = np.split(packed.numpy(), [total * size, total * size + size * size])
+        dots, gram, pairs = dots.reshape(total, size), gram.reshape(size, size), pairs.reshape(total, total)
         with_sums, with_prefix = dots[:count], dots[count:count + width]
-        if self.mean is not None:
-            mean = self.mean.float()
-            with_mean = dots[-1]  # <m, g_j>
-            with_sums = with_sums - (sums @ mean)[:, None]
-            with_prefix = with_prefix - (prefix @ mean)[:, None]
-            gram = gram - with_mean[:, None] - with_mean[None, :] + mean @ mean
-        top = torch.cat([sums @ prefix.T, with_sums], dim=1)  # <S_v, row>
-        prefix_rows = torch.cat([prefix @ prefix.T, with_prefix], dim=1)
-        ghost_rows = torch.cat([with_prefix.T, gram], dim=1)
-        products = torch.cat([top, prefix_rows, ghost_rows])
-        return products.to("cpu", torch.float64).numpy()
+        if self.mean is not None:  # <v, g - m> = <v, g> - <v, m>; <g_i - m, g_j - m> likewise
+            with_mean = dots[-1]
+            with_sums = with_sums - pairs[:count, -1:]
+            with_prefix = with_prefix - pairs[count:count + width, -1:]
+            gram = gram - with_mean[:, None] - with_mean[None, :] + pairs[-1, -1]
+        top = np.hstack([pairs[:count, count:count + width], with_sums])
+        prefix_rows = np.hstack([pairs[count:count + width, count:count + width], with_prefix])
+        return np.vstack([top, prefix_rows, np.hstack([with_prefix.T, gram])])
 
-    def add_weighted_to(self, sums: Tensor, weights: np.ndarray) -> None:
-        matrix = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=self.device)
+    def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
+        """``targets += weights @ rows`` in place, without forming the rows (``targets`` float32)."""
+        matrix = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(self.device)
         width = len(self.prefix)
-        update = self.batch.weighted_sums(matrix[:, width:])
+        self.batch.add_weighted_(targets, matrix[:, width:])
         if width:
-            update = update + matrix[:, :width] @ self.prefix.to(self.device, torch.float32)
+            targets.addmm_(matrix[:, :width], self.prefix.to(self.device, torch.float32))
         if self.mean is not None:
-            update = update - matrix[:, width:].sum(1, keepdim=True) * self.mean.float()[None]
-        sums.add_(update.to(sums.dtype))
-
-    def total(self) -> Tensor:
-        ones = torch.ones(1, self.batch.batch_size, device=self.device)
-        total = self.batch.weighted_sums(ones)[0] + self.prefix.float().sum(0)
-        if self.mean is not None:
-            total = total - self.batch.batch_size * self.mean.float()
-        return total
+            targets.addr_(matrix[:, width:].sum(1), self.mean.to(self.device, torch.float32), alpha=-1.0)
 
     def centred(self, mean: Tensor) -> GhostRows:
         if self.mean is not None or len(self.prefix):

@@ -81,7 +81,7 @@ def assert_same_state(ghost, materialised):
 
 @pytest.mark.parametrize("balance", ["mean", "pair", "recursive"])
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_ghost_equals_materialised(model_name, balance):
+def test_ghost_equals_materialised(model_name, balance, ghost_form):
     ghost, materialised = run_both(model_name, balance)
     assert_same_state(ghost, materialised)
     ghost.set_epoch(3), materialised.set_epoch(3)

@@ -38,7 +38,6 @@ def test_ghost_rows_match_dense_rows(centre, prefix_rows):
     ghost.add_weighted_to(ghost_sums, weights)
     dense.add_weighted_to(dense_sums, weights)
     assert torch.allclose(ghost_sums, dense_sums, atol=1e-4)
-    assert torch.allclose(ghost.total(), dense.total(), atol=1e-4)
     for start in range(dense.shape[0] + 1):
         assert torch.allclose(ghost.tail(start), dense.tail(start), atol=1e-5)
 

@@ -1,0 +1,42 @@
+"""Ghost per-example gradients: inner products of per-example gradients without materialising them.
+
+Gradient balancing needs only inner products of per-example gradients: the batch Gram
+``<g_i, g_j>``, products ``<v, g_j>`` with a few parameter-shaped vectors (the running sum,
+the stale mean) and weighted sums ``sum_j w_j g_j``. For a linear layer with inputs ``A``
+and output gradients ``D``, ``g_j = D_j^T A_j``, so each of these costs about one matrix
+product of the weight's size (the "ghost norm" trick of DP training, Goodfellow 2015;
+Li et al. 2021). :class:`GhostGrads` captures ``A`` and ``D`` with hooks during an ordinary
+``loss.backward()``; :class:`GhostBatch` answers the three questions from them. Where a
+layer's inputs have many rows per example (long sequences, convolution patches), the layer
+materialises its own ``B`` per-example gradients instead, if that is cheaper
+(:func:`dataorder.ghost.factors.prefer_dense`).
+
+The package is split by job: :mod:`~dataorder.ghost.factors` holds the per-layer kernels,
+:mod:`~dataorder.ghost.batch` the batch they answer for, :mod:`~dataorder.ghost.capture`
+the hooks.
+
+Supported exactly: ``nn.Linear`` (any number of leading dims), ``nn.Conv1d``/``nn.Conv2d``
+(``groups=1``, numeric padding, zero padding mode), ``nn.Embedding`` (dense),
+``nn.LayerNorm`` and ``nn.GroupNorm`` affine parameters, and biases. Any other module with
+parameters of its own falls back to ``torch.func`` per-example gradients for that module
+only (materialised, ``B × d_module``), with a one-time warning that names it.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> ghost = GhostGrads(model)
+    >>> x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    >>> nn.functional.cross_entropy(model(x), y).backward()
+    >>> [batch] = ghost.collect()
+    >>> batch.gram().shape
+    torch.Size([5, 5])
+    >>> torch.allclose(batch.gram(), batch.materialize() @ batch.materialize().T, atol=1e-5)
+    True
+"""
+
+from dataorder.ghost.batch import GhostBatch
+from dataorder.ghost.capture import GhostGrads
+
+__all__ = ["GhostBatch", "GhostGrads"]

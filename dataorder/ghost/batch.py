@@ -1,0 +1,118 @@
+"""GhostBatch: the per-example gradients of one micro-batch, known only through layer factors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["GhostBatch"]
+
+
+def _add_parts(parts: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Join per-factor dicts of parameter-shaped pieces (each parameter comes from one factor)."""
+    out: dict[str, Tensor] = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+class GhostBatch:
+    """Per-example gradient factors of one backward pass (one micro-batch).
+
+    Answers the questions gradient balancing asks -- the Gram matrix, products with a few
+    flat ``(N, d)`` vectors, weighted sums added in place -- each at about the cost of one
+    matrix product per layer, never holding ``B × d`` values unless a layer's own
+    per-example block is the cheaper form. Results are float32 on the model's device.
+
+    ``scale`` multiplies every per-example gradient (the batch size, for a mean-reduced loss
+    whose captured output gradients carry a ``1/B``); it is applied to the small results,
+    never to the captured tensors.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from dataorder.ghost import GhostGrads
+        >>> model = nn.Linear(3, 2)
+        >>> ghost = GhostGrads(model)
+        >>> model(torch.randn(4, 3)).pow(2).mean().backward()
+        >>> [batch] = ghost.collect()
+        >>> sums = torch.zeros(1, batch.dim)
+        >>> batch.add_weighted_(sums, torch.ones(1, 4))   # sums += the batch's summed gradient
+        >>> torch.allclose(sums[0], batch.materialize().sum(0), atol=1e-6)
+        True
+    """
+
+    def __init__(self, factors: list, names: list[str], batch_size: int, shapes: dict[str, torch.Size],
+                 scale: float = 1.0) -> None:
+        self._factors, self.names, self.batch_size, self.shapes = factors, names, batch_size, shapes
+        self.scale = float(scale)
+        self._sizes = [math.prod(shapes[name]) for name in names]
+
+    @property
+    def dim(self) -> int:
+        """Total number of selected parameter values ``d``."""
+        return sum(self._sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self._factors[0].device
+
+    def select(self, rows: Tensor | list[int]) -> GhostBatch:
+        """The factors of a subset of the batch's examples (e.g. one example, to materialise it)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        return GhostBatch([f.select(rows) for f in self._factors], self.names, len(rows), self.shapes, self.scale)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of a flat ``(..., d)`` tensor as parameter-shaped pieces, in ``names`` order."""
+        pieces = torch.split(flat, self._sizes, dim=-1)
+        return {name: piece.reshape(*flat.shape[:-1], *self.shapes[name]) for name, piece in zip(self.names, pieces)}
+
+    def flatten(self, parts: dict[str, Tensor], lead: int) -> Tensor:
+        """Concatenate parameter-shaped ``parts`` (each ``(lead, *shape)``) into ``(lead, d)``."""
+        return torch.cat([parts[name].reshape(lead, -1) for name in self.names], dim=1)
+
+    def gram(self) -> Tensor:
+        """(B, B) Gram matrix ``<g_i, g_j>`` of the per-example gradients."""
+        return sum(f.gram() for f in self._factors) * self.scale ** 2
+
+    def sq_norms(self) -> Tensor:
+        """(B,) squared norms ``||g_j||^2``: the Gram's diagonal, without the off-diagonal work."""
+        return sum(f.sq_norms() for f in self._factors) * self.scale ** 2
+
+    def dots(self, vectors: Tensor) -> Tensor:
+        """(N, B): ``<v, g_j>`` for each row ``v`` of the flat ``(N, d)`` ``vectors``."""
+        views = self.unflatten(self._float(vectors))
+        return sum(f.dots(views) for f in self._factors) * self.scale
+
+    def add_weighted_(self, targets: Tensor, weights: Tensor) -> None:
+        """``targets[v] += sum_j weights[v, j] * g_j`` in place; ``targets`` is a float32 ``(N, d)``.
+
+        Each layer adds its part through views of ``targets``, so nothing ``B × d`` (nor a
+        second ``N × d``) is allocated.
+        """
+        if targets.dtype != torch.float32 or targets.stride(-1) != 1:
+            raise ValueError("targets must be a float32 (N, d) tensor with contiguous rows")
+        views = self.unflatten(targets)
+        weights = self._float(weights) * self.scale
+        for factor in self._factors:
+            factor.add_weighted_(views, weights)
+
+    def weighted_sums(self, weights: Tensor) -> Tensor:
+        """``weights`` (N, B) -> (N, d): ``sum_j weights[v, j] * g_j`` for each row ``v``, flat."""
+        out = torch.zeros(len(weights), self.dim, device=self.device)
+        self.add_weighted_(out, weights)
+        return out
+
+    def weighted_sum(self, weights: Tensor) -> dict[str, Tensor]:
+        """``sum_j weights[j] * g_j`` as a dict of parameter-shaped tensors."""
+        return {name: value[0] for name, value in self.unflatten(self.weighted_sums(weights[None])).items()}
+
+    def materialize(self) -> Tensor:
+        """(B, d) per-example gradients in ``named_parameters()`` order (for tests and debugging)."""
+        return self.flatten(_add_parts(f.materialize() for f in self._factors), self.batch_size) * self.scale
+
+    def _float(self, tensor: Tensor) -> Tensor:
+        return tensor.to(device=self.device, dtype=torch.float32)

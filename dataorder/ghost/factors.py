@@ -1,0 +1,370 @@
+"""Per-layer kernels: inner products and weighted sums of per-example gradients from layer factors.
+
+Each factor object holds what one layer's hooks captured (its input and its *unscaled*
+output gradient) and answers four questions about the per-example gradients ``g_j`` of the
+layer's parameters:
+
+* ``gram()`` -- ``(B, B)`` of ``<g_i, g_j>``;
+* ``sq_norms()`` -- ``(B,)`` of ``||g_j||²``;
+* ``dots(views)`` -- ``(N, B)`` of ``<v, g_j>`` for ``N`` vectors given as parameter-shaped views;
+* ``add_weighted_(views, weights)`` -- ``v += sum_j weights[v, j] g_j`` in place, for ``N`` views.
+
+A layer either keeps its factors (``out = a W^T``: ``g_j = d_j^T a_j``; every question costs
+about one product of the weight's size) or materialises its ``B`` per-example gradients once
+and answers every question from them, whichever costs fewer flops for one balancing step.
+The choice is made per layer, from shapes only (:func:`prefer_dense`).
+
+>>> import torch
+>>> a, d = torch.randn(4, 1, 3), torch.randn(4, 1, 2)
+>>> factors = LinearFactors("w", None, a, d, torch.Size([2, 3]))
+>>> dense = torch.einsum("bto,bti->boi", d, a).reshape(4, -1)
+>>> torch.allclose(factors.gram(), dense @ dense.T, atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["ConvFactors", "DenseFactors", "EmbeddingFactors", "LinearFactors", "prefer_dense", "prefer_dense_tables"]
+
+Views = Mapping[str, Tensor]  # parameter name -> (N, *shape) view into N flat vectors
+
+#: Weight-sized products one GraB step asks of a layer besides its Gram: the products with
+#: the running sum and the stale mean, the signed update and the next epoch's sum.
+PRODUCTS_PER_STEP = 4
+#: Largest per-example block (B × parameter size, values) a layer materialises; above it the
+#: factored form is kept whatever its flops (memory over speed).
+MAX_DENSE_VALUES = 2 ** 27
+
+
+def prefer_dense(batch: int, steps: int, inputs: int, outputs: int) -> bool:
+    """Whether materialising ``B`` per-example ``O × I`` gradients beats keeping the factors.
+
+    ``steps`` is the number of rows each example contributes (sequence length, or output
+    positions of a convolution). Factored: a ``(B·T)²`` Gram of ``I + O`` wide rows plus
+    ``PRODUCTS_PER_STEP`` products of ``B·T·I·O``; dense: one ``B·T·I·O`` materialisation,
+    a ``B² · I·O`` Gram and the products at ``B·I·O`` each.
+
+    >>> prefer_dense(64, 1, 256, 256), prefer_dense(32, 128, 128, 384)
+    (False, True)
+    """
+    factored = batch * batch * steps * steps * (inputs + outputs) + PRODUCTS_PER_STEP * batch * steps * inputs * outputs
+    dense = batch * inputs * outputs * (steps + batch + PRODUCTS_PER_STEP)
+    return _dense_is_cheaper(factored, dense, batch * inputs * outputs)
+
+
+def prefer_dense_tables(batch: int, steps: int, width: int, num_embeddings: int) -> bool:
+    """Whether per-example embedding tables ``(B, V·E)`` beat comparing the ``(B·T)²`` index pairs.
+
+    >>> prefer_dense_tables(32, 128, 128, 1000), prefer_dense_tables(32, 16, 128, 50_000)
+    (True, False)
+    """
+    table = batch * num_embeddings * width
+    factored = (batch * steps) ** 2 * (width + 1) + PRODUCTS_PER_STEP * batch * steps * width
+    return _dense_is_cheaper(factored, table * (1 + batch + PRODUCTS_PER_STEP), table)
+
+
+def _dense_is_cheaper(factored_flops: int, dense_flops: int, dense_values: int) -> bool:
+    """The one place the form is decided: fewer flops, and a block no larger than MAX_DENSE_VALUES."""
+    return dense_values <= MAX_DENSE_VALUES and dense_flops < factored_flops
+
+
+# -- per-example blocks: the dense form shared by every factor type ---------------------------
+def dense_gram(blocks: Mapping[str, Tensor]) -> Tensor:
+    """``(B, B)`` Gram of per-example blocks ``name -> (B, n)``, summed over the blocks."""
+    return sum(block @ block.T for block in blocks.values())
+
+
+def dense_dots(blocks: Mapping[str, Tensor], views: Views) -> Tensor:
+    """``(N, B)`` products of ``N`` vectors (``views``) with per-example blocks."""
+    return sum(views[name].reshape(len(views[name]), -1) @ block.T for name, block in blocks.items())
+
+
+def dense_add_weighted_(blocks: Mapping[str, Tensor], views: Views, weights: Tensor) -> None:
+    """``views[name] += weights @ block`` in place, for each block."""
+    for name, block in blocks.items():
+        views[name].reshape(len(weights), -1).addmm_(weights, block)
+
+
+class DenseFactors:
+    """Per-example gradients held as blocks ``name -> (B, *shape)`` (norm layers, fallbacks)."""
+
+    def __init__(self, grads: dict[str, Tensor]) -> None:
+        self.grads = grads
+        self.blocks = {name: g.reshape(len(g), -1) for name, g in grads.items()}
+
+    def gram(self) -> Tensor:
+        return dense_gram(self.blocks)
+
+    def sq_norms(self) -> Tensor:
+        return sum(block.square().sum(dim=1) for block in self.blocks.values())
+
+    def dots(self, views: Views) -> Tensor:
+        return dense_dots(self.blocks, views)
+
+    def add_weighted_(self, views: Views, weights: Tensor) -> None:
+        dense_add_weighted_(self.blocks, views, weights)
+
+    def select(self, rows: Tensor) -> DenseFactors:
+        return DenseFactors({name: g[rows] for name, g in self.grads.items()})
+
+    def materialize(self) -> dict[str, Tensor]:
+        return dict(self.grads)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.grads.values())).device
+
+
+# -- linear maps: nn.Linear (any leading dims) and convolutions -------------------------------
+def _factored_gram(a: Tensor, d: Tensor) -> Tensor:
+    """Gram of ``g_j = d_j^T a_j`` from the factors: ``(B·T)²`` cross terms summed per example."""
+    batch, steps = a.shape[:2]
+    if steps == 1:
+        return (a[:, 0] @ a[:, 0].T) * (d[:, 0] @ d[:, 0].T)
+    flat_a, flat_d = a.reshape(batch * steps, -1), d.reshape(batch * steps, -1)
+    cross = (flat_a @ flat_a.T) * (flat_d @ flat_d.T)
+    return cross.reshape(batch, steps, batch, steps).sum(dim=(1, 3))
+
+
+def _factored_sq_norms(a: Tensor, d: Tensor) -> Tensor:
+    """``||d_j^T a_j||²`` by the cheaper of the ``T × T`` cross terms and the per-example product."""
+    steps, inputs, outputs = a.shape[1], a.shape[2], d.shape[2]
+    if steps == 1:
+        return a[:, 0].square().sum(dim=1) * d[:, 0].square().sum(dim=1)
+    if steps * (inputs + outputs) <= inputs * outputs:
+        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum(dim=(1, 2))
+    return torch.bmm(d.transpose(1, 2), a).square().sum(dim=(1, 2))
+
+
+class LinearFactors:
+    """A weight used as ``out = a @ W^T (+ b)``: ``a`` (B, T, I), ``d`` (B, T, O); ``g_j = d_j^T a_j``.
+
+    ``weight``/``bias`` are parameter names (None when not selected). The form (factored or
+    dense) is chosen once by :func:`prefer_dense`; the dense blocks are built on first use.
+    """
+
+    def __init__(self, weight: str | None, bias: str | None, a: Tensor | None, d: Tensor,
+                 weight_shape: torch.Size) -> None:
+        self.weight, self.bias, self.d, self.weight_shape = weight, bias, d, weight_shape
+        self._a = a
+        self._blocks: dict[str, Tensor] | None = None
+        batch, steps, outputs = d.shape
+        self.dense = weight is not None and prefer_dense(batch, steps, math.prod(weight_shape) // outputs, outputs)
+
+    @property
+    def a(self) -> Tensor:
+        return self._a
+
+    @property
+    def device(self) -> torch.device:
+        return self.d.device
+
+    def _weight_block(self) -> Tensor:
+        """``(B, O·I)`` per-example weight gradients."""
+        return torch.bmm(self.d.transpose(1, 2), self.a).reshape(len(self.d), -1)
+
+    def _bias_rows(self) -> Tensor:
+        return self.d[:, 0] if self.d.shape[1] == 1 else self.d.sum(dim=1)
+
+    def blocks(self) -> dict[str, Tensor]:
+        """Per-example gradients ``name -> (B, n)``, built once (the dense form)."""
+        if self._blocks is None:
+            self._blocks = {}
+            if self.weight:
+                self._blocks[self.weight] = self._weight_block()
+            if self.bias:
+                self._blocks[self.bias] = self._bias_rows()
+        return self._blocks
+
+    def gram(self) -> Tensor:
+        if self.dense:
+            return dense_gram(self.blocks())
+        if self.weight and self.bias and self.d.shape[1] == 1:  # (aa^T + 1) * dd^T: bias folded in
+            a, d = self.a[:, 0], self.d[:, 0]
+            return (a @ a.T).add_(1.0).mul_(d @ d.T)
+        total = _factored_gram(self.a, self.d) if self.weight else 0.0
+        if self.bias:
+            rows = self._bias_rows()
+            total = total + rows @ rows.T
+        return total
+
+    def sq_norms(self) -> Tensor:
+        if self._blocks is not None:
+            return sum(block.square().sum(dim=1) for block in self._blocks.values())
+        total = _factored_sq_norms(self.a, self.d) if self.weight else 0.0
+        if self.bias:
+            total = total + self._bias_rows().square().sum(dim=1)
+        return total
+
+    def dots(self, views: Views) -> Tensor:
+        if self.dense:
+            return dense_dots(self.blocks(), views)
+        total = 0.0
+        if self.weight:
+            count, (batch, steps, outputs) = len(views[self.weight]), self.d.shape
+            weights = views[self.weight].reshape(count, outputs, -1)  # (N, O, I)
+            if steps == 1:  # <W, d a^T> = d^T W a: (N, B, I) products with the inputs
+                total = (torch.matmul(self.d[:, 0], weights) * self.a[:, 0]).sum(dim=2)
+            else:
+                total = (torch.matmul(self.d[None], weights[:, None]) * self.a[None]).sum(dim=(2, 3))
+        if self.bias:
+            total = total + views[self.bias] @ self._bias_rows().T
+        return total
+
+    def add_weighted_(self, views: Views, weights: Tensor) -> None:
+        if self.dense:
+            return dense_add_weighted_(self.blocks(), views, weights)
+        count, (batch, steps, outputs) = len(weights), self.d.shape
+        if self.weight:
+            target = views[self.weight].reshape(count, outputs, -1)  # (N, O, I)
+            inputs = self.a.reshape(batch * steps, -1)
+            if count == 1:
+                scaled = (self.d * weights[0, :, None, None]).reshape(batch * steps, outputs)
+                target[0].addmm_(scaled.T, inputs)
+            else:
+                scaled = (weights[:, :, None, None] * self.d[None]).reshape(count, batch * steps, outputs)
+                target.baddbmm_(scaled.transpose(1, 2), inputs.expand(count, -1, -1))
+        if self.bias:
+            views[self.bias].addmm_(weights, self._bias_rows())
+
+    def select(self, rows: Tensor) -> LinearFactors:
+        return LinearFactors(self.weight, self.bias, self.a[rows], self.d[rows], self.weight_shape)
+
+    def materialize(self) -> dict[str, Tensor]:
+        batch = len(self.d)
+        out = {}
+        if self.weight:
+            block = self._blocks[self.weight] if self._blocks is not None else self._weight_block()
+            out[self.weight] = block.reshape(batch, *self.weight_shape)
+        if self.bias:
+            out[self.bias] = self._bias_rows()
+        return out
+
+
+class ConvFactors(LinearFactors):
+    """A 2-D convolution (``groups=1``) from its input ``x`` (B, C, H, W) and output gradient.
+
+    The convolution is a linear map of image patches, so it is a :class:`LinearFactors`
+    with ``T`` = output positions and ``I`` = ``C·kh·kw``. The patch matrix (``unfold``,
+    ``kh·kw`` times the input) is built only if the factored form is kept; the dense form
+    gets its per-example gradients straight from shifted views of the input.
+    """
+
+    def __init__(self, weight: str | None, bias: str | None, x: Tensor, delta: Tensor, weight_shape: torch.Size,
+                 geometry: tuple) -> None:
+        self.x, self.delta, self.geometry = x, delta, geometry  # geometry: kernel, dilation, padding, stride
+        rows = delta.reshape(delta.shape[0], delta.shape[1], -1).transpose(1, 2)  # (B, L, O)
+        super().__init__(weight, bias, None, rows, weight_shape)
+
+    @property
+    def a(self) -> Tensor:
+        if self._a is None:
+            kernel, dilation, padding, stride = self.geometry
+            self._a = F.unfold(self.x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+        return self._a
+
+    def _weight_block(self) -> Tensor:
+        if self._a is not None or self.x.shape[0] * self.x.shape[1] * self.d.shape[1] < _SHIFTED_MIN_VALUES:
+            return super()._weight_block()
+        return _conv_per_example(self.x, self.delta, *self.geometry).reshape(len(self.x), -1)
+
+    def _bias_rows(self) -> Tensor:
+        return self.delta.sum(dim=(2, 3))
+
+    def select(self, rows: Tensor) -> ConvFactors:
+        return ConvFactors(self.weight, self.bias, self.x[rows], self.delta[rows], self.weight_shape, self.geometry)
+
+
+#: Below this many values per shifted input copy (B·C·L), ``kh·kw`` small products cost more
+#: in call overhead than one unfold saves (measured on LeNet-size layers, 1 CPU thread).
+_SHIFTED_MIN_VALUES = 65_536
+
+
+def _conv_per_example(x: Tensor, delta: Tensor, kernel, dilation, padding, stride) -> Tensor:
+    """``(B, O, C, kh, kw)`` per-example weight gradients of a 2-D convolution, without unfold.
+
+    ``g_j[:, :, p, q] = D_j @ X_j(p, q)^T`` where ``X_j(p, q)`` is the input shifted by kernel
+    offset ``(p, q)``, read at the output positions: ``kh·kw`` batched products, each over
+    one strided copy of the input instead of the ``kh·kw``-times larger patch matrix.
+    """
+    batch, channels = x.shape[:2]
+    outputs, out_h, out_w = delta.shape[1:]
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    out_grad = delta.reshape(batch, outputs, out_h * out_w)
+    grads = x.new_empty(kernel[0], kernel[1], batch, outputs, channels)
+    for p in range(kernel[0]):
+        top = p * dilation[0]
+        for q in range(kernel[1]):
+            left = q * dilation[1]
+            shifted = x[:, :, top:top + stride[0] * (out_h - 1) + 1:stride[0],
+                        left:left + stride[1] * (out_w - 1) + 1:stride[1]]
+            torch.bmm(out_grad, shifted.reshape(batch, channels, -1).transpose(1, 2), out=grads[p, q])
+    return grads.permute(2, 3, 4, 0, 1)
+
+
+# -- embeddings -------------------------------------------------------------------------------
+class EmbeddingFactors:
+    """An embedding: row ``idx`` of the table receives ``d``; idx (B, T), d (B, T, E).
+
+    Dense form: per-example tables ``(B, V·E)``, when :func:`prefer_dense_tables` says so.
+    """
+
+    def __init__(self, weight: str, idx: Tensor, d: Tensor, num_embeddings: int) -> None:
+        self.weight, self.idx, self.d, self.num_embeddings = weight, idx, d, num_embeddings
+        self._blocks: dict[str, Tensor] | None = None
+        self.dense = prefer_dense_tables(*d.shape, num_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.d.device
+
+    def blocks(self) -> dict[str, Tensor]:
+        if self._blocks is None:
+            batch, steps, width = self.d.shape
+            tables = torch.zeros(batch * self.num_embeddings, width, dtype=self.d.dtype, device=self.d.device)
+            rows = self.idx + self.num_embeddings * torch.arange(batch, device=self.idx.device)[:, None]
+            tables.index_add_(0, rows.reshape(-1), self.d.reshape(-1, width))
+            self._blocks = {self.weight: tables.reshape(batch, -1)}
+        return self._blocks
+
+    def gram(self) -> Tensor:
+        if self.dense:
+            return dense_gram(self.blocks())
+        batch, steps = self.idx.shape
+        flat_idx, flat_d = self.idx.reshape(-1), self.d.reshape(batch * steps, -1)
+        same = (flat_idx[:, None] == flat_idx[None, :]).to(flat_d.dtype)
+        return (same * (flat_d @ flat_d.T)).reshape(batch, steps, batch, steps).sum(dim=(1, 3))
+
+    def sq_norms(self) -> Tensor:
+        if self._blocks is not None:
+            return self._blocks[self.weight].square().sum(dim=1)
+        same = (self.idx[:, :, None] == self.idx[:, None, :]).to(self.d.dtype)
+        return (same * (self.d @ self.d.transpose(1, 2))).sum(dim=(1, 2))
+
+    def dots(self, views: Views) -> Tensor:
+        if self.dense:
+            return dense_dots(self.blocks(), views)
+        tables = views[self.weight]  # (N, V, E)
+        return (tables[:, self.idx] * self.d[None]).sum(dim=(2, 3))
+
+    def add_weighted_(self, views: Views, weights: Tensor) -> None:
+        if self.dense:
+            return dense_add_weighted_(self.blocks(), views, weights)
+        width = self.d.shape[2]
+        rows = (weights[:, :, None, None] * self.d[None]).reshape(len(weights), -1, width)  # (N, B·T, E)
+        views[self.weight].index_add_(1, self.idx.reshape(-1), rows)
+
+    def select(self, rows: Tensor) -> EmbeddingFactors:
+        return EmbeddingFactors(self.weight, self.idx[rows], self.d[rows], self.num_embeddings)
+
+    def materialize(self) -> dict[str, Tensor]:
+        batch = len(self.idx)
+        return {self.weight: self.blocks()[self.weight].reshape(batch, self.num_embeddings, -1)}
