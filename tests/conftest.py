@@ -14,14 +14,9 @@ def tmp_out(tmp_path):
 
 @pytest.fixture(params=["auto", "factored", "dense"])
 def ghost_form(request, monkeypatch):
-    """Run a ghost test with each layer's form as chosen, all factored, or all dense.
-
-    "dense" also takes the shifted-view path for convolutions instead of unfold.
-    """
+    """Run a ghost test with each layer's form as chosen, all factored, or all dense."""
     from dataorder.ghost import factors
 
     if request.param != "auto":
         monkeypatch.setattr(factors, "_dense_is_cheaper", lambda *costs: request.param == "dense")
-    if request.param == "dense":
-        monkeypatch.setattr(factors, "_SHIFTED_MIN_VALUES", 0)
     return request.param

@@ -253,8 +253,9 @@ class ConvFactors(LinearFactors):
 
     The convolution is a linear map of image patches, so it is a :class:`LinearFactors`
     with ``T`` = output positions and ``I`` = ``C·kh·kw``. The patch matrix (``unfold``,
-    ``kh·kw`` times the input) is built only if the factored form is kept; the dense form
-    gets its per-example gradients straight from shifted views of the input.
+    ``kh·kw`` times the input) is built only if the factored form is kept or the stride is
+    not 1; otherwise the dense form gets its per-example gradients from shifted views of
+    the input (:func:`_conv_per_example`).
     """
 
     def __init__(self, weight: str | None, bias: str | None, x: Tensor, delta: Tensor, weight_shape: torch.Size,
@@ -271,9 +272,10 @@ class ConvFactors(LinearFactors):
         return self._a
 
     def _weight_block(self) -> Tensor:
-        if self._a is not None or self.x.shape[0] * self.x.shape[1] * self.d.shape[1] < _SHIFTED_MIN_VALUES:
+        kernel, dilation, padding, stride = self.geometry
+        if self._a is not None or tuple(stride) != (1, 1):
             return super()._weight_block()
-        return _conv_per_example(self.x, self.delta, *self.geometry).reshape(len(self.x), -1)
+        return _conv_per_example(self.x, self.delta, kernel, dilation, padding).reshape(len(self.x), -1)
 
     def _bias_rows(self) -> Tensor:
         return self.delta.sum(dim=(2, 3))
@@ -282,31 +284,27 @@ class ConvFactors(LinearFactors):
         return ConvFactors(self.weight, self.bias, self.x[rows], self.delta[rows], self.weight_shape, self.geometry)
 
 
-#: Below this many values per shifted input copy (B·C·L), ``kh·kw`` small products cost more
-#: in call overhead than one unfold saves (measured on LeNet-size layers, 1 CPU thread).
-_SHIFTED_MIN_VALUES = 65_536
-
-
-def _conv_per_example(x: Tensor, delta: Tensor, kernel, dilation, padding, stride) -> Tensor:
-    """``(B, O, C, kh, kw)`` per-example weight gradients of a 2-D convolution, without unfold.
+def _conv_per_example(x: Tensor, delta: Tensor, kernel, dilation, padding) -> Tensor:
+    """``(B, O, C, kh, kw)`` per-example weight gradients of a stride-1 2-D convolution, without unfold.
 
     ``g_j[:, :, p, q] = D_j @ X_j(p, q)^T`` where ``X_j(p, q)`` is the input shifted by kernel
-    offset ``(p, q)``, read at the output positions: ``kh·kw`` batched products, each over
-    one strided copy of the input instead of the ``kh·kw``-times larger patch matrix.
+    offset ``(p, q)``. With the input flattened row by row and the output gradient padded to
+    the input's width, each shift is a plain window of the flat input -- a view, so the
+    ``kh·kw`` batched products read the input in place instead of a ``kh·kw``-times larger
+    patch matrix. The padded output columns are zero, so whatever they meet adds nothing.
     """
-    batch, channels = x.shape[:2]
-    outputs, out_h, out_w = delta.shape[1:]
     if any(padding):
         x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    out_grad = delta.reshape(batch, outputs, out_h * out_w)
+    batch, channels, height, width = x.shape
+    outputs, out_h, out_w = delta.shape[1:]
+    # the last window runs (kw - 1) * dilation values past the end of the input: zeros
+    flat = F.pad(x.reshape(batch, channels, height * width), (0, (kernel[1] - 1) * dilation[1]))
+    out_grad = F.pad(delta, (0, width - out_w)).reshape(batch, outputs, out_h * width)
     grads = x.new_empty(kernel[0], kernel[1], batch, outputs, channels)
     for p in range(kernel[0]):
-        top = p * dilation[0]
         for q in range(kernel[1]):
-            left = q * dilation[1]
-            shifted = x[:, :, top:top + stride[0] * (out_h - 1) + 1:stride[0],
-                        left:left + stride[1] * (out_w - 1) + 1:stride[1]]
-            torch.bmm(out_grad, shifted.reshape(batch, channels, -1).transpose(1, 2), out=grads[p, q])
+            start = p * dilation[0] * width + q * dilation[1]
+            torch.bmm(out_grad, flat[:, :, start:start + out_h * width].transpose(1, 2), out=grads[p, q])
     return grads.permute(2, 3, 4, 0, 1)
 
 
