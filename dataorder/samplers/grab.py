@@ -306,18 +306,23 @@ def _dense_cpu(rows: Any) -> Tensor | None:
 class _MeanRule:
     """Mean balance (``depth=0``) or recursive balance: centred by the stale mean, tree of sums.
 
-    The running sums and the next epoch's sum live in one ``(nodes + 1, k)`` buffer, so one
-    weighted product per step updates both (signs for the sums, ones for the next sum).
+    One ``(1 + nodes + 1, k)`` buffer holds the stale mean, the running sums and the next
+    epoch's sum, in that order: the mean and the sums are the vectors whose products with
+    the rows are taken, the sums and the next sum the vectors one weighted product updates
+    (signs for the sums, ones for the next sum). Each is one block of rows, never copied.
     """
 
     def __init__(self, k: int, dtype: torch.dtype, device: torch.device, depth: int) -> None:
         self.depth = depth
-        self.mean = torch.zeros(k, dtype=dtype, device=device)
-        self.acc = torch.zeros(tree_size(depth) + 1, k, dtype=dtype, device=device)
+        self.acc = torch.zeros(tree_size(depth) + 2, k, dtype=dtype, device=device)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.acc[0]
 
     @property
     def sums(self) -> Tensor:
-        return self.acc[:-1]
+        return self.acc[1:-1]
 
     @property
     def next_sum(self) -> Tensor:
@@ -327,12 +332,13 @@ class _MeanRule:
         dense = _dense_cpu(rows) if fused else None
         if dense is not None:  # one pass over the rows, on a copy of the sums
             acc = self.acc.cpu().clone()
-            paths, ok = tree_balance_rows(dense.numpy(), self.mean.cpu().to(dense.dtype).numpy(), acc[:-1].numpy(),
+            paths, ok = tree_balance_rows(dense.numpy(), acc[0].to(dense.dtype).numpy(), acc[1:-1].numpy(),
                                           acc[-1].numpy(), self.depth)
             _check(ok)
             return _Plan(tree_buckets(paths).astype(np.int16), 0, replace={"acc": acc})
+        self.to(rows.device)
         centred = rows.centred(self.mean)
-        products = _finite(centred.products(self.sums.to(rows.device)))
+        products = _finite(centred.products(self.sums))
         nodes = self.sums.shape[0]
         if self.depth == 0:
             signs = mean_balance_signs(products[nodes:], products[0])
@@ -349,23 +355,22 @@ class _MeanRule:
             return
         size = plan.rows.shape[0]
         # the last row of weights adds the centred rows' plain sum into the next epoch's sum
-        plan.rows.add_weighted_to(self.acc, np.vstack([plan.weights, np.ones((1, size))]))
+        plan.rows.add_weighted_to(self.acc[1:], np.vstack([plan.weights, np.ones((1, size))]))
         self.next_sum.add_(self.mean, alpha=size)  # sum of g = sum of (g - mean) + size * mean
 
     def end_epoch(self, visited: int) -> None:
         if visited:
-            self.mean = self.next_sum / visited
-        self.acc.zero_()
+            self.acc[0] = self.next_sum / visited
+        self.acc[1:].zero_()
 
     def tensors(self) -> dict[str, Tensor]:
         return {"sums": self.sums, "mean": self.mean, "next_sum": self.next_sum}
 
     def load(self, tensors: dict[str, Tensor]) -> None:
-        self.mean = tensors["mean"].detach().clone()
-        self.acc = torch.cat([tensors["sums"], tensors["next_sum"][None]]).detach().clone()
+        self.acc = torch.cat([tensors["mean"][None], tensors["sums"], tensors["next_sum"][None]]).detach().clone()
 
     def to(self, device: torch.device) -> None:
-        self.mean, self.acc = self.mean.to(device), self.acc.to(device)
+        self.acc = self.acc.to(device)
 
 
 class _PairRule:

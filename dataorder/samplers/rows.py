@@ -25,6 +25,25 @@ from dataorder.samplers.balance import apply_signs, balance_products
 __all__ = ["DenseRows", "GhostRows"]
 
 
+def _stack_rows(blocks: list[Tensor]) -> Tensor:
+    """``torch.cat(blocks)`` of 2-D float blocks, as a view when they are consecutive rows of one buffer.
+
+    >>> buffer = torch.arange(6.0).reshape(3, 2)
+    >>> _stack_rows([buffer[:1], buffer[1:]]).data_ptr() == buffer.data_ptr()
+    True
+    """
+    first = blocks[0]
+    offset, width = first.storage_offset(), first.shape[1]
+    consecutive = all(b.is_contiguous() and b.dtype == first.dtype and b.shape[1] == width for b in blocks)
+    for block in blocks:
+        consecutive = consecutive and block.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() \
+            and block.storage_offset() == offset
+        offset += block.numel()
+    if consecutive:
+        return first.as_strided((sum(len(b) for b in blocks), width), (width, 1))
+    return torch.cat(blocks)
+
+
 class DenseRows:
     """Rows held as a ``(B, k)`` tensor.
 
@@ -92,24 +111,23 @@ class GhostRows:
         return torch.float32  # ghost products are formed in float32 whatever the model's dtype
 
     def products(self, sums: Tensor) -> np.ndarray:
-        # device: the products of every dense vector (sums, prefix, mean) with the ghost rows and
+        # device: the products of every dense vector (mean, sums, prefix) with the ghost rows and
         # with each other, and the Gram; host (float64): centring and assembly, on small arrays
-        dense = [sums, self.prefix] + ([self.mean[None]] if self.mean is not None else [])
-        vectors = torch.cat([v.to(self.device, torch.float32) for v in dense])
+        dense = ([self.mean[None]] if self.mean is not None else []) + [sums, self.prefix]
+        vectors = _stack_rows([v.to(self.device, torch.float32) for v in dense if len(v)])
         dots, gram, pairs = self.batch.dots(vectors), self.batch.gram(), vectors @ vectors.T
         packed = torch.cat([dots.reshape(-1), gram.reshape(-1), pairs.reshape(-1)]).to("cpu", torch.float64)
-        count, width, size, total = len(sums), len(self.prefix), self.batch.batch_size, len(vectors)
+        size, total = self.batch.batch_size, len(vectors)
         dots, gram, pairs = np.split(packed.numpy(), [total * size, total * size + size * size])
         dots, gram, pairs = dots.reshape(total, size), gram.reshape(size, size), pairs.reshape(total, total)
-        with_sums, with_prefix = dots[:count], dots[count:count + width]
         if self.mean is not None:  # <v, g - m> = <v, g> - <v, m>; <g_i - m, g_j - m> likewise
-            with_mean = dots[-1]
-            with_sums = with_sums - pairs[:count, -1:]
-            with_prefix = with_prefix - pairs[count:count + width, -1:]
-            gram = gram - with_mean[:, None] - with_mean[None, :] + pairs[-1, -1]
-        top = np.hstack([pairs[:count, count:count + width], with_sums])
-        prefix_rows = np.hstack([pairs[count:count + width, count:count + width], with_prefix])
-        return np.vstack([top, prefix_rows, np.hstack([with_prefix.T, gram])])
+            with_mean = dots[0]
+            gram = gram - with_mean[:, None] - with_mean[None, :] + pairs[0, 0]
+            dots, pairs = dots[1:] - pairs[1:, :1], pairs[1:, 1:]
+        count = len(sums)
+        top = np.hstack([pairs[:count, count:], dots[:count]])  # <S_v, row> for the prefix rows, then the ghost rows
+        prefix_rows = np.hstack([pairs[count:, count:], dots[count:]])
+        return np.vstack([top, prefix_rows, np.hstack([dots[count:].T, gram])])
 
     def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
         """``targets += weights @ rows`` in place, without forming the rows (``targets`` float32)."""
