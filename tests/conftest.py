@@ -14,9 +14,15 @@ def tmp_out(tmp_path):
 
 @pytest.fixture(params=["auto", "factored", "dense"])
 def ghost_form(request, monkeypatch):
-    """Run a ghost test with each layer's form as chosen, all factored, or all dense."""
-    from dataorder.ghost import factors
+    """Run a ghost test with each layer's form as chosen, all factored, or all dense.
+
+    "factored" also groups every weighted sum of several rows by weight column.
+    """
+    from dataorder.ghost import batch, factors
 
     if request.param != "auto":
         monkeypatch.setattr(factors, "_dense_is_cheaper", lambda *costs: request.param == "dense")
+    if request.param == "factored":
+        monkeypatch.setattr(factors, "GROUPED_MIN_SAVING", -(2 ** 62))
+        monkeypatch.setattr(batch, "GROUPED_MIN_SAVING", -(2 ** 62))
     return request.param

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from dataorder.ghost.factors import GROUPED_MIN_SAVING, WeightGroups
 
 __all__ = ["GhostBatch"]
 
@@ -87,18 +90,23 @@ class GhostBatch:
         views = self.unflatten(self._float(vectors))
         return sum(f.dots(views) for f in self._factors) * self.scale
 
-    def add_weighted_(self, targets: Tensor, weights: Tensor) -> None:
+    def add_weighted_(self, targets: Tensor, weights: Tensor | np.ndarray) -> None:
         """``targets[v] += sum_j weights[v, j] * g_j`` in place; ``targets`` is a float32 ``(N, d)``.
 
         Each layer adds its part through views of ``targets``, so nothing ``B × d`` (nor a
-        second ``N × d``) is allocated.
+        second ``N × d``) is allocated. With several rows of weights, examples that share a
+        column of weights share one product (:class:`~dataorder.ghost.factors.WeightGroups`).
         """
         if targets.dtype != torch.float32 or targets.stride(-1) != 1:
             raise ValueError("targets must be a float32 (N, d) tensor with contiguous rows")
+        host = weights.detach().cpu().numpy() if isinstance(weights, Tensor) else np.asarray(weights, np.float32)
+        pays = len(host) > 1 and any(f.grouped_saving(len(host), len(host)) >= GROUPED_MIN_SAVING
+                                     for f in self._factors)
+        groups = WeightGroups.of(host, self.device, self.scale) if pays else None
         views = self.unflatten(targets)
-        weights = self._float(weights) * self.scale
+        scaled = self._float(torch.as_tensor(host)) * self.scale
         for factor in self._factors:
-            factor.add_weighted_(views, weights)
+            factor.add_weighted_(views, scaled, groups)
 
     def weighted_sums(self, weights: Tensor) -> Tensor:
         """``weights`` (N, B) -> (N, d): ``sum_j weights[v, j] * g_j`` for each row ``v``, flat."""

@@ -7,7 +7,9 @@ layer's parameters:
 * ``gram()`` -- ``(B, B)`` of ``<g_i, g_j>``;
 * ``sq_norms()`` -- ``(B,)`` of ``||g_j||²``;
 * ``dots(views)`` -- ``(N, B)`` of ``<v, g_j>`` for ``N`` vectors given as parameter-shaped views;
-* ``add_weighted_(views, weights)`` -- ``v += sum_j weights[v, j] g_j`` in place, for ``N`` views.
+* ``add_weighted_(views, weights, groups)`` -- ``v += sum_j weights[v, j] g_j`` in place, for
+  ``N`` views; ``groups`` (:class:`WeightGroups`) lists the weight matrix's distinct columns, so
+  that a factored layer forms one product per group instead of one per row of weights.
 
 A layer either keeps its factors (``out = a W^T``: ``g_j = d_j^T a_j``; every question costs
 about one product of the weight's size) or materialises its ``B`` per-example gradients once
@@ -26,18 +28,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["ConvFactors", "DenseFactors", "EmbeddingFactors", "LinearFactors", "prefer_dense", "prefer_dense_tables"]
+__all__ = ["ConvFactors", "DenseFactors", "EmbeddingFactors", "LinearFactors", "WeightGroups", "prefer_dense",
+           "prefer_dense_tables"]
 
 Views = Mapping[str, Tensor]  # parameter name -> (N, *shape) view into N flat vectors
 
 #: Weight-sized products one GraB step asks of a layer besides its Gram: the products with
 #: the running sum and the stale mean, the signed update and the next epoch's sum.
 PRODUCTS_PER_STEP = 4
+#: Grouping a layer's weighted sums by weight column (:class:`WeightGroups`) must save at
+#: least this many multiply-adds: below it, the extra gathers and calls cost more than the
+#: products they save (measured on the digits MLP at B = 64, one CPU thread).
+GROUPED_MIN_SAVING = 2 ** 22
 #: Largest per-example block (B × parameter size, values) a layer materialises; above it the
 #: factored form is kept whatever its flops (memory over speed).
 MAX_DENSE_VALUES = 2 ** 27
@@ -75,6 +84,37 @@ def _dense_is_cheaper(factored_flops: int, dense_flops: int, dense_values: int) 
     return dense_values <= MAX_DENSE_VALUES and dense_flops < factored_flops
 
 
+@dataclass(frozen=True)
+class WeightGroups:
+    """The examples of a batch grouped by their column of an ``(N, B)`` weight matrix.
+
+    ``sum_j W[:, j] g_j = columns @ [sum of g_j over each group]``: a factored layer then
+    forms ``K`` group sums -- together one product over the batch -- instead of ``N``
+    weighted products. GraB's update has ``N = 2`` rows (signs, and ones for the next
+    epoch's sum) but ``K = 2`` columns ``(±1, 1)``; recursive balance has ``N = 8`` rows
+    and at most ``8`` paths.
+
+    >>> groups = WeightGroups.of(np.array([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]), torch.device("cpu"))
+    >>> groups.columns.tolist(), groups.order.tolist(), groups.counts
+    ([[-1.0, 1.0], [1.0, 1.0]], [1, 0, 2], [1, 2])
+    >>> WeightGroups.of(np.array([[0.0, 1.0, 0.0], [2.0, 1.0, 2.0]]), torch.device("cpu")).counts
+    [2, 1]
+    """
+
+    columns: Tensor  # (N, K) the distinct columns
+    order: Tensor  # (B,) example indices sorted by group
+    counts: list[int]  # size of each group, in order
+
+    @classmethod
+    def of(cls, weights: np.ndarray, device: torch.device, scale: float = 1.0) -> WeightGroups:
+        weights = np.asarray(weights, dtype=np.float32)
+        order = np.lexsort(weights[::-1])  # columns sorted lexicographically, equal columns adjacent
+        ordered = weights[:, order]
+        starts = np.flatnonzero(np.r_[True, (ordered[:, 1:] != ordered[:, :-1]).any(axis=0)])
+        columns = torch.from_numpy(ordered[:, starts] * np.float32(scale)).to(device)
+        return cls(columns, torch.from_numpy(order).to(device), np.diff(np.r_[starts, len(order)]).tolist())
+
+
 # -- per-example blocks: the dense form shared by every factor type ---------------------------
 def dense_gram(blocks: Mapping[str, Tensor]) -> Tensor:
     """``(B, B)`` Gram of per-example blocks ``name -> (B, n)``, summed over the blocks."""
@@ -108,8 +148,11 @@ class DenseFactors:
     def dots(self, views: Views) -> Tensor:
         return dense_dots(self.blocks, views)
 
-    def add_weighted_(self, views: Views, weights: Tensor) -> None:
+    def add_weighted_(self, views: Views, weights: Tensor, groups: WeightGroups | None = None) -> None:
         dense_add_weighted_(self.blocks, views, weights)
+
+    def grouped_saving(self, count: int, columns: int) -> int:
+        return 0  # a block's weighted sums read each row once whatever the weights
 
     def select(self, rows: Tensor) -> DenseFactors:
         return DenseFactors({name: g[rows] for name, g in self.grads.items()})
@@ -218,14 +261,16 @@ class LinearFactors:
             total = total + views[self.bias] @ self._bias_rows().T
         return total
 
-    def add_weighted_(self, views: Views, weights: Tensor) -> None:
+    def add_weighted_(self, views: Views, weights: Tensor, groups: WeightGroups | None = None) -> None:
         if self.dense:
             return dense_add_weighted_(self.blocks(), views, weights)
         count, (batch, steps, outputs) = len(weights), self.d.shape
         if self.weight:
             target = views[self.weight].reshape(count, outputs, -1)  # (N, O, I)
             inputs = self.a.reshape(batch * steps, -1)
-            if count == 1:
+            if groups is not None and self.grouped_saving(count, len(groups.counts)) >= GROUPED_MIN_SAVING:
+                self._add_grouped_(target, groups)
+            elif count == 1:
                 scaled = (self.d * weights[0, :, None, None]).reshape(batch * steps, outputs)
                 target[0].addmm_(scaled.T, inputs)
             else:
@@ -233,6 +278,26 @@ class LinearFactors:
                 target.baddbmm_(scaled.transpose(1, 2), inputs.expand(count, -1, -1))
         if self.bias:
             views[self.bias].addmm_(weights, self._bias_rows())
+
+    def grouped_saving(self, count: int, columns: int) -> int:
+        """Multiply-adds saved by forming ``columns`` group sums instead of ``count`` weighted sums."""
+        if self.dense or not self.weight:
+            return 0
+        batch, steps, _ = self.d.shape
+        size = math.prod(self.weight_shape)
+        return (count - 1) * batch * steps * size - count * columns * size
+
+    def _add_grouped_(self, target: Tensor, groups: WeightGroups) -> None:
+        """``target`` (N, O, I) ``+= columns @ group sums``: one product over the batch, split by group."""
+        outputs, inputs = self.d.shape[2], self.a.shape[2]
+        a, d = self.a[groups.order], self.d[groups.order]  # examples of one group are contiguous
+        sums = self.d.new_empty(len(groups.counts), outputs, inputs)
+        start = 0
+        for group, size in enumerate(groups.counts):
+            rows = slice(start, start + size)
+            torch.mm(d[rows].reshape(-1, outputs).T, a[rows].reshape(-1, inputs), out=sums[group])
+            start += size
+        target.reshape(len(target), -1).addmm_(groups.columns, sums.reshape(len(groups.counts), -1))
 
     def select(self, rows: Tensor) -> LinearFactors:
         return LinearFactors(self.weight, self.bias, self.a[rows], self.d[rows], self.weight_shape)
@@ -353,7 +418,10 @@ class EmbeddingFactors:
         tables = views[self.weight]  # (N, V, E)
         return (tables[:, self.idx] * self.d[None]).sum(dim=(2, 3))
 
-    def add_weighted_(self, views: Views, weights: Tensor) -> None:
+    def grouped_saving(self, count: int, columns: int) -> int:
+        return 0  # the update is a scatter of the rows, not a product
+
+    def add_weighted_(self, views: Views, weights: Tensor, groups: WeightGroups | None = None) -> None:
         if self.dense:
             return dense_add_weighted_(self.blocks(), views, weights)
         width = self.d.shape[2]

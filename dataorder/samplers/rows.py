@@ -131,9 +131,10 @@ class GhostRows:
 
     def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
         """``targets += weights @ rows`` in place, without forming the rows (``targets`` float32)."""
-        matrix = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(self.device)
+        weights = np.asarray(weights, dtype=np.float32)
+        matrix = torch.as_tensor(weights).to(self.device)
         width = len(self.prefix)
-        self.batch.add_weighted_(targets, matrix[:, width:])
+        self.batch.add_weighted_(targets, weights[:, width:])
         if width:
             targets.addmm_(matrix[:, :width], self.prefix.to(self.device, torch.float32))
         if self.mean is not None:
