@@ -27,7 +27,7 @@ from dataorder.orderings import make_ordering
 from dataorder.training import train_run
 
 ORDERS = ("rr", "so", "flipflop", "grab", "pair", "recursive", "herding")
-#: model -> training settings (the compare demo's, see docs/grab.md)
+#: model -> training settings (the compare demo's, see the README's GraB section)
 SETTINGS = {
     "logreg": {"lr": 0.5, "batch_size": 16, "weight_decay": 1e-3},
     "mlp": {"lr": 0.1, "batch_size": 16, "weight_decay": 1e-3},
