@@ -27,7 +27,10 @@ built from nn.Embedding / nn.Linear / nn.LayerNorm, B=32):
 Targets (ghost-balancing issue): ghost GraB step ≤ 1.5× plain on CPU (≤ 1.2× on GPU), and
 ≥ 5× faster than the vmap path on the MLP. ``--only ghost`` / ``--only vmap`` runs one table.
 
-    python benchmarks/grab_overhead.py [--device cuda] [--batch 64] [--threads 1] [--only ghost] [--quick]
+With ``--grouping``, also ``sampler.step()`` alone on a 512-1024-1024-10 MLP (B=256), with
+the update's weighted sums formed one product per weight row or grouped by weight column.
+
+    python benchmarks/grab_overhead.py [--device cuda] [--batch 64] [--threads 1] [--only ghost] [--grouping] [--quick]
 """
 
 from __future__ import annotations
@@ -309,6 +312,42 @@ def run_ghost(args: argparse.Namespace, steps: int, repeats: int, seq_steps: int
           f"{'met' if speed_up >= GHOST_VS_VMAP_TARGET else 'MISSED'}")
 
 
+def run_grouping(args: argparse.Namespace, repeats: int) -> None:
+    """``sampler.step()`` on a wide MLP with and without grouping the update by weight column."""
+    from dataorder.ghost import batch as ghost_batch, factors
+
+    torch.manual_seed(0)
+    size, width = args.grouping_batch, 1024
+    model = nn.Sequential(nn.Linear(512, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 10)).to(args.device)
+    x = torch.randn(size, 512, device=args.device)
+    y = torch.randint(0, 10, (size,), device=args.device)
+    saved = factors.GROUPED_MIN_SAVING
+    rows = []
+    for balance in ("mean", "recursive"):
+        spent = {}
+        for label, threshold in (("one product per weight row", 2 ** 62), ("grouped by weight column", saved)):
+            factors.GROUPED_MIN_SAVING = ghost_batch.GROUPED_MIN_SAVING = threshold
+            net = copy.deepcopy(model)
+            sampler = GraBSampler(size * 4 * (repeats + 2), balance=balance).attach(net)
+            times = []
+            for _ in range(repeats + 1):
+                nn.functional.cross_entropy(net(x), y).backward()
+                sync(args.device)
+                start = time.perf_counter()
+                sampler.step()
+                sync(args.device)
+                times.append(time.perf_counter() - start)
+                net.zero_grad(set_to_none=True)
+            spent[label] = statistics.median(times[1:])
+        factors.GROUPED_MIN_SAVING = ghost_batch.GROUPED_MIN_SAVING = saved
+        base = spent["one product per weight row"]
+        for label, value in spent.items():
+            rows.append((f"MLP 512-{width}-{width}-10", size, balance, label, f"{1e3 * value:.2f}", f"{value / base:.2f}"))
+    print("\nsampler.step() alone, update grouped by weight column or not")
+    print_table(rows, ("model", "B", "balance", "weighted sums", "ms/step", "vs one per row"))
+
+
 def interleaved(variants: dict, repeats: int) -> dict[str, float]:
     """Median time of each variant, timed round-robin so that load drifts hit all alike."""
     for run in variants.values():  # warm-up
@@ -332,6 +371,8 @@ def main() -> None:
     parser.add_argument("--seq-steps", type=int, default=5, help="transformer training steps per timed run")
     parser.add_argument("--only", choices=("vmap", "ghost"), help="run only the materialised (vmap) or ghost table")
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 repeat (transformer: 1 step, T=32)")
+    parser.add_argument("--grouping", action="store_true", help="also time the grouped update on a wide MLP")
+    parser.add_argument("--grouping-batch", type=int, default=256, help="batch of the --grouping MLP")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -349,6 +390,8 @@ def main() -> None:
         print_table(rows, ("model", "d", "training step", "ms/step", "vs plain", "sampler.step share"))
     if args.only != "vmap":
         run_ghost(args, steps, repeats, seq_steps)
+    if args.grouping:
+        run_grouping(args, repeats)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import pytest
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def run_quick(script: str, timeout: float) -> str:
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick"], cwd=BENCHMARKS,
+def run_quick(script: str, *extra: str, timeout: float) -> str:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *extra], cwd=BENCHMARKS,
                             capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -27,6 +27,14 @@ def test_grab_overhead_quick_times_both_paths() -> None:
     for model in ("MLP 64-256-256-10", "LeNet 3x32x32", "Transformer 2L d128 T32"):
         assert f"{model}, mean:" in out
     assert "MLP ghost vs vmap (mean):" in out
+    assert "plain + bare mean-balance products (floor)" in out
+
+
+@pytest.mark.slow
+def test_grab_overhead_grouping_table() -> None:
+    out = run_quick("grab_overhead.py", "--only", "ghost", "--grouping", "--grouping-batch", "32", timeout=120)
+    rows = [line for line in out.splitlines() if line.strip().startswith("MLP 512-1024-1024-10")]
+    assert len(rows) == 4 and sum("grouped by weight column" in row for row in rows) == 2
 
 
 @pytest.mark.slow
