@@ -44,9 +44,13 @@ Views = Mapping[str, Tensor]  # parameter name -> (N, *shape) view into N flat v
 #: the running sum and the stale mean, the signed update and the next epoch's sum.
 PRODUCTS_PER_STEP = 4
 #: Grouping a layer's weighted sums by weight column (:class:`WeightGroups`) must save at
-#: least this many multiply-adds: below it, the extra gathers and calls cost more than the
-#: products they save (measured on the digits MLP at B = 64, one CPU thread).
+#: least this many (speed-weighted) multiply-adds: below it, the extra gathers and calls
+#: cost more than the products they save (measured on the digits MLP at B = 64, one thread).
 GROUPED_MIN_SAVING = 2 ** 22
+#: A product whose inner dimension (rows summed over) is below this runs memory-bound, at
+#: about ``rows / FULL_SPEED_ROWS`` of full speed on a CPU: one group's sum of 64 rows costs
+#: what two weighted sums of 128 rows do (measured: B = 128 in two groups was no faster).
+FULL_SPEED_ROWS = 128
 #: Largest per-example block (B × parameter size, values) a layer materialises; above it the
 #: factored form is kept whatever its flops (memory over speed).
 MAX_DENSE_VALUES = 2 ** 27
@@ -280,12 +284,13 @@ class LinearFactors:
             views[self.bias].addmm_(weights, self._bias_rows())
 
     def grouped_saving(self, count: int, columns: int) -> int:
-        """Multiply-adds saved by forming ``columns`` group sums instead of ``count`` weighted sums."""
+        """Multiply-adds (scaled by speed) saved by ``columns`` group sums over ``count`` weighted sums."""
         if self.dense or not self.weight:
             return 0
-        batch, steps, _ = self.d.shape
-        size = math.prod(self.weight_shape)
-        return (count - 1) * batch * steps * size - count * columns * size
+        rows, size = self.d.shape[0] * self.d.shape[1], math.prod(self.weight_shape)
+        separate = count * rows * size / _speed(rows)
+        grouped = rows * size / _speed(rows / columns) + count * columns * size
+        return int(separate - grouped)
 
     def _add_grouped_(self, target: Tensor, groups: WeightGroups) -> None:
         """``target`` (N, O, I) ``+= columns @ group sums``: one product over the batch, split by group."""
@@ -311,6 +316,11 @@ class LinearFactors:
         if self.bias:
             out[self.bias] = self._bias_rows()
         return out
+
+
+def _speed(rows: float) -> float:
+    """Relative speed of a product summing over ``rows`` (see :data:`FULL_SPEED_ROWS`)."""
+    return min(1.0, rows / FULL_SPEED_ROWS)
 
 
 class ConvFactors(LinearFactors):
