@@ -137,7 +137,12 @@ def dense_add_weighted_(blocks: Mapping[str, Tensor], views: Views, weights: Ten
 
 
 class DenseFactors:
-    """Per-example gradients held as blocks ``name -> (B, *shape)`` (norm layers, fallbacks)."""
+    """Per-example gradients held as blocks ``name -> (B, *shape)`` (norm layers, fallbacks).
+
+    >>> factors = DenseFactors({"w": torch.tensor([[1.0, 0.0], [0.0, 2.0]])})
+    >>> factors.gram().tolist(), factors.dots({"w": torch.ones(1, 2)}).tolist()
+    ([[1.0, 0.0], [0.0, 4.0]], [[1.0, 2.0]])
+    """
 
     def __init__(self, grads: dict[str, Tensor]) -> None:
         self.grads = grads
@@ -195,6 +200,13 @@ class LinearFactors:
 
     ``weight``/``bias`` are parameter names (None when not selected). The form (factored or
     dense) is chosen once by :func:`prefer_dense`; the dense blocks are built on first use.
+
+    >>> a, d = torch.randn(3, 1, 2), torch.randn(3, 1, 4)
+    >>> factors = LinearFactors("w", "b", a, d, torch.Size([4, 2]))
+    >>> sums = torch.zeros(1, 4 * 2 + 4)
+    >>> factors.add_weighted_({"w": sums[:, :8].view(1, 4, 2), "b": sums[:, 8:]}, torch.ones(1, 3))
+    >>> torch.allclose(sums[0, :8], (d[:, 0].T @ a[:, 0]).reshape(-1), atol=1e-6)
+    True
     """
 
     def __init__(self, weight: str | None, bias: str | None, a: Tensor | None, d: Tensor,
@@ -256,11 +268,11 @@ class LinearFactors:
         total = 0.0
         if self.weight:
             count, (batch, steps, outputs) = len(views[self.weight]), self.d.shape
-            weights = views[self.weight].reshape(count, outputs, -1)  # (N, O, I)
+            matrices = views[self.weight].reshape(count, outputs, -1)  # (N, O, I)
             if steps == 1:  # <W, d a^T> = d^T W a: (N, B, I) products with the inputs
-                total = (torch.matmul(self.d[:, 0], weights) * self.a[:, 0]).sum(dim=2)
+                total = (torch.matmul(self.d[:, 0], matrices) * self.a[:, 0]).sum(dim=2)
             else:
-                total = (torch.matmul(self.d[None], weights[:, None]) * self.a[None]).sum(dim=(2, 3))
+                total = (torch.matmul(self.d[None], matrices[:, None]) * self.a[None]).sum(dim=(2, 3))
         if self.bias:
             total = total + views[self.bias] @ self._bias_rows().T
         return total
@@ -331,6 +343,13 @@ class ConvFactors(LinearFactors):
     ``kh·kw`` times the input) is built only if the factored form is kept or the stride is
     not 1; otherwise the dense form gets its per-example gradients from shifted views of
     the input (:func:`_conv_per_example`).
+
+    >>> x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    >>> delta = torch.randn(2, 4, 4, 4)  # the output gradient of conv2d(x, w)
+    >>> factors = ConvFactors("w", None, x, delta, w.shape, ((3, 3), (1, 1), (0, 0), (1, 1)))
+    >>> summed = factors.materialize()["w"].sum(0)
+    >>> torch.allclose(summed, torch.nn.grad.conv2d_weight(x, w.shape, delta), atol=1e-4)
+    True
     """
 
     def __init__(self, weight: str | None, bias: str | None, x: Tensor, delta: Tensor, weight_shape: torch.Size,
@@ -388,6 +407,10 @@ class EmbeddingFactors:
     """An embedding: row ``idx`` of the table receives ``d``; idx (B, T), d (B, T, E).
 
     Dense form: per-example tables ``(B, V·E)``, when :func:`prefer_dense_tables` says so.
+
+    >>> idx, d = torch.tensor([[0, 2], [2, 2]]), torch.ones(2, 2, 1)
+    >>> EmbeddingFactors("table", idx, d, num_embeddings=3).materialize()["table"][:, :, 0].tolist()
+    [[1.0, 0.0, 1.0], [0.0, 0.0, 2.0]]
     """
 
     def __init__(self, weight: str, idx: Tensor, d: Tensor, num_embeddings: int) -> None:
