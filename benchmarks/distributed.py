@@ -12,12 +12,17 @@ thread each), an MLP 64-128-10 on sklearn digits, local batch B = 16 per rank, S
   balancing, ``sampler.step(rows)`` sketches them and all-gathers (B, 1024), and DDP
   forward/backward for the gradient (the per-example pass and the backward both run);
 * ``cd-grab sketch, 1 pass``: the same sketches, but the gradient is the per-example pass's
-  batch mean, all-reduced with one ``dist.all_reduce`` (no second backward).
+  batch mean, all-reduced with one ``dist.all_reduce`` (no second backward);
+* ``cd-grab ghost``: DDP forward/backward with ``GraBSampler(...).attach(ddp)`` and
+  ``sampler.step()``: each linear layer's inputs and output gradients are all-gathered
+  (``B·(in + out)`` values per layer and rank) and every rank balances the global batch
+  (examples/ddp_ghost.py).
 
 GraB uses ``balance="pair"`` (CD-GraB's). Variants are timed round-robin in the same process
 group (median of repeats, each a run of ``--steps`` steps between barriers, rank 0's clock).
 Bytes per step per rank are analytic, float32: ring all-reduce sends and receives
-``2·d·4·(W−1)/W``; an all-gather receives ``B·k·4·(W−1)`` (k = d, or the sketch width).
+``2·d·4·(W−1)/W``; an all-gather receives ``B·k·4·(W−1)`` (k = d, the sketch width, or for
+the ghost path the sum of ``in + out`` over the linear layers).
 With W processes on a 2-core machine, W = 4 oversubscribes the cores.
 
     python benchmarks/distributed.py [--worlds 2 4] [--steps 40] [--repeats 5] [--quick]
@@ -40,7 +45,9 @@ from dataorder.distributed import run_local_group
 
 LOCAL_BATCH = 16
 SKETCH_DIM = 1024
-VARIANTS = ("ddp+rr", "cd-grab full", "cd-grab sketch", "cd-grab sketch, 1 pass")
+VARIANTS = ("ddp+rr", "cd-grab full", "cd-grab sketch", "cd-grab sketch, 1 pass", "cd-grab ghost")
+HIDDEN = 128
+GHOST_WIDTH = (64 + HIDDEN) + (HIDDEN + 10)  # values per example gathered by the ghost path
 
 
 # -- bytes, analytically ---------------------------------------------------------------------
@@ -59,6 +66,8 @@ def bytes_per_step(variant: str, d: int, world: int) -> float:
         return allreduce_bytes(d, world)
     if variant == "cd-grab full":
         return allgather_bytes(LOCAL_BATCH, d, world)
+    if variant == "cd-grab ghost":
+        return allreduce_bytes(d, world) + allgather_bytes(LOCAL_BATCH, GHOST_WIDTH, world)
     return allreduce_bytes(d, world) + allgather_bytes(LOCAL_BATCH, SKETCH_DIM, world)
 
 
@@ -98,7 +107,7 @@ def build_variants(rank: int, world: int) -> tuple[dict, int]:
 
     def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)  # the same initial weights on every rank
-        model = mlp(64, 10, hidden=(128,))
+        model = mlp(64, 10, hidden=(HIDDEN,))
         return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
     steps = {}
@@ -162,6 +171,19 @@ def build_variants(rank: int, world: int) -> tuple[dict, int]:
         sampler.step(rows)
         opt.step()
     steps["cd-grab sketch, 1 pass"] = sketch_one_pass
+
+    model, opt = fresh()
+    ddp = DistributedDataParallel(model)
+    sampler = GraBSampler(n, balance="pair", seed=0, rank=rank, world_size=world).attach(ddp)
+    data = batches(sampler, x, y)
+
+    def ghost(ddp=ddp, opt=opt, sampler=sampler, data=data):
+        xb, yb = next(data)
+        opt.zero_grad(set_to_none=True)
+        ce(ddp(xb), yb).backward()  # DDP: the all-reduced gradient; hooks capture the factors
+        sampler.step()  # all-gathers each layer's inputs and output gradients
+        opt.step()
+    steps["cd-grab ghost"] = ghost
     return steps, d
 
 
@@ -214,7 +236,7 @@ def main() -> None:
             sent = bytes_per_step(name, d, world)
             rows.append((world, name, f"{1e3 * times[name]:.2f}", f"{times[name] / base:.2f}",
                          f"{sent / 1024:.1f}", f"{sent / bytes_per_step('ddp+rr', d, world):.1f}"))
-    print(f"d = {d}, sketch k = {SKETCH_DIM}")
+    print(f"d = {d}, sketch k = {SKETCH_DIM}, ghost factors per example = {GHOST_WIDTH}")
     print_table(rows, ("W", "variant", "ms/step", "vs ddp+rr", "KiB/step/rank", "bytes vs ddp+rr"))
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["active_world", "check_same_on_all_ranks", "gather_global_batch", "run_local_group"]
+__all__ = ["active_world", "check_same_on_all_ranks", "gather_global_batch", "gather_global_batches",
+           "run_local_group"]
 
 
 def active_world() -> int:
@@ -61,6 +62,37 @@ def gather_global_batch(rows: torch.Tensor) -> torch.Tensor:
     dist.all_gather(parts, source)
     stacked = torch.stack(parts, dim=1)  # (B, W, ...): row j of rank r at [j, r]
     return stacked.reshape(-1, *source.shape[1:]).to(device)
+
+
+def gather_global_batches(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`gather_global_batch` of several ``(B, ...)`` tensors, of any dtypes, in **one** all-gather.
+
+    The tensors travel as the bytes of one ``(B, total)`` buffer (each piece padded to 8
+    bytes), so a step that gathers many small tensors pays one collective's latency, not
+    one per tensor; values are not converted, so integers and floats come back bit for bit.
+    Every rank must pass the same shapes and dtypes.
+
+    >>> [a, b] = gather_global_batches([torch.ones(2, 3), torch.arange(4).reshape(2, 2)])
+    >>> a.shape, b.tolist()
+    (torch.Size([2, 3]), [[0, 1], [2, 3]])
+    """
+    if not tensors:
+        return []
+    batch = tensors[0].shape[0]
+    pieces, layout = [], []
+    for tensor in tensors:
+        raw = tensor.contiguous().reshape(batch, -1).view(torch.uint8)  # (B, bytes)
+        width = raw.shape[1]
+        padded = -width % 8
+        pieces.append(torch.nn.functional.pad(raw, (0, padded)) if padded else raw)
+        layout.append((width, width + padded, tensor.dtype, tensor.shape[1:]))
+    gathered = gather_global_batch(torch.cat(pieces, dim=1))
+    out, start = [], 0
+    for width, stride, dtype, shape in layout:
+        raw = gathered[:, start:start + width].contiguous()
+        out.append(raw.view(dtype).reshape(len(gathered), *shape))
+        start += stride
+    return out
 
 
 def _digest(value: Any) -> int:

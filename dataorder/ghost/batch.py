@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -67,6 +67,32 @@ class GhostBatch:
         """The factors of a subset of the batch's examples (e.g. one example, to materialise it)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         return GhostBatch([f.select(rows) for f in self._factors], self.names, len(rows), self.shapes, self.scale)
+
+    def gathered(self, gather_many: Callable[[list[Tensor]], list[Tensor]], copies: int) -> GhostBatch:
+        """This batch's factors for the global batch of ``copies`` processes.
+
+        ``gather_many`` maps a list of rank-local ``(B, ...)`` tensors to the global
+        ``(copies·B, ...)`` ones, e.g. :func:`dataorder.distributed.gather_global_batches`
+        (one all-gather for all of them). It is a collective: every rank calls it with the
+        same layers in the same order (it does, for identical models). What travels is each
+        layer's inputs and output gradients, never ``B × d`` per-example gradients.
+
+        >>> from torch import nn
+        >>> from dataorder.ghost import GhostGrads
+        >>> model = nn.Linear(3, 2)
+        >>> ghost = GhostGrads(model)
+        >>> model(torch.randn(4, 3)).sum().backward()
+        >>> [batch] = ghost.collect()
+        >>> both = batch.gathered(lambda tensors: [torch.cat([t, t]) for t in tensors], copies=2)
+        >>> both.batch_size, torch.allclose(both.gram()[:4, :4], batch.gram())
+        (8, True)
+        """
+        local: list[Tensor] = []
+        for factor in self._factors:  # first pass: list what every layer sends, in order
+            factor.gathered(lambda tensor: local.append(tensor) or tensor)
+        received = iter(gather_many(local))
+        factors = [factor.gathered(lambda tensor: next(received)) for factor in self._factors]
+        return GhostBatch(factors, self.names, self.batch_size * copies, self.shapes, self.scale)
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of a flat ``(..., d)`` tensor as parameter-shaped pieces, in ``names`` order."""

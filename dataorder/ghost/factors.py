@@ -7,6 +7,8 @@ layer's parameters:
 * ``gram()`` -- ``(B, B)`` of ``<g_i, g_j>``;
 * ``sq_norms()`` -- ``(B,)`` of ``||g_j||²``;
 * ``dots(views)`` -- ``(N, B)`` of ``<v, g_j>`` for ``N`` vectors given as parameter-shaped views;
+* ``gathered(gather)`` -- the same layer for the global batch of a process group, each
+  captured tensor passed through an all-gather (distributed GraB on the ghost path);
 * ``add_weighted_(views, weights, groups)`` -- ``v += sum_j weights[v, j] g_j`` in place, for
   ``N`` views; ``groups`` (:class:`WeightGroups`) lists the weight matrix's distinct columns, so
   that a factored layer forms one product per group instead of one per row of weights.
@@ -27,7 +29,7 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +41,7 @@ __all__ = ["ConvFactors", "DenseFactors", "EmbeddingFactors", "LinearFactors", "
            "prefer_dense_tables"]
 
 Views = Mapping[str, Tensor]  # parameter name -> (N, *shape) view into N flat vectors
+Gather = Callable[[Tensor], Tensor]  # rank-local (B, ...) -> the global batch's (W·B, ...), same on every rank
 
 #: Weight-sized products one GraB step asks of a layer besides its Gram: the products with
 #: the running sum and the stale mean, the signed update and the next epoch's sum.
@@ -165,6 +168,9 @@ class DenseFactors:
 
     def select(self, rows: Tensor) -> DenseFactors:
         return DenseFactors({name: g[rows] for name, g in self.grads.items()})
+
+    def gathered(self, gather: Gather) -> DenseFactors:
+        return DenseFactors({name: gather(g) for name, g in self.grads.items()})
 
     def materialize(self) -> dict[str, Tensor]:
         return dict(self.grads)
@@ -319,6 +325,9 @@ class LinearFactors:
     def select(self, rows: Tensor) -> LinearFactors:
         return LinearFactors(self.weight, self.bias, self.a[rows], self.d[rows], self.weight_shape)
 
+    def gathered(self, gather: Gather) -> LinearFactors:
+        return LinearFactors(self.weight, self.bias, gather(self.a), gather(self.d), self.weight_shape)
+
     def materialize(self) -> dict[str, Tensor]:
         batch = len(self.d)
         out = {}
@@ -376,6 +385,10 @@ class ConvFactors(LinearFactors):
 
     def select(self, rows: Tensor) -> ConvFactors:
         return ConvFactors(self.weight, self.bias, self.x[rows], self.delta[rows], self.weight_shape, self.geometry)
+
+    def gathered(self, gather: Gather) -> ConvFactors:
+        return ConvFactors(self.weight, self.bias, gather(self.x), gather(self.delta), self.weight_shape,
+                           self.geometry)
 
 
 def _conv_per_example(x: Tensor, delta: Tensor, kernel, dilation, padding) -> Tensor:
@@ -463,6 +476,9 @@ class EmbeddingFactors:
 
     def select(self, rows: Tensor) -> EmbeddingFactors:
         return EmbeddingFactors(self.weight, self.idx[rows], self.d[rows], self.num_embeddings)
+
+    def gathered(self, gather: Gather) -> EmbeddingFactors:
+        return EmbeddingFactors(self.weight, gather(self.idx), gather(self.d), self.num_embeddings)
 
     def materialize(self) -> dict[str, Tensor]:
         batch = len(self.idx)

@@ -34,7 +34,7 @@ from dataorder.samplers.balance import (
     tree_buckets,
     tree_size,
 )
-from dataorder.distributed import active_world, check_same_on_all_ranks, gather_global_batch
+from dataorder.distributed import active_world, check_same_on_all_ranks, gather_global_batch, gather_global_batches
 from dataorder.samplers.base import IndexSampler, check_epoch, epoch_rng
 from dataorder.samplers.rows import DenseRows, GhostRows
 
@@ -516,6 +516,10 @@ class GraBSampler(GradientOrderSampler):
         The loss must be mean-reduced over the batch. ``params`` selects parameters as in
         :class:`~dataorder.grads.PerExampleGrads`. Returns the sampler.
 
+        Under ``torch.distributed`` (e.g. ``model`` wrapped in DDP) each ``step()`` all-gathers
+        the layers' captured inputs and output gradients and balances the global batch on
+        every rank (CD-GraB), as ``step(grads)`` does with materialised rows.
+
         Example::
 
             >>> from torch import nn
@@ -560,8 +564,7 @@ class GraBSampler(GradientOrderSampler):
         if not batches:
             raise ValueError("no backward pass since the last step(): call loss.backward() before sampler.step()")
         if self.world_size > 1 and active_world() > 1:
-            raise ValueError("the ghost path balances one process's batches; under torch.distributed pass "
-                             "per-example gradients (or sketches) to step(grads) instead")
+            batches = self._global_batches(batches)
         self._check_room(sum(batch.batch_size for batch in batches))
         snapshot = self.state_dict() if len(batches) > 1 else None
         try:
@@ -571,6 +574,27 @@ class GraBSampler(GradientOrderSampler):
             if snapshot is not None:
                 self.load_state_dict(snapshot)  # all micro-batches or none
             raise
+
+    def _global_batches(self, batches: list) -> list:
+        """CD-GraB on the ghost path: every rank gets each micro-batch's global factors.
+
+        The layers' captured inputs and output gradients are all-gathered in global-batch
+        order (row ``j`` of rank ``r`` at ``j·W + r``), so every rank balances the same global
+        batch and keeps the same state; duplicates the sharding padded in are dropped.
+        """
+        from dataorder.ghost import GhostBatch
+
+        if self._dim is None:
+            self._check_ranks_agree(batches[0].batch_size, batches[0].dim)
+        position, out = self.steps_position, []
+        for batch in batches:
+            batch: GhostBatch = batch.gathered(gather_global_batches, active_world())
+            remaining = self._global_length() - position
+            if batch.batch_size > remaining:
+                batch = batch.select(list(range(max(remaining, 0))))
+            position += batch.batch_size
+            out.append(batch)
+        return out
 
     def _wrap(self, rows: Tensor) -> DenseRows:
         return DenseRows(rows)
