@@ -273,7 +273,7 @@ class LinearFactors:
             return dense_dots(self.blocks(), views)
         total = 0.0
         if self.weight:
-            count, (batch, steps, outputs) = len(views[self.weight]), self.d.shape
+            count, (_, steps, outputs) = len(views[self.weight]), self.d.shape
             matrices = views[self.weight].reshape(count, outputs, -1)  # (N, O, I)
             if steps == 1:  # <W, d a^T> = d^T W a: (N, B, I) products with the inputs
                 total = (torch.matmul(self.d[:, 0], matrices) * self.a[:, 0]).sum(dim=2)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dataorder.samplers.grab import GradientOrderSampler
+from dataorder.samplers.gradient_order import GradientOrderSampler
 
 __all__ = ["HerdingSampler", "herding_order"]
 
