@@ -40,11 +40,13 @@ def test_grab_overhead_grouping_table() -> None:
 @pytest.mark.slow
 def test_distributed_quick_reports_every_variant() -> None:
     out = run_quick("distributed.py", timeout=180)
-    assert "d = 9610, sketch k = 1024" in out
+    assert "d = 9610, sketch k = 1024, ghost factors per example = 330" in out
     lines = [line.split() for line in out.splitlines() if line.strip().startswith("2 ")]
     assert [line[1:-4] for line in lines] == [["ddp+rr"], ["cd-grab", "full"], ["cd-grab", "sketch"],
-                                             ["cd-grab", "sketch,", "1", "pass"]]
-    # analytic bytes per rank at W=2, d=9610, B=16: all-reduce 2·d·4·½; all-gather B·k·4
+                                             ["cd-grab", "sketch,", "1", "pass"], ["cd-grab", "ghost"]]
+    # analytic bytes per rank at W=2, d=9610, B=16: all-reduce 2·d·4·½; all-gather B·k·4, where
+    # the ghost path gathers each linear layer's input and output gradient: (64 + 128) + (128 + 10)
     kib = [float(line[-2]) for line in lines]
     assert kib == [round(9610 * 4 / 1024, 1), round(16 * 9610 * 4 / 1024, 1),
-                   round((9610 * 4 + 16 * 1024 * 4) / 1024, 1), round((9610 * 4 + 16 * 1024 * 4) / 1024, 1)]
+                   round((9610 * 4 + 16 * 1024 * 4) / 1024, 1), round((9610 * 4 + 16 * 1024 * 4) / 1024, 1),
+                   round((9610 * 4 + 16 * 330 * 4) / 1024, 1)]
