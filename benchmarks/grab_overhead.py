@@ -15,7 +15,10 @@ step) assume per-example gradients come almost free; with torch.func materialisi
 The ghost path (``sampler.attach(model)``, then ``sampler.step()`` after an ordinary
 mean-reduced ``loss.backward()``; see the README's ghost section) is timed in a second table, per model
 (the MLP, LeNet, and a small 2-layer pre-norm transformer language model on T=128 tokens
-built from nn.Embedding / nn.Linear / nn.LayerNorm, B=32):
+built from nn.Embedding / nn.Linear / nn.LayerNorm, B=32; with ``--large``, the default on
+``--device cuda``, also a ResNet-18-size CNN with GroupNorm at B=``--batch`` and a
+GPT-2-small-size block stack, 12 × d768, T=1024, B=``--seq-batch``; models in
+``ghost_models.py``):
 
 * ``plain``: as above, on a hook-free copy of the model (same weights);
 * ``ghost``: ``zero_grad``, forward, ``loss.backward()`` (hooks capture the factors),
@@ -30,7 +33,8 @@ Targets (ghost-balancing issue): ghost GraB step ≤ 1.5× plain on CPU (≤ 1.2
 With ``--grouping``, also ``sampler.step()`` alone on a 512-1024-1024-10 MLP (B=256), with
 the update's weighted sums formed one product per weight row or grouped by weight column.
 
-    python benchmarks/grab_overhead.py [--device cuda] [--batch 64] [--threads 1] [--only ghost] [--grouping] [--quick]
+    python benchmarks/grab_overhead.py [--device cuda] [--batch 64] [--threads 1] [--only ghost] [--large]
+        [--grouping] [--quick]
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import torch
 from torch import nn
 
 from _common import best_of, machine, print_table
+from ghost_models import BlockStack, ResNet18GN, TinyLM, lm_loss
 from dataorder.grads import PerExampleGrads
 from dataorder.models import LeNet, mlp
 from dataorder.samplers.grab import GraBSampler
@@ -118,45 +123,13 @@ def measure(name: str, model: nn.Module, shape: tuple[int, ...], batch: int, ste
 
 
 # -- the ghost path ------------------------------------------------------------------------
-class TinyLM(nn.Module):
-    """A 2-layer pre-norm causal transformer LM from Embedding/Linear/LayerNorm only (ghost-exact)."""
+def ghost_models(batch: int, seq_batch: int, seq_len: int, large: bool, quick: bool) -> dict[str, tuple]:
+    """name -> (model, make a (x, y) batch on a device, loss, batch size, balances, compare with vmap).
 
-    def __init__(self, vocab: int = 1000, dim: int = 128, heads: int = 2, layers: int = 2, seq_len: int = 128) -> None:
-        super().__init__()
-        self.heads = heads
-        self.tokens = nn.Embedding(vocab, dim)
-        self.positions = nn.Embedding(seq_len, dim)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({
-                "norm1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
-                "norm2": nn.LayerNorm(dim), "up": nn.Linear(dim, 4 * dim), "down": nn.Linear(4 * dim, dim),
-            })
-            for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab)  # untied: a parameter shared by two modules is not ghost-exact
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, steps = tokens.shape
-        # indices with the batch dim: ghost hooks read dim 0 of a module's input as the batch
-        where = torch.arange(steps, device=tokens.device).expand(batch, steps)
-        h = self.tokens(tokens) + self.positions(where)
-        for block in self.blocks:
-            q, k, v = block["qkv"](block["norm1"](h)).chunk(3, dim=-1)
-            q, k, v = (t.reshape(batch, steps, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-            attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            h = h + block["proj"](attended.transpose(1, 2).reshape(batch, steps, -1))
-            h = h + block["down"](nn.functional.gelu(block["up"](block["norm2"](h))))
-        return self.head(self.norm(h))
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; equal-length sequences make it the mean of per-sequence means."""
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def ghost_models(batch: int, seq_batch: int, seq_len: int) -> dict[str, tuple]:
-    """name -> (model, make a (x, y) batch on a device, loss, batch size, balances, compare with vmap)."""
+    ``large`` adds the GPU rows: a ResNet-18-size CNN (GroupNorm, 32×32, B = ``batch``) and a
+    GPT-2-small-size block stack (12 × d768, B = ``seq_batch``, T = 1024); ``quick`` shrinks
+    them (width 8; 2 × d64, T = 32) so that a CPU smoke run exercises the same code.
+    """
     def images(shape: tuple[int, ...], size: int) -> Callable:
         return lambda device: (torch.randn(size, *shape, device=device), torch.randint(0, 10, (size,), device=device))
 
@@ -165,11 +138,19 @@ def ghost_models(batch: int, seq_batch: int, seq_len: int) -> dict[str, tuple]:
         return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
     ce = nn.functional.cross_entropy
-    return {
+    chosen = {
         "MLP 64-256-256-10": (mlp(64, 10), images((64,), batch), ce, batch, ("mean", "pair"), True),
         "LeNet 3x32x32": (LeNet(3, 10, size=32), images((3, 32, 32), batch), ce, batch, ("mean",), False),
         f"Transformer 2L d128 T{seq_len}": (TinyLM(seq_len=seq_len), tokens, lm_loss, seq_batch, ("mean",), False),
     }
+    if large:
+        width, (dim, heads, layers, steps) = (8, (64, 2, 2, 32)) if quick else (64, (768, 12, 12, 1024))
+        chosen[f"ResNet-18 (GroupNorm) width {width}"] = (ResNet18GN(width), images((3, 32, 32), batch), ce, batch,
+                                                          ("mean",), False)
+        chosen[f"Block stack {layers}L d{dim} T{steps}"] = (BlockStack(dim, heads, layers),
+                                                            images((steps, dim), seq_batch), ce, seq_batch,
+                                                            ("mean",), False)
+    return chosen
 
 
 def sync(device: str) -> None:
@@ -294,8 +275,8 @@ def products_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: 
 def run_ghost(args: argparse.Namespace, steps: int, repeats: int, seq_steps: int) -> None:
     rows, ratios = [], {}
     for name, (model, make_batch, loss_fn, batch, balances, with_vmap) in ghost_models(
-            args.batch, args.seq_batch, args.seq_len).items():
-        model_steps = seq_steps if isinstance(model, TinyLM) else steps
+            args.batch, args.seq_batch, args.seq_len, args.large, args.quick).items():
+        model_steps = seq_steps if isinstance(model, (TinyLM, BlockStack, ResNet18GN)) else steps
         more, found = measure_ghost(name, model, make_batch, loss_fn, batch, balances, with_vmap,
                                     model_steps, repeats, args.device)
         rows += more
@@ -371,9 +352,13 @@ def main() -> None:
     parser.add_argument("--seq-steps", type=int, default=5, help="transformer training steps per timed run")
     parser.add_argument("--only", choices=("vmap", "ghost"), help="run only the materialised (vmap) or ghost table")
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 repeat (transformer: 1 step, T=32)")
+    parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the ResNet-18-size CNN and the GPT-2-small-size block stack (default: on with cuda)")
     parser.add_argument("--grouping", action="store_true", help="also time the grouped update on a wide MLP")
     parser.add_argument("--grouping-batch", type=int, default=256, help="batch of the --grouping MLP")
     args = parser.parse_args()
+    if args.large is None:
+        args.large = args.device.startswith("cuda")
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")

@@ -31,6 +31,13 @@ def test_grab_overhead_quick_times_both_paths() -> None:
 
 
 @pytest.mark.slow
+def test_grab_overhead_large_models_run_small() -> None:
+    out = run_quick("grab_overhead.py", "--only", "ghost", "--large", timeout=180)
+    for model in ("ResNet-18 (GroupNorm) width 8", "Block stack 2L d64 T32"):
+        assert f"{model}, mean:" in out
+
+
+@pytest.mark.slow
 def test_grab_overhead_grouping_table() -> None:
     out = run_quick("grab_overhead.py", "--only", "ghost", "--grouping", "--grouping-batch", "32", timeout=120)
     rows = [line for line in out.splitlines() if line.strip().startswith("MLP 512-1024-1024-10")]
