@@ -221,6 +221,8 @@ class LinearFactors:
         self._a = a
         self._blocks: dict[str, Tensor] | None = None
         batch, steps, outputs = d.shape
+        # (B, I) and (B, O) views when each example contributes one row (an MLP layer): taken once
+        self._single = (a[:, 0], d[:, 0]) if steps == 1 and a is not None else None
         self.dense = weight is not None and prefer_dense(batch, steps, math.prod(weight_shape) // outputs, outputs)
 
     @property
@@ -236,7 +238,7 @@ class LinearFactors:
         return torch.bmm(self.d.transpose(1, 2), self.a).reshape(len(self.d), -1)
 
     def _bias_rows(self) -> Tensor:
-        return self.d[:, 0] if self.d.shape[1] == 1 else self.d.sum(dim=1)
+        return self._single[1] if self._single is not None else self.d.sum(dim=1)
 
     def blocks(self) -> dict[str, Tensor]:
         """Per-example gradients ``name -> (B, n)``, built once (the dense form)."""
@@ -251,8 +253,8 @@ class LinearFactors:
     def gram(self) -> Tensor:
         if self.dense:
             return dense_gram(self.blocks())
-        if self.weight and self.bias and self.d.shape[1] == 1:  # (aa^T + 1) * dd^T: bias folded in
-            a, d = self.a[:, 0], self.d[:, 0]
+        if self.weight and self.bias and self._single is not None:  # (aa^T + 1) * dd^T: bias folded in
+            a, d = self._single
             return (a @ a.T).add_(1.0).mul_(d @ d.T)
         total = _factored_gram(self.a, self.d) if self.weight else 0.0
         if self.bias:
@@ -273,10 +275,11 @@ class LinearFactors:
             return dense_dots(self.blocks(), views)
         total = 0.0
         if self.weight:
-            count, (_, steps, outputs) = len(views[self.weight]), self.d.shape
+            count, outputs = len(views[self.weight]), self.d.shape[2]
             matrices = views[self.weight].reshape(count, outputs, -1)  # (N, O, I)
-            if steps == 1:  # <W, d a^T> = d^T W a: (N, B, I) products with the inputs
-                total = (torch.matmul(self.d[:, 0], matrices) * self.a[:, 0]).sum(dim=2)
+            if self._single is not None:  # <W, d a^T> = d^T W a: (N, B, I) products with the inputs
+                a, d = self._single
+                total = (torch.matmul(d, matrices) * a).sum(dim=2)
             else:
                 total = (torch.matmul(self.d[None], matrices[:, None]) * self.a[None]).sum(dim=(2, 3))
         if self.bias:
