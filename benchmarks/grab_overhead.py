@@ -295,7 +295,7 @@ def run_ghost(args: argparse.Namespace, steps: int, repeats: int, seq_steps: int
 
 def run_grouping(args: argparse.Namespace, repeats: int) -> None:
     """``sampler.step()`` on a wide MLP with and without grouping the update by weight column."""
-    from dataorder.ghost import batch as ghost_batch, factors
+    from dataorder.ghost import factors
 
     torch.manual_seed(0)
     size, width = args.grouping_batch, 1024
@@ -308,7 +308,7 @@ def run_grouping(args: argparse.Namespace, repeats: int) -> None:
     for balance in ("mean", "recursive"):
         spent = {}
         for label, threshold in (("one product per weight row", 2 ** 62), ("grouped by weight column", saved)):
-            factors.GROUPED_MIN_SAVING = ghost_batch.GROUPED_MIN_SAVING = threshold
+            factors.GROUPED_MIN_SAVING = threshold
             net = copy.deepcopy(model)
             sampler = GraBSampler(size * 4 * (repeats + 2), balance=balance).attach(net)
             times = []
@@ -321,7 +321,7 @@ def run_grouping(args: argparse.Namespace, repeats: int) -> None:
                 times.append(time.perf_counter() - start)
                 net.zero_grad(set_to_none=True)
             spent[label] = statistics.median(times[1:])
-        factors.GROUPED_MIN_SAVING = ghost_batch.GROUPED_MIN_SAVING = saved
+        factors.GROUPED_MIN_SAVING = saved
         base = spent["one product per weight row"]
         for label, value in spent.items():
             rows.append((f"MLP 512-{width}-{width}-10", size, balance, label, f"{1e3 * value:.2f}", f"{value / base:.2f}"))

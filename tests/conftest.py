@@ -18,11 +18,10 @@ def ghost_form(request, monkeypatch):
 
     "factored" also groups every weighted sum of several rows by weight column.
     """
-    from dataorder.ghost import batch, factors
+    from dataorder.ghost import factors
 
     if request.param != "auto":
         monkeypatch.setattr(factors, "_dense_is_cheaper", lambda *costs: request.param == "dense")
     if request.param == "factored":
         monkeypatch.setattr(factors, "GROUPED_MIN_SAVING", -(2 ** 62))
-        monkeypatch.setattr(batch, "GROUPED_MIN_SAVING", -(2 ** 62))
     return request.param

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dataorder.ghost.factors import GROUPED_MIN_SAVING, WeightGroups
+from dataorder.ghost.factors import WeightGroups
 
 __all__ = ["GhostBatch"]
 
@@ -126,8 +126,8 @@ class GhostBatch:
         if targets.dtype != torch.float32 or targets.stride(-1) != 1:
             raise ValueError("targets must be a float32 (N, d) tensor with contiguous rows")
         host = weights.detach().cpu().numpy() if isinstance(weights, Tensor) else np.asarray(weights, np.float32)
-        pays = len(host) > 1 and any(f.grouped_saving(len(host), len(host)) >= GROUPED_MIN_SAVING
-                                     for f in self._factors)
+        # GraB's weights have at most as many distinct columns as rows: judge with that bound
+        pays = len(host) > 1 and any(f.groups_pay(len(host), len(host)) for f in self._factors)
         groups = WeightGroups.of(host, self.device, self.scale) if pays else None
         views = self.unflatten(targets)
         scaled = self._float(torch.as_tensor(host)) * self.scale

@@ -163,8 +163,8 @@ class DenseFactors:
     def add_weighted_(self, views: Views, weights: Tensor, groups: WeightGroups | None = None) -> None:
         dense_add_weighted_(self.blocks, views, weights)
 
-    def grouped_saving(self, count: int, columns: int) -> int:
-        return 0  # a block's weighted sums read each row once whatever the weights
+    def groups_pay(self, count: int, columns: int) -> bool:
+        return False  # a block's weighted sums read each row once whatever the weights
 
     def select(self, rows: Tensor) -> DenseFactors:
         return DenseFactors({name: g[rows] for name, g in self.grads.items()})
@@ -293,7 +293,7 @@ class LinearFactors:
         if self.weight:
             target = views[self.weight].reshape(count, outputs, -1)  # (N, O, I)
             inputs = self.a.reshape(batch * steps, -1)
-            if groups is not None and self.grouped_saving(count, len(groups.counts)) >= GROUPED_MIN_SAVING:
+            if groups is not None and self.groups_pay(count, len(groups.counts)):
                 self._add_grouped_(target, groups)
             elif count == 1:
                 scaled = (self.d * weights[0, :, None, None]).reshape(batch * steps, outputs)
@@ -304,14 +304,15 @@ class LinearFactors:
         if self.bias:
             views[self.bias].addmm_(weights, self._bias_rows())
 
-    def grouped_saving(self, count: int, columns: int) -> int:
-        """Multiply-adds (scaled by speed) saved by ``columns`` group sums over ``count`` weighted sums."""
+    def groups_pay(self, count: int, columns: int) -> bool:
+        """Whether ``columns`` group sums save at least :data:`GROUPED_MIN_SAVING` (speed-weighted)
+        multiply-adds over ``count`` weighted sums."""
         if self.dense or not self.weight:
-            return 0
+            return False
         rows, size = self.d.shape[0] * self.d.shape[1], math.prod(self.weight_shape)
         separate = count * rows * size / _speed(rows)
         grouped = rows * size / _speed(rows / columns) + count * columns * size
-        return int(separate - grouped)
+        return separate - grouped >= GROUPED_MIN_SAVING
 
     def _add_grouped_(self, target: Tensor, groups: WeightGroups) -> None:
         """``target`` (N, O, I) ``+= columns @ group sums``: one product over the batch, split by group."""
@@ -467,8 +468,8 @@ class EmbeddingFactors:
         tables = views[self.weight]  # (N, V, E)
         return (tables[:, self.idx] * self.d[None]).sum(dim=(2, 3))
 
-    def grouped_saving(self, count: int, columns: int) -> int:
-        return 0  # the update is a scatter of the rows, not a product
+    def groups_pay(self, count: int, columns: int) -> bool:
+        return False  # the update is a scatter of the rows, not a product
 
     def add_weighted_(self, views: Views, weights: Tensor, groups: WeightGroups | None = None) -> None:
         if self.dense:

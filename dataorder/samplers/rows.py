@@ -132,13 +132,16 @@ class GhostRows:
     def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
         """``targets += weights @ rows`` in place, without forming the rows (``targets`` float32)."""
         weights = np.asarray(weights, dtype=np.float32)
-        matrix = torch.as_tensor(weights).to(self.device)
         width = len(self.prefix)
-        self.batch.add_weighted_(targets, weights[:, width:])
+        self.batch.add_weighted_(targets, weights[:, width:])  # uploads the ghost rows' weights once
+
+        def upload(host: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
+
         if width:
-            targets.addmm_(matrix[:, :width], self.prefix.to(self.device, torch.float32))
-        if self.mean is not None:
-            targets.addr_(matrix[:, width:].sum(1), self.mean.to(self.device, torch.float32), alpha=-1.0)
+            targets.addmm_(upload(weights[:, :width]), self.prefix.to(self.device, torch.float32))
+        if self.mean is not None:  # each row's weight sum, taken on the host
+            targets.addr_(upload(weights[:, width:].sum(1)), self.mean.to(self.device, torch.float32), alpha=-1.0)
 
     def centred(self, mean: Tensor) -> GhostRows:
         if self.mean is not None or len(self.prefix):
