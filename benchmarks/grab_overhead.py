@@ -241,7 +241,7 @@ def products_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: 
     weighted sums in one batched product). No sign recursion, no bookkeeping: any exact
     implementation does at least this, so it bounds the ghost step from below.
     """
-    net, opt = copy.deepcopy(model), None
+    net = copy.deepcopy(model)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
     captured: dict[nn.Module, list] = {}

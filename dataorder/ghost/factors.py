@@ -384,9 +384,6 @@ class ConvFactors(LinearFactors):
             return super()._weight_block()
         return _conv_per_example(self.x, self.delta, kernel, dilation, padding).reshape(len(self.x), -1)
 
-    def _bias_rows(self) -> Tensor:
-        return self.delta.sum(dim=(2, 3))
-
     def select(self, rows: Tensor) -> ConvFactors:
         return ConvFactors(self.weight, self.bias, self.x[rows], self.delta[rows], self.weight_shape, self.geometry)
 

@@ -186,13 +186,11 @@ class GraBSampler(GradientOrderSampler):
         order (row ``j`` of rank ``r`` at ``j·W + r``), so every rank balances the same global
         batch and keeps the same state; duplicates the sharding padded in are dropped.
         """
-        from dataorder.ghost import GhostBatch
-
         if self._dim is None:
             self._check_ranks_agree(batches[0].batch_size, batches[0].dim)
         position, out = self.steps_position, []
         for batch in batches:
-            batch: GhostBatch = batch.gathered(gather_global_batches, active_world())
+            batch = batch.gathered(gather_global_batches, active_world())
             remaining = self._global_length() - position
             if batch.batch_size > remaining:
                 batch = batch.select(list(range(max(remaining, 0))))
