@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from dist_harness import run_distributed
+from reference_grads import per_example_grads
 
 pytestmark = pytest.mark.distributed
 
@@ -35,18 +36,6 @@ def _setup(model_name):
     return model, x, torch.randint(0, 3, (N,), generator=generator)
 
 
-def _per_example(model, x, y):
-    from torch.func import functional_call, grad, vmap
-
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def one(p, xi, yi):
-        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-    grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
-
-
 def _train(rank, world_size, balance, model_name):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -63,7 +52,7 @@ def _train(rank, world_size, balance, model_name):
         assert local == list(materialised)
         for start in range(0, len(local), LOCAL_BATCH):
             idx = local[start:start + LOCAL_BATCH]
-            materialised.step(_per_example(model, x[idx], y[idx]))  # CD-GraB all-gathers the rows
+            materialised.step(per_example_grads(model, x[idx], y[idx]))  # CD-GraB all-gathers the rows
             optimizer.zero_grad()
             nn.functional.cross_entropy(wrapped(x[idx]), y[idx]).backward()  # DDP averages the gradients
             ghost.step()  # all-gathers the layers' factors

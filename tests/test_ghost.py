@@ -3,21 +3,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from dataorder.ghost import GhostGrads
-
-
-def reference_per_example(model, loss_fn, x, y):
-    """(B, d) per-example gradients by torch.func, in named_parameters order."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = dict(model.named_buffers())
-
-    def one(p, xi, yi):
-        return loss_fn(functional_call(model, {**p, **buffers}, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
+from reference_grads import per_example_grads
 
 
 class TokenClassifier(nn.Module):
@@ -95,7 +83,7 @@ def captured(model, x, y):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ghost_products_equal_materialised(case, ghost_form):
     model, x, y = build(case)
-    reference = reference_per_example(model, ce, x, y).double()
+    reference = per_example_grads(model, x, y).double()
     batch = captured(model, x, y)
     assert torch.allclose(batch.materialize().double(), reference, rtol=1e-4, atol=1e-5)
     assert torch.allclose(batch.gram().double(), reference @ reference.T, rtol=1e-4, atol=1e-4)
@@ -114,7 +102,7 @@ def test_embedding_with_padding_and_repeats(ghost_form):
     model = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2))
     x = torch.tensor([[1, 1, 0, 2], [3, 0, 0, 3], [4, 4, 4, 4]])
     y = torch.tensor([0, 1, 1])
-    reference = reference_per_example(model, ce, x, y)
+    reference = per_example_grads(model, x, y)
     batch = captured(model, x, y)
     assert torch.allclose(batch.gram(), reference @ reference.T, atol=1e-5)
     assert torch.allclose(batch.sq_norms(), reference.square().sum(dim=1), atol=1e-5)
@@ -134,7 +122,7 @@ def test_unsupported_module_falls_back_with_one_warning():
         ce(model(x), y).backward()
     batches = ghost.collect()
     assert len(batches) == 2
-    reference = reference_per_example(model, ce, x, y)
+    reference = per_example_grads(model, x, y)
     assert torch.allclose(batches[1].gram(), reference @ reference.T, atol=1e-5)
 
 
@@ -148,7 +136,7 @@ def test_micro_batches_come_back_in_order_and_eval_passes_are_skipped():
     ce(model(x[3:]), y[3:]).backward()
     first, second = ghost.collect()
     assert (first.batch_size, second.batch_size) == (3, 4)
-    reference = reference_per_example(model, ce, x, y)
+    reference = per_example_grads(model, x, y)
     assert torch.allclose(second.materialize(), reference[3:], atol=1e-6)
     assert ghost.collect() == []
 
@@ -167,7 +155,7 @@ def test_module_called_twice_sums_its_contributions(ghost_form):
 
     model = Twice()
     x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
-    reference = reference_per_example(model, ce, x, y)
+    reference = per_example_grads(model, x, y)
     batch = captured(model, x, y)
     assert torch.allclose(batch.gram(), reference @ reference.T, atol=1e-5)
 
@@ -177,7 +165,7 @@ def test_param_selection_and_errors():
     ghost = GhostGrads(model, params=["2.weight", "2.bias"])
     ce(model(x), y).backward()
     [batch] = ghost.collect()
-    reference = reference_per_example(model, ce, x, y)[:, -(5 * 3 + 3):]
+    reference = per_example_grads(model, x, y)[:, -(5 * 3 + 3):]
     assert torch.allclose(batch.materialize(), reference, atol=1e-6)
     with pytest.raises(ValueError, match="unknown"):
         GhostGrads(model, params=["nope"])
@@ -192,7 +180,7 @@ def test_param_selection_and_errors():
 @pytest.mark.parametrize("case", ["linear2d", "linear3d_long_T", "conv2d", "transformer"])
 def test_select_weighted_sums_and_flat_layout(case, ghost_form):
     model, x, y = build(case)
-    reference = reference_per_example(model, ce, x, y)
+    reference = per_example_grads(model, x, y)
     batch = captured(model, x, y)
     assert batch.dim == reference.shape[1]
     assert torch.allclose(batch.select([2, 0]).materialize(), reference[[2, 0]], atol=1e-6)
