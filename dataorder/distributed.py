@@ -78,7 +78,10 @@ def gather_global_batches(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """
     if not tensors:
         return []
-    batch = tensors[0].shape[0]
+    batch = tensors[0].shape[0] if tensors[0].dim() else None
+    if batch is None or any(t.dim() == 0 or t.shape[0] != batch for t in tensors):
+        raise ValueError("gather_global_batches needs tensors that share their first (batch) dimension, got shapes "
+                         f"{[tuple(t.shape) for t in tensors]}")
     pieces, layout = [], []
     for tensor in tensors:
         raw = tensor.contiguous().reshape(batch, -1).view(torch.uint8)  # (B, bytes)

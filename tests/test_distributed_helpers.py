@@ -51,3 +51,12 @@ def test_mismatch_is_reported_on_every_rank(tmp_path):
     messages = run_distributed(_mismatch, 2, tmp_path)
     for message in messages:
         assert "seed differs across ranks (rank 0: 0, rank 1: 1)" in message
+
+
+def test_gather_many_refuses_tensors_without_a_shared_batch_dimension():
+    from dataorder.distributed import gather_global_batches
+
+    with pytest.raises(ValueError, match="share their first"):
+        gather_global_batches([torch.ones(2, 3), torch.ones(3, 3)])
+    with pytest.raises(ValueError, match="share their first"):
+        gather_global_batches([torch.ones(2), torch.tensor(1.0)])

@@ -206,3 +206,14 @@ def test_input_without_the_batch_dimension_is_a_clear_error():
     ce(model(tokens), y).backward()
     with pytest.raises(ValueError, match="without the batch"):
         ghost.collect()
+
+
+def test_wrong_widths_and_weight_shapes_are_clear_errors():
+    model, x, y = build("linear2d")
+    batch = captured(model, x, y)
+    with pytest.raises(ValueError, match=f"width d={batch.dim}"):
+        batch.dots(torch.zeros(2, batch.dim + 1))
+    targets = torch.zeros(2, batch.dim)
+    with pytest.raises(ValueError, match=r"weights must be \(N, B\) = \(2, 7\)"):
+        batch.add_weighted_(targets, torch.ones(2, 6))
+    assert torch.equal(targets, torch.zeros(2, batch.dim))  # nothing was written

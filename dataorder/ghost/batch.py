@@ -96,6 +96,9 @@ class GhostBatch:
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of a flat ``(..., d)`` tensor as parameter-shaped pieces, in ``names`` order."""
+        if flat.dim() == 0 or flat.shape[-1] != self.dim:
+            raise ValueError(f"expected flat vectors of width d={self.dim} (the selected parameters), "
+                             f"got shape {tuple(flat.shape)}")
         pieces = torch.split(flat, self._sizes, dim=-1)
         return {name: piece.reshape(*flat.shape[:-1], *self.shapes[name]) for name, piece in zip(self.names, pieces)}
 
@@ -126,6 +129,9 @@ class GhostBatch:
         if targets.dtype != torch.float32 or targets.stride(-1) != 1:
             raise ValueError("targets must be a float32 (N, d) tensor with contiguous rows")
         host = weights.detach().cpu().numpy() if isinstance(weights, Tensor) else np.asarray(weights, np.float32)
+        if host.shape != (len(targets), self.batch_size):
+            raise ValueError(f"weights must be (N, B) = ({len(targets)}, {self.batch_size}) for {len(targets)} "
+                             f"target rows and this batch, got {host.shape}")
         # GraB's weights have at most as many distinct columns as rows: judge with that bound
         pays = len(host) > 1 and any(f.groups_pay(len(host), len(host)) for f in self._factors)
         groups = WeightGroups.of(host, self.device, self.scale) if pays else None
