@@ -1,7 +1,8 @@
 """Built-in datasets and readers for user data.
 
-Everything here works offline: the built-in real dataset is scikit-learn's bundled
-``load_digits`` (1,797 8×8 images, 10 classes).
+Everything here works offline: the built-in real datasets are scikit-learn's bundled
+``load_digits`` (1,797 8×8 images, 10 classes) and the running Python's standard-library
+source files as a text corpus (:func:`load_stdlib_corpus`, from :mod:`dataorder.corpus`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["TensorSplit", "fingerprint", "load_digits_split", "load_split", "read_examples"]
+from dataorder.corpus import load_stdlib_corpus
+
+__all__ = ["TensorSplit", "fingerprint", "load_digits_split", "load_split", "load_stdlib_corpus", "read_examples"]
 
 
 @dataclass(frozen=True)

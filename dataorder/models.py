@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["LeNet", "build_model", "mlp"]
+__all__ = ["ByteLM", "LeNet", "build_model", "mlp"]
 
 
 def mlp(in_features: int, num_classes: int, hidden: tuple[int, ...] = (256, 256)) -> nn.Sequential:
@@ -50,8 +50,68 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class _CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), _CausalSelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ByteLM(nn.Module):
+    """A small byte-level causal transformer language model (pre-norm GPT blocks).
+
+    Input ``(B, T)`` int64 bytes, output ``(B, T, 256)`` next-byte logits, ``T <= context``.
+    Built only from ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm``, so every parameter
+    has an exact ghost rule; positions are looked up per example (``(B, T)`` indices), so the
+    position embedding has a per-example gradient too. Head and token embedding are untied.
+
+    >>> model = ByteLM(context=16, dim=32, layers=1, heads=2)
+    >>> model(torch.zeros(3, 16, dtype=torch.long)).shape
+    torch.Size([3, 16, 256])
+    """
+
+    def __init__(self, context: int = 128, dim: int = 64, layers: int = 2, heads: int = 4,
+                 vocab_size: int = 256) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be a multiple of heads={heads}")
+        self.context = context
+        self.tokens = nn.Embedding(vocab_size, dim)
+        self.positions = nn.Embedding(context, dim)
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length = tokens.shape
+        if length > self.context:
+            raise ValueError(f"sequence length {length} exceeds the model's context {self.context}")
+        positions = torch.arange(length, device=tokens.device).expand(batch, length)
+        x = self.tokens(tokens) + self.positions(positions)
+        return self.head(self.norm(self.blocks(x)))
+
+
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A model by name: ``logreg``, ``mlp``, ``cnn`` (LeNet), or ``package.module:factory``.
+    """A model by name: ``logreg``, ``mlp``, ``cnn`` (LeNet), ``lm-tiny`` (:class:`ByteLM`), or ``package.module:factory``.
 
     A factory is called as ``factory(in_shape, num_classes)`` and must return an ``nn.Module``.
 
@@ -76,9 +136,11 @@ def build_model(name: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Mo
             if size * size != features:
                 raise ValueError(f"--model cnn needs square images; got {features} features")
         return _Reshape((channels, size, size), LeNet(channels, num_classes, size=size))
+    if name == "lm-tiny":  # in_shape is (context,), num_classes the vocabulary (256 for bytes)
+        return ByteLM(context=in_shape[0], vocab_size=num_classes)
     if ":" in name:
         return _load_factory(name)(in_shape, num_classes)
-    raise ValueError(f"unknown model {name!r}: use logreg, mlp, cnn or package.module:factory")
+    raise ValueError(f"unknown model {name!r}: use logreg, mlp, cnn, lm-tiny or package.module:factory")
 
 
 class _Reshape(nn.Module):
