@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataorder.cli import UsageError
+from dataorder.cli.errors import UsageError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
