@@ -37,3 +37,28 @@ def test_bench_lists_and_rejects_unknown(capsys):
 def test_console_script_module_entry():
     out = subprocess.run([sys.executable, "-m", "dataorder", "--help"], capture_output=True, text=True, check=True)
     assert "compare" in out.stdout and "score" in out.stdout
+
+
+def test_without_the_cli_extra_every_command_says_which_extra_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    assert main(["score", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err == "dataorder score: the command line needs the [cli] extra (missing tqdm): " \
+                  "pip install 'dataorder[cli]'\n"
+
+
+def test_library_errors_become_one_line_at_the_boundary(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: {a: 1, b: [\n")
+    assert main(["schedule", "show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dataorder schedule: error: ")
+
+
+def test_the_cli_modules_do_not_import_each_other_in_a_cycle():
+    code = "import dataorder.cli.commands.score, dataorder.cli.commands.schedule; import dataorder.cli; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"

@@ -106,8 +106,13 @@ class DivergedError(DataorderError, FloatingPointError):
     """Training produced a non-finite loss (or non-finite scores): the learning rate is too high.
 
     Raised before the bad batch's update; nothing of the run is saved and the output is not
-    marked complete.
+    marked complete. ``run``, ``epoch`` and ``batch`` say where (``batch`` is None when the
+    scoring pass, not training, gave the non-finite values).
     """
+
+    def __init__(self, message: str, *, run: int, epoch: int, batch: int | None = None) -> None:
+        self.run, self.epoch, self.batch = run, epoch, batch
+        super().__init__(message)
 
 
 def score_columns(scores: Iterable[str]) -> list[str]:
@@ -326,8 +331,9 @@ def train_and_score(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: 
             logits = model(x[index])
             loss = F.cross_entropy(logits, targets)
             if not torch.isfinite(loss):  # before the update: a diverged run must not go on
-                raise DivergedError(f"run {run} diverged (loss {loss.item()}) in epoch {epoch} at batch "
-                                    f"{start // config.batch_size}; lower the learning rate")
+                batch = start // config.batch_size
+                raise DivergedError(f"run {run} diverged (loss {loss.item()}) in epoch {epoch} at batch {batch}; "
+                                    "lower the learning rate", run=run, epoch=epoch, batch=batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -343,7 +349,7 @@ def train_and_score(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: 
     for column, values in scores.items():  # (forgetting is inf for never-learned examples, by definition)
         if (column in FUNCTIONAL or column == "grand") and not np.isfinite(values).all():  # the pass overflowed
             raise DivergedError(f"run {run}: {int((~np.isfinite(values)).sum())} non-finite {column} scores; "
-                                "lower the learning rate")
+                                "lower the learning rate", run=run, epoch=config.score_epoch)
     return scores
 
 
