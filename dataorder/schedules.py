@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +36,25 @@ import numpy as np
 from dataorder.samplers.allocation import largest_remainder
 
 __all__ = [
+    "MAX_SAMPLES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
     "PACINGS",
     "TRANSITIONS",
     "BatchCounts",
     "Schedule",
     "Segment",
+    "check_run_value",
     "pacing_function",
 ]
 
 TRANSITIONS = ("step", "linear", "cosine")
 PACINGS = ("linear", "root", "geometric", "step")
 _RUN_KEYS = ("num_samples", "batch_size", "tokens_per_sample")
+#: Largest ``num_samples`` / ``batch_size`` (batch offsets ``b * batch_size`` stay exact in int64).
+MAX_SAMPLES = 2**62
+#: Largest sum of one set of weights: far from float64 overflow, so normalising is exact enough.
+MAX_WEIGHT_SUM = 1e300
 _SEGMENT_KEYS = ("at", "weights", "transition", "over")
 
 
@@ -53,7 +62,7 @@ _SEGMENT_KEYS = ("at", "weights", "transition", "over")
 def _number(value: Any, where: str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         hint = " (YAML reads 1e9 as text: write 1.0e+9 or 1_000_000_000)" if _looks_numeric(value) else ""
-        raise ValueError(f"{where}: {what} must be a number, got {value!r}{hint}")
+        raise ValueError(f"{where}: {what} must be a number, got {_short(value)}{hint}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{where}: {what} must be finite, got {value}")
@@ -71,26 +80,31 @@ def _looks_numeric(value: Any) -> bool:
 def _weights(weights: Any, names: Sequence[str] | None, where: str) -> dict[str, float]:
     """Check one set of weights; ``names=None`` means it defines the sources."""
     if not isinstance(weights, Mapping) or not weights:
-        raise ValueError(f"{where}: weights must be a non-empty mapping source -> weight, got {weights!r}")
+        raise ValueError(f"{where}: weights must be a non-empty mapping source -> weight, got {_short(weights)}")
     bad_names = [key for key in weights if not isinstance(key, str) or not key]
     if bad_names:
-        raise ValueError(f"{where}: source names must be non-empty strings, got {bad_names}")
+        raise ValueError(f"{where}: source names must be non-empty strings, got {_short(bad_names)}")
     if names is not None:
         unknown = [key for key in weights if key not in names]
         if unknown:
-            raise ValueError(f"{where}: unknown source {', '.join(map(repr, unknown))}; sources are {', '.join(names)}")
+            raise ValueError(f"{where}: unknown source {', '.join(map(_short, unknown[:5]))}; sources are "
+                             f"{_short(', '.join(names))}")
         missing = [name for name in names if name not in weights]
         if missing:
             raise ValueError(f"{where}: no weight for {', '.join(missing)}; give every source a weight (0 turns it off)")
     checked = {}
     for key, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
-            raise ValueError(f"{where}: weight of {key!r} must be a number, got {value!r}")
+            raise ValueError(f"{where}: weight of {_short(key)} must be a number, got {_short(value)}")
         if value < 0 or math.isinf(float(value)):
-            raise ValueError(f"{where}: weight of {key!r} must be finite and >= 0, got {value}")
+            raise ValueError(f"{where}: weight of {_short(key)} must be finite and >= 0, got {value}")
         checked[key] = float(value)
-    if sum(checked.values()) <= 0:
+    total = sum(checked.values())
+    if total <= 0:
         raise ValueError(f"{where}: all weights are zero; give at least one source a positive weight")
+    if not math.isfinite(total) or total > MAX_WEIGHT_SUM:
+        raise ValueError(f"{where}: the weights sum to {total:g}, too large to normalise exactly; scale them down "
+                         "(only their ratios matter)")
     return checked if names is None else {name: checked[name] for name in names}
 
 
@@ -202,16 +216,22 @@ class Schedule:
     def from_yaml(cls, text: str, *, name: str = "<yaml>") -> Schedule:
         """Parse the YAML form (see the module docstring); errors name ``name`` and the line.
 
+        Errors are one line. Documents whose alias expansion or nesting is unreasonable for a
+        schedule (more than :data:`MAX_YAML_NODES` nodes once aliases are expanded, deeper
+        than :data:`MAX_YAML_DEPTH`) and mappings with a duplicate key are refused before
+        anything is built.
+
         >>> Schedule.from_yaml("sources: {a: 1, b: 3}").weights_at(0.0)
         {'a': 0.25, 'b': 0.75}
+        >>> Schedule.from_yaml("sources: {a: 1, a: 3}")
+        Traceback (most recent call last):
+        ...
+        ValueError: <yaml> line 1: duplicate key 'a'; each key may appear once
         """
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-            lines = _yaml_lines(text)
-        except yaml.YAMLError as error:
-            raise ValueError(f"{name}: not valid YAML: {error}") from None
+        root = _compose(text, name)
+        _check_yaml_graph(root, name)
+        data = _construct(root, text, name) if root is not None else None
+        lines = _yaml_lines(root)
 
         def where(label: str) -> str:
             line = lines.get(label.split("[")[0] if label not in lines else label)
@@ -221,7 +241,8 @@ class Schedule:
             raise ValueError(f"{name}: expected a mapping with keys sources, schedule, run; got {type(data).__name__}")
         unknown = [key for key in data if key not in ("sources", "schedule", "run")]
         if unknown:
-            raise ValueError(f"{where(str(unknown[0]))}: unknown key {unknown[0]!r}; allowed keys are sources, schedule, run")
+            raise ValueError(f"{where(str(unknown[0]))}: unknown key {_short(unknown[0])}; allowed keys are sources, "
+                             "schedule, run")
         if "sources" not in data:
             raise ValueError(f"{name}: missing 'sources' (the starting weight of every source)")
         schedule = cls.__new__(cls)
@@ -332,10 +353,11 @@ def _segment(raw: Any, names: tuple[str, ...], where: str, free_from: float) -> 
     if isinstance(raw, Segment):
         raw = {"at": raw.at, "weights": raw.weights, "transition": raw.transition, "over": raw.over}
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where}: a segment must be a mapping with keys at, weights[, transition, over], got {raw!r}")
+        raise ValueError(f"{where}: a segment must be a mapping with keys at, weights[, transition, over], got "
+                         f"{_short(raw)}")
     unknown = [key for key in raw if key not in _SEGMENT_KEYS]
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; a segment has keys {', '.join(_SEGMENT_KEYS)}")
+        raise ValueError(f"{where}: unknown key {_short(unknown[0])}; a segment has keys {', '.join(_SEGMENT_KEYS)}")
     for key in ("at", "weights"):
         if key not in raw:
             raise ValueError(f"{where}: missing {key!r}")
@@ -349,7 +371,7 @@ def _segment(raw: Any, names: tuple[str, ...], where: str, free_from: float) -> 
         )
     transition = raw.get("transition", "step")
     if transition not in TRANSITIONS:
-        raise ValueError(f"{where}: transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
+        raise ValueError(f"{where}: transition must be one of {', '.join(TRANSITIONS)}, got {_short(transition)}")
     over = _number(raw.get("over", 0.0), where, "over")
     if transition == "step" and over != 0.0:
         raise ValueError(f"{where}: a step transition happens at once; drop over={over} or use transition: linear")
@@ -368,12 +390,38 @@ def _run(run: Any, where: str) -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for key, value in run.items():
         if key not in _RUN_KEYS:
-            raise ValueError(f"{where}: unknown key {key!r}; allowed keys are {', '.join(_RUN_KEYS)}")
-        number = _number(value, where, key)
-        if number <= 0 or (key != "tokens_per_sample" and number != int(number)):
-            raise ValueError(f"{where}: {key} must be a positive {'number' if key == 'tokens_per_sample' else 'int'}, got {value!r}")
-        checked[key] = number if key == "tokens_per_sample" and number != int(number) else int(number)
+            raise ValueError(f"{where}: unknown key {_short(key)}; allowed keys are {', '.join(_RUN_KEYS)}")
+        checked[key] = check_run_value(key, value, where)
     return checked
+
+
+def check_run_value(key: str, value: Any, where: str) -> int | float:
+    """A ``run:`` value checked: ``num_samples``/``batch_size`` ints in ``[1, 2**62]``, ``tokens_per_sample`` > 0.
+
+    >>> check_run_value("num_samples", 1.0e+12, "run")
+    1000000000000
+    >>> check_run_value("num_samples", 2**70, "run")
+    Traceback (most recent call last):
+    ...
+    ValueError: run: num_samples must be a positive int <= 2**62, got 1180591620717411303424
+    """
+    if key == "tokens_per_sample":
+        number = _number(value, where, key)
+        if number <= 0:
+            raise ValueError(f"{where}: tokens_per_sample must be a positive number, got {_short(value)}")
+        return int(number) if number == int(number) else number
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _number(value, where, key)  # the error, with its hint for 1e9 written as text
+    if isinstance(value, numbers.Integral):
+        integer = int(value)
+    else:
+        number = _number(value, where, key)
+        if number != int(number):
+            raise ValueError(f"{where}: {key} must be a positive int, got {_short(value)}")
+        integer = int(number)
+    if not 1 <= integer <= MAX_SAMPLES:
+        raise ValueError(f"{where}: {key} must be a positive int <= 2**62, got {_short(integer)}")
+    return integer
 
 
 def _normalisation_note(weights: Mapping[str, float], where: str) -> str:
@@ -392,11 +440,112 @@ def _fraction(value: Any, total: Any, name: str, total_name: str) -> float:
     return value / total
 
 
-def _yaml_lines(text: str) -> dict[str, int]:
+#: Most nodes a schedule document may hold once its aliases are expanded (a schedule with
+#: a thousand segments of ten sources has about 30,000).
+MAX_YAML_NODES = 200_000
+#: Deepest nesting a schedule document may have (a schedule needs 5 levels).
+MAX_YAML_DEPTH = 64
+
+
+def _compose(text: str, name: str) -> Any:
+    """The document's node graph; malformed YAML is one line naming the line."""
+    import yaml
+
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        raise _yaml_error(error, name) from None
+    except RecursionError:
+        raise ValueError(f"{name}: nested too deeply for a schedule (at most {MAX_YAML_DEPTH} levels)") from None
+
+
+def _construct(root: Any, text: str, name: str) -> Any:
+    """Python values of the checked node graph (safe tags only)."""
+    import yaml
+
+    try:
+        return yaml.SafeLoader(text).construct_document(root)
+    except yaml.YAMLError as error:
+        raise _yaml_error(error, name) from None
+
+
+def _yaml_error(error: Exception, name: str) -> ValueError:
+    import yaml
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(error.problem or error.context or "malformed").split())
+        return ValueError(f"{name}{line}: not valid YAML: {problem[:200]}")
+    return ValueError(f"{name}: not valid YAML: {' '.join(str(error).split())[:200]}")
+
+
+def _check_yaml_graph(root: Any, name: str) -> None:
+    """Refuse cycles, alias bombs, deep nesting and duplicate keys, walking each node once."""
+    import yaml
+
+    if root is None:
+        return
+    size: dict[int, int] = {}  # node id -> nodes it expands to (aliases counted each time they are used)
+    depth: dict[int, int] = {id(root): 1}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    active: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if done:
+            active.discard(key)
+            size[key] = 1 + sum(size[id(child)] for child in children)
+            if size[key] > MAX_YAML_NODES:
+                raise ValueError(f"{name}: the document expands to more than {MAX_YAML_NODES:,} nodes (aliases "
+                                 "repeat their anchor's content); a schedule needs far fewer")
+            continue
+        if key in size:
+            continue
+        if depth[key] > MAX_YAML_DEPTH:
+            raise ValueError(f"{name} line {node.start_mark.line + 1}: nested too deeply for a schedule (at most "
+                             f"{MAX_YAML_DEPTH} levels)")
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicate_keys(node, name)
+        active.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in active:
+                raise ValueError(f"{name} line {child.start_mark.line + 1}: a recursive alias (a node that contains "
+                                 "itself); write the values out")
+            if id(child) not in size:
+                depth[id(child)] = max(depth.get(id(child), 0), depth[key] + 1)
+                stack.append((child, False))
+
+
+def _children(node: Any) -> list[Any]:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_duplicate_keys(node: Any, name: str) -> None:
+    import yaml
+
+    seen: set[tuple[str, str]] = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            identity = (key.tag, key.value)
+            if identity in seen:
+                raise ValueError(f"{name} line {key.start_mark.line + 1}: duplicate key {_short(key.value)}; each "
+                                 "key may appear once")
+            seen.add(identity)
+
+
+def _yaml_lines(root: Any) -> dict[str, int]:
     """1-based line of each top-level key and of each ``schedule`` item."""
     import yaml
 
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
     lines: dict[str, int] = {}
     if isinstance(root, yaml.MappingNode):
         for key, value in root.value:
@@ -405,6 +554,21 @@ def _yaml_lines(text: str) -> dict[str, int]:
                 for i, item in enumerate(value.value):
                     lines[f"schedule[{i}]"] = item.start_mark.line + 1
     return lines
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = 6
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` capped at a few dozen characters, without walking a huge value.
+
+    >>> _short(list(range(1000)))
+    '[0, 1, 2, 3, 4, 5, ...]'
+    """
+    return _REPR.repr(value)
 
 
 # -- phases: the schedule as constant and transition pieces -----------------------------------

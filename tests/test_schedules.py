@@ -230,3 +230,70 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- regressions: issue 13, failure 6 (hostile YAML) ---------------------------------------------
+
+BILLION_LAUGHS = "\n".join(
+    ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    + ["sources: *a8"]
+)
+
+
+def test_an_alias_bomb_is_refused_at_once_with_a_short_message():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="expands to more than 200,000 nodes") as error:
+        Schedule.from_yaml(BILLION_LAUGHS, name="bomb.yaml")
+    assert time.perf_counter() - start < 2.0 and len(str(error.value)) < 300
+
+
+def test_a_moderate_alias_expansion_is_still_refused_when_it_would_print_hugely():
+    text = "sources: &w {a: 1, b: 2}\nschedule: [{at: 0.5, weights: [" + ", ".join(["*w"] * 5000) + "]}]"
+    with pytest.raises(ValueError, match="weights must be a non-empty mapping") as error:
+        Schedule.from_yaml(text)
+    assert len(str(error.value)) < 300  # the repr of the expanded value is capped
+
+
+def test_recursive_aliases_deep_nesting_and_duplicate_keys_are_one_line_errors():
+    with pytest.raises(ValueError, match="recursive alias"):
+        Schedule.from_yaml("sources: &s {a: *s}")
+    for deep in ("sources: " + "[" * 100 + "]" * 100, "sources: " + "[" * 5000 + "]" * 5000):
+        with pytest.raises(ValueError, match="nested too deeply") as error:
+            Schedule.from_yaml(deep)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="line 2: duplicate key 'sources'"):
+        Schedule.from_yaml("sources: {a: 1}\nsources: {b: 1}")
+    with pytest.raises(ValueError, match="line 1: duplicate key 'a'"):
+        Schedule.from_yaml("sources: {a: 1, b: 1, a: 2}")
+
+
+@pytest.mark.parametrize("text", ["sources: {a: 1, b: [\n", "sources: {a: 1}\n  bad: indentation: here\n",
+                                  "sources: {a: 1}\n\tschedule: []\n", "- a\nb: 1\n", "sources: {a: !!python/object:os.system 1}"])
+def test_malformed_yaml_is_one_line_naming_the_line(text):
+    with pytest.raises(ValueError, match=r"^mix.yaml( line \d+)?: ") as error:
+        Schedule.from_yaml(text, name="mix.yaml")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("run", "message"), [
+    ("{num_samples: 1180591620717411303424}", "num_samples must be a positive int <= 2\\*\\*62"),
+    ("{num_samples: 1.0e+300}", "num_samples must be a positive int <= 2\\*\\*62"),
+    ("{num_samples: .inf}", "must be finite"),
+    ("{num_samples: 1e9}", "YAML reads 1e9 as text"),
+    ("{batch_size: 0}", "batch_size must be a positive int"),
+    ("{num_samples: 10.5}", "num_samples must be a positive int"),
+])
+def test_run_sizes_out_of_range_are_refused(run, message):
+    with pytest.raises(ValueError, match=message):
+        Schedule.from_yaml(f"sources: {{a: 1}}\nrun: {run}")
+
+
+def test_weights_whose_sum_overflows_are_refused_not_normalised_to_zero():
+    with pytest.raises(ValueError, match="sum to inf, too large to normalise"):
+        Schedule({"a": 1e308, "b": 1e308})
+    with pytest.raises(ValueError, match="too large to normalise"):
+        Schedule({"a": 1}, [{"at": 0.5, "weights": {"a": 1e301}}])
+    assert Schedule({"a": 1e299, "b": 3e299}).weights_at(0.5) == {"a": 0.25, "b": 0.75}
