@@ -629,29 +629,38 @@ class BatchCounts:
     weights at its progress ``b * batch_size / num_samples``.
 
     :meth:`cumulative` (counts of all batches before ``b``) costs O(1) per constant piece:
-    its batches all have the same counts. Batches inside a transition (a linear or cosine
-    ramp) are summed with vectorised numpy, once, keeping a checkpoint every
-    :attr:`CHECKPOINT` batches; afterwards a lookup costs at most ``CHECKPOINT`` batch
-    evaluations. So the first lookup at ``b`` costs O(ramp batches before ``b``), and
-    later ones O(CHECKPOINT), whatever the number of samples.
+    its batches all have the same counts. Inside a transition (a linear or cosine ramp) the
+    counts change only where a quota ``batch_size * w_s`` crosses an integer or two quotas'
+    fractional parts cross (:func:`_ramp_change_points`): at most about ``S² · batch_size``
+    places, however many samples the run has. Between them the counts are constant; each
+    change is located exactly by bisection on the batch counts themselves, and the batches
+    next to it are summed one by one. Short ramps (up to :attr:`BRUTE_FORCE` batches) are
+    summed batch by batch. The table of cumulative counts holds one row per phase.
 
     >>> counts = BatchCounts(Schedule.constant({"a": 0.75, "b": 0.25}), num_samples=10, batch_size=4)
     >>> counts.batch(0).tolist(), counts.batch(2).tolist(), counts.total().tolist()
     ([3, 1], [2, 0], [8, 2])
+    >>> huge = Schedule.anneal({"a": 1, "b": 0}, {"a": 0, "b": 1}, last=0.5, transition="linear", over=0.5)
+    >>> total = BatchCounts(huge, num_samples=10**18, batch_size=1024).total()   # milliseconds
+    >>> int(total.sum()) == 10**18, abs(int(total[0]) - 75 * 10**16) < 10**6
+    (True, True)
     """
 
-    CHECKPOINT = 4096
+    #: Ramps of at most this many batches are summed batch by batch.
+    BRUTE_FORCE = 1 << 16
+    #: Batches summed one by one on each side of a located change of the counts.
+    GUARD = 64
 
     def __init__(self, schedule: Schedule, num_samples: int, batch_size: int) -> None:
         self.schedule = schedule
-        self.num_samples = int(num_samples)
-        self.batch_size = int(batch_size)
+        self.num_samples = check_run_value("num_samples", num_samples, "BatchCounts")
+        self.batch_size = check_run_value("batch_size", batch_size, "BatchCounts")
         self.full_batches = self.num_samples // self.batch_size
         self.last_size = self.num_samples % self.batch_size
         self.num_batches = self.full_batches + (self.last_size > 0)
-        self._knots: tuple[np.ndarray, np.ndarray] | None = None  # (batch index, cumulative counts)
-        self._bounds: list[tuple[int, int, bool]] | None = None
-        self._filled = 0  # knots whose cumulative counts are known
+        self._bounds: list[tuple[int, int, int]] | None = None  # (first batch, end batch, phase)
+        self._sums: np.ndarray | None = None  # cumulative counts at each phase's first batch
+        self._filled = 0  # phases whose cumulative counts are known
 
     def progress(self, b: np.ndarray | int) -> np.ndarray:
         """Progress of batch ``b``: samples before it / samples in the run."""
@@ -676,21 +685,23 @@ class BatchCounts:
             raise ValueError(f"batch index must be in [0, {self.num_batches}], got {b}")
         if b > self.full_batches:
             return self.cumulative(self.full_batches) + self.batch(self.full_batches)
-        knots, _ = self._table()
-        k = int(np.searchsorted(knots, b, side="right")) - 1
-        return self._cumulative_at_knot(k) + self._sum(int(knots[k]), b)
+        bounds = self._phase_bounds_cached()
+        k = max(0, int(np.searchsorted([lo for lo, _, _ in bounds], b, side="right")) - 1) if bounds else 0
+        if not bounds:
+            return np.zeros(len(self.schedule.names), dtype=np.int64)
+        lo, _, phase = bounds[k]
+        return self._cumulative_at_knot(k) + self._phase_sum(lo, b, phase)
 
     def total(self) -> np.ndarray:
         """Counts over the whole run."""
         return self.cumulative(self.num_batches)
 
     # -- internals ---------------------------------------------------------------------------
-    def _phase_bounds(self) -> list[tuple[int, int, bool]]:
-        """``(first batch, end batch, constant?)`` of each phase, over the full batches."""
+    def _phase_bounds(self) -> list[tuple[int, int, int]]:
+        """``(first batch, end batch, phase)`` of each phase that holds full batches."""
         phases = self.schedule._phases
         bounds = [self._first_batch_at(float(s)) for s in phases.starts] + [self.full_batches]
-        return [(lo, hi, bool(phases.kind[k] == _KIND["const"]))
-                for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+        return [(lo, hi, k) for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
 
     def _first_batch_at(self, p: float) -> int:
         """Smallest full batch whose progress, as computed by :meth:`progress`, is >= ``p``."""
@@ -701,44 +712,116 @@ class BatchCounts:
             b += 1
         return b
 
-    def _sum(self, lo: int, hi: int) -> np.ndarray:
-        """Counts of full batches ``[lo, hi)``: one evaluation for a constant phase, else vectorised."""
-        total = np.zeros(len(self.schedule.names), dtype=np.int64)
-        for a, z, constant in self._phase_bounds_cached():
-            a, z = max(a, lo), min(z, hi)
-            if z <= a:
-                continue
-            if constant:
-                total += self.batch(a) * (z - a)
-            else:
-                for chunk in range(a, z, 1 << 16):
-                    total += self.batch(np.arange(chunk, min(z, chunk + (1 << 16)))).sum(axis=0)
-        return total
-
-    def _phase_bounds_cached(self) -> list[tuple[int, int, bool]]:
+    def _phase_bounds_cached(self) -> list[tuple[int, int, int]]:
         if self._bounds is None:
             self._bounds = self._phase_bounds()
         return self._bounds
 
-    def _table(self) -> tuple[np.ndarray, np.ndarray]:
-        """Knots (phase starts, checkpoints in transitions) and the cumulative counts at them."""
-        if self._knots is None:
-            points = {0}
-            for lo, hi, constant in self._phase_bounds_cached():
-                points.update([lo] if constant else range(lo, hi, self.CHECKPOINT))
-            knots = np.array(sorted(points), dtype=np.int64)
-            self._knots = (knots, np.zeros((len(knots), len(self.schedule.names)), dtype=np.int64))
-            self._filled = 1
-        return self._knots
-
     def _cumulative_at_knot(self, k: int) -> np.ndarray:
-        """Cumulative counts at knot ``k``, summing the knots before it on first use."""
-        knots, sums = self._table()
+        """Cumulative counts at the first batch of phase ``k`` (of :meth:`_phase_bounds`), summed on first use."""
+        bounds = self._phase_bounds_cached()
+        if self._sums is None:
+            self._sums = np.zeros((len(bounds), len(self.schedule.names)), dtype=np.int64)
+            self._filled = 1
         while self._filled <= k:
             i = self._filled
-            sums[i] = sums[i - 1] + self._sum(int(knots[i - 1]), int(knots[i]))
+            lo, hi, phase = bounds[i - 1]
+            self._sums[i] = self._sums[i - 1] + self._phase_sum(lo, hi, phase)
             self._filled += 1
-        return sums[k]
+        return self._sums[k]
+
+    def _phase_sum(self, lo: int, hi: int, phase: int) -> np.ndarray:
+        """Counts of full batches ``[lo, hi)``, all inside phase ``phase``."""
+        if hi <= lo:
+            return np.zeros(len(self.schedule.names), dtype=np.int64)
+        if self.schedule._phases.kind[phase] == _KIND["const"]:
+            return self.batch(lo) * (hi - lo)
+        if hi - lo <= self.BRUTE_FORCE:
+            return self._brute_sum(lo, hi)
+        points = self._change_points(phase, lo, hi)
+        if points is None or len(points) * (2 * self.GUARD + 2) >= hi - lo:
+            return self._brute_sum(lo, hi)
+        return self._piecewise_sum(lo, hi, points)
+
+    def _brute_sum(self, lo: int, hi: int) -> np.ndarray:
+        """Counts of full batches ``[lo, hi)``, batch by batch (vectorised in chunks)."""
+        total = np.zeros(len(self.schedule.names), dtype=np.int64)
+        for chunk in range(lo, hi, 1 << 16):
+            total += self.batch(np.arange(chunk, min(hi, chunk + (1 << 16)))).sum(axis=0)
+        return total
+
+    def _change_points(self, phase: int, lo: int, hi: int) -> np.ndarray | None:
+        """Batches (as floats) near which the counts of a ramp may change; None: not worth finding them."""
+        ph = self.schedule._phases
+        u = _ramp_change_points(ph.anchors[ph.src[phase]], ph.anchors[ph.dst[phase]], self.batch_size,
+                                limit=(hi - lo) // (2 * self.GUARD + 2))
+        if u is None:
+            return None
+        t = u if ph.kind[phase] == _KIND["linear"] else np.arccos(np.clip(1.0 - 2.0 * u, -1.0, 1.0)) / np.pi
+        p = ph.starts[phase] + t * (ph.ends[phase] - ph.starts[phase])
+        b = p * (self.num_samples / self.batch_size)
+        return np.unique(b[(b > lo) & (b < hi)])
+
+    def _piecewise_sum(self, lo: int, hi: int, points: np.ndarray) -> np.ndarray:
+        """Counts of ``[lo, hi)`` where the counts change at most once between consecutive midpoints of ``points``.
+
+        Each piece's change is found by bisection on :meth:`batch` (so it is where the float
+        evaluation puts it), and ``GUARD`` batches on each side of it are summed one by one.
+        """
+        middles = np.floor((points[:-1] + points[1:]) / 2).astype(np.int64) if len(points) > 1 else np.array([], np.int64)
+        edges = np.unique(np.concatenate([[lo], np.clip(middles, lo, hi), [hi]]))
+        left, right = edges[:-1], edges[1:]
+        first, last = self.batch(left), self.batch(right - 1)
+        changes = np.flatnonzero((first != last).any(axis=1))
+        total = (first * (right - left)[:, None]).sum(axis=0)
+        if not len(changes):
+            return total
+        a, z = left[changes].copy(), right[changes] - 1  # batch(a) == first, batch(z) != first
+        reference = first[changes]
+        while np.any(z - a > 1):
+            middle = (a + z) // 2
+            differs = (self.batch(middle) != reference).any(axis=1)
+            z, a = np.where(differs, middle, z), np.where(differs, a, middle)
+        # piece i: `first` on [left, z), `last` on [z, right), then the guard band summed exactly
+        total += ((last[changes] - reference) * (right[changes] - z)[:, None]).sum(axis=0)
+        for i, change in enumerate(changes):
+            g_lo, g_hi = max(int(left[change]), int(z[i]) - self.GUARD), min(int(right[change]), int(z[i]) + self.GUARD)
+            assumed = reference[i] * (int(z[i]) - g_lo) + last[change] * (g_hi - int(z[i]))
+            total += self._brute_sum(g_lo, g_hi) - assumed
+        return total
+
+
+def _ramp_change_points(start: np.ndarray, end: np.ndarray, batch_size: int, limit: int) -> np.ndarray | None:
+    """Interpolation values ``u`` in [0, 1] where largest-remainder counts of ``batch_size * ((1-u) start + u end)`` may change.
+
+    The counts depend only on each quota's floor and on the order of the quotas' fractional
+    parts: they can change only where a quota ``q_s(u)`` or a difference ``q_i(u) - q_j(u)``
+    (linear in ``u``) crosses an integer. Returns None when there are more than ``limit``
+    such places, or when a constant difference sits on or next to an integer while its
+    sources move (a tie that float rounding could break either way: sum batch by batch).
+
+    >>> _ramp_change_points(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 4, limit=100).tolist()
+    [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    """
+    size = len(start)
+    i, j = np.triu_indices(size, k=1)
+    moving = start != end
+    alpha = batch_size * np.concatenate([start, start[i] - start[j]])
+    beta = batch_size * np.concatenate([end - start, (end[i] - start[i]) - (end[j] - start[j])])
+    flat = np.abs(beta) <= 1e-12 * batch_size
+    pair_moves = np.concatenate([moving, moving[i] | moving[j]])
+    near_integer = np.abs(alpha - np.round(alpha)) <= 1e-6
+    if np.any(flat & near_integer & pair_moves & ~np.concatenate([np.zeros(size, bool), (start[i] == start[j]) & (end[i] == end[j])])):
+        return None
+    alpha, beta = alpha[~flat], beta[~flat]
+    low, high = np.minimum(alpha, alpha + beta), np.maximum(alpha, alpha + beta)
+    first, last = np.ceil(low - 1e-6).astype(np.int64), np.floor(high + 1e-6).astype(np.int64)
+    counts = np.maximum(last - first + 1, 0)
+    if counts.sum() > limit:
+        return None
+    owner = np.repeat(np.arange(len(alpha)), counts)
+    integers = first[owner] + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    return np.unique(np.clip((integers - alpha[owner]) / beta[owner], 0.0, 1.0)) + 0.0  # no -0.0
 
 
 # -- curriculum pacing ------------------------------------------------------------------------

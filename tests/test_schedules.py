@@ -297,3 +297,79 @@ def test_weights_whose_sum_overflows_are_refused_not_normalised_to_zero():
     with pytest.raises(ValueError, match="too large to normalise"):
         Schedule({"a": 1}, [{"at": 0.5, "weights": {"a": 1e301}}])
     assert Schedule({"a": 1e299, "b": 3e299}).weights_at(0.5) == {"a": 0.25, "b": 0.75}
+
+
+# -- regressions: issue 13, failure 6 (count tables of huge runs) --------------------------------
+
+
+def per_batch_cumulative(counts: BatchCounts, b: int) -> np.ndarray:
+    """The definition: the sum of batch(0..b-1), one batch at a time (what the tables replaced)."""
+    full = min(b, counts.full_batches)
+    total = counts.batch(np.arange(full)).sum(axis=0) if full else np.zeros(len(counts.schedule.names), np.int64)
+    return total + (counts.batch(counts.full_batches) if b > counts.full_batches else 0)
+
+
+RAMPS = [
+    RAMP,
+    Schedule({"a": 0.7, "b": 0.2, "c": 0.1}, [{"at": 0.1, "weights": {"a": 0.1, "b": 0.1, "c": 0.8},
+                                               "transition": "cosine", "over": 0.8}]),
+    Schedule({"a": 0.5, "b": 0.25, "c": 0.25}, [{"at": 0.0, "weights": {"a": 0.2, "b": 0.4, "c": 0.4},
+                                                 "transition": "linear", "over": 1.0}]),
+    Schedule.anneal({"web": 0.7, "code": 0.15, "math": 0.1, "books": 0.05},
+                    {"web": 0.35, "code": 0.3, "math": 0.25, "books": 0.1}, last=0.15, transition="linear",
+                    over=0.05),
+]
+
+
+@pytest.mark.parametrize("schedule", RAMPS)
+@pytest.mark.parametrize(("num_samples", "batch_size"), [(1_000_003, 7), (640_000, 64), (2_000_000, 100)])
+@pytest.mark.parametrize("guard", [1, 64])
+def test_piecewise_ramp_sums_equal_the_per_batch_sums(schedule, num_samples, batch_size, guard):
+    counts = BatchCounts(schedule, num_samples, batch_size)
+    counts.BRUTE_FORCE, counts.GUARD = 0, guard  # force the change-point path on every ramp
+    reference = BatchCounts(schedule, num_samples, batch_size)
+    for b in [0, 1, counts.num_batches // 3, counts.num_batches // 2 + 17, counts.num_batches - 1,
+              counts.num_batches]:
+        assert counts.cumulative(b).tolist() == per_batch_cumulative(reference, b).tolist()
+
+
+@pytest.mark.parametrize("num_samples", [10**12, 10**15, 10**18, 2**62])
+def test_huge_runs_take_milliseconds_and_count_every_sample(num_samples):
+    import time
+
+    start = time.perf_counter()
+    counts = BatchCounts(RAMPS[3], num_samples, 1024)
+    total = counts.total()
+    middle = counts.cumulative(int(0.875 * counts.num_batches))  # inside the ramp: a resume there
+    assert time.perf_counter() - start < 5.0
+    assert int(total.sum()) == num_samples and np.all(middle <= total) and int(middle.sum()) == \
+        int(0.875 * counts.num_batches) * 1024
+    # the constant part before the ramp is exactly the base weights' counts per batch
+    assert counts.cumulative(1000).tolist() == (counts.batch(0) * 1000).tolist()
+
+
+def test_batch_counts_refuse_sizes_beyond_int64_arithmetic():
+    with pytest.raises(ValueError, match="num_samples must be a positive int <= 2\\*\\*62"):
+        BatchCounts(RAMP, 2**70, 1024)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        BatchCounts(RAMP, 1000, 0)
+
+
+def test_a_mixture_sampler_resumes_inside_the_ramp_of_a_huge_run_at_once():
+    import time
+
+    from dataorder.samplers.mixture import MixtureSampler
+
+    schedule = Schedule.anneal({"web": 0.7, "code": 0.3}, {"web": 0.3, "code": 0.7}, last=0.15,
+                               transition="linear", over=0.05)
+    sizes, n = {"web": 10**6, "code": 10**5}, 10**15
+    state = MixtureSampler(sizes, schedule, num_samples=n, batch_size=1024, seed=0).state_dict()
+    state["sample"] = state["position"] = int(0.875 * n)
+    start = time.perf_counter()
+    resumed = MixtureSampler(sizes, schedule, num_samples=n, batch_size=1024, seed=0)
+    resumed.load_state_dict(state)
+    iterator = iter(resumed)
+    next(iterator)
+    assert time.perf_counter() - start < 5.0
+    counts = resumed.source_counts()
+    assert sum(counts.values()) == int(0.875 * n) + 1
