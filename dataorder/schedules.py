@@ -61,12 +61,15 @@ _SEGMENT_KEYS = ("at", "weights", "transition", "over")
 # -- validation helpers ---------------------------------------------------------------------
 def _number(value: Any, where: str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = " (YAML reads 1e9 as text: write 1.0e+9 or 1_000_000_000)" if _looks_numeric(value) else ""
-        raise ValueError(f"{where}: {what} must be a number, got {_short(value)}{hint}")
+        raise ValueError(f"{where}: {what} must be a number, got {_short(value)}{_text_hint(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{where}: {what} must be finite, got {value}")
     return value
+
+
+def _text_hint(value: Any) -> str:
+    return " (YAML reads 1e9 as text: write 1.0e+9 or 1_000_000_000)" if _looks_numeric(value) else ""
 
 
 def _looks_numeric(value: Any) -> bool:
@@ -95,7 +98,7 @@ def _weights(weights: Any, names: Sequence[str] | None, where: str) -> dict[str,
     checked = {}
     for key, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
-            raise ValueError(f"{where}: weight of {_short(key)} must be a number, got {_short(value)}")
+            raise ValueError(f"{where}: weight of {_short(key)} must be a number, got {_short(value)}{_text_hint(value)}")
         if value < 0 or math.isinf(float(value)):
             raise ValueError(f"{where}: weight of {_short(key)} must be finite and >= 0, got {value}")
         checked[key] = float(value)
