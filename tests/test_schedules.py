@@ -242,12 +242,9 @@ BILLION_LAUGHS = "\n".join(
 
 
 def test_an_alias_bomb_is_refused_at_once_with_a_short_message():
-    import time
-
-    start = time.perf_counter()
     with pytest.raises(ValueError, match="expands to more than 200,000 nodes") as error:
-        Schedule.from_yaml(BILLION_LAUGHS, name="bomb.yaml")
-    assert time.perf_counter() - start < 2.0 and len(str(error.value)) < 300
+        Schedule.from_yaml(BILLION_LAUGHS, name="bomb.yaml")  # 10**9 nodes expanded: refused unexpanded
+    assert len(str(error.value)) < 300
 
 
 def test_a_moderate_alias_expansion_is_still_refused_when_it_would_print_hugely():
@@ -333,15 +330,25 @@ def test_piecewise_ramp_sums_equal_the_per_batch_sums(schedule, num_samples, bat
         assert counts.cumulative(b).tolist() == per_batch_cumulative(reference, b).tolist()
 
 
-@pytest.mark.parametrize("num_samples", [10**12, 10**15, 10**18, 2**62])
-def test_huge_runs_take_milliseconds_and_count_every_sample(num_samples):
-    import time
+def count_evaluated_batches(counts: BatchCounts) -> list[int]:
+    evaluated = [0]
+    batch = counts.batch
 
-    start = time.perf_counter()
+    def counting(b):
+        evaluated[0] += np.asarray(b).size
+        return batch(b)
+
+    counts.batch = counting
+    return evaluated
+
+
+@pytest.mark.parametrize("num_samples", [10**12, 10**15, 10**18, 2**62])
+def test_huge_runs_evaluate_few_batches_and_count_every_sample(num_samples):
     counts = BatchCounts(RAMPS[3], num_samples, 1024)
+    evaluated = count_evaluated_batches(counts)
     total = counts.total()
     middle = counts.cumulative(int(0.875 * counts.num_batches))  # inside the ramp: a resume there
-    assert time.perf_counter() - start < 5.0
+    assert evaluated[0] < 2_000_000  # the ramp alone holds up to 2**62 / 1024 * 0.05 batches
     assert int(total.sum()) == num_samples and np.all(middle <= total) and int(middle.sum()) == \
         int(0.875 * counts.num_batches) * 1024
     # the constant part before the ramp is exactly the base weights' counts per batch
@@ -356,8 +363,6 @@ def test_batch_counts_refuse_sizes_beyond_int64_arithmetic():
 
 
 def test_a_mixture_sampler_resumes_inside_the_ramp_of_a_huge_run_at_once():
-    import time
-
     from dataorder.samplers.mixture import MixtureSampler
 
     schedule = Schedule.anneal({"web": 0.7, "code": 0.3}, {"web": 0.3, "code": 0.7}, last=0.15,
@@ -365,11 +370,11 @@ def test_a_mixture_sampler_resumes_inside_the_ramp_of_a_huge_run_at_once():
     sizes, n = {"web": 10**6, "code": 10**5}, 10**15
     state = MixtureSampler(sizes, schedule, num_samples=n, batch_size=1024, seed=0).state_dict()
     state["sample"] = state["position"] = int(0.875 * n)
-    start = time.perf_counter()
     resumed = MixtureSampler(sizes, schedule, num_samples=n, batch_size=1024, seed=0)
+    evaluated = count_evaluated_batches(resumed.counts)
     resumed.load_state_dict(state)
     iterator = iter(resumed)
     next(iterator)
-    assert time.perf_counter() - start < 5.0
+    assert evaluated[0] < 2_000_000  # of ~5 * 10**10 batches in the ramp before the resume point
     counts = resumed.source_counts()
     assert sum(counts.values()) == int(0.875 * n) + 1
