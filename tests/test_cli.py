@@ -62,3 +62,39 @@ def test_the_cli_modules_do_not_import_each_other_in_a_cycle():
     code = "import dataorder.cli.commands.score, dataorder.cli.commands.schedule; import dataorder.cli; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+CORE_WITHOUT_EXTRAS = """
+import importlib, pkgutil, sys
+BLOCKED = {"sklearn", "datasets", "tqdm", "matplotlib", "pyarrow", "pandas"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+import dataorder, dataorder.samplers, dataorder.ghost
+names = ["dataorder.samplers." + m.name for m in pkgutil.iter_modules(dataorder.samplers.__path__)]
+names += ["dataorder.ghost." + m.name for m in pkgutil.iter_modules(dataorder.ghost.__path__)]
+names += ["dataorder.grads", "dataorder.schedules", "dataorder.scores", "dataorder.scores.gradnorm",
+          "dataorder.distributed", "dataorder.errors"]
+for name in names:
+    importlib.import_module(name)
+for name in dataorder.__all__:
+    getattr(dataorder, name)
+from dataorder.errors import MissingExtraError
+from dataorder.data import load_digits_split
+try:
+    load_digits_split()
+except MissingExtraError as error:
+    print(error)
+from dataorder.cli import main
+sys.exit(main(["score", "--help"]))
+"""
+
+
+def test_the_core_imports_without_the_extras_and_the_cli_names_the_extra():
+    out = subprocess.run([sys.executable, "-c", CORE_WITHOUT_EXTRAS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == "the built-in digits dataset needs the optional package 'sklearn': " \
+                         "pip install 'dataorder[cli]'\n"
+    assert out.stderr.endswith("pip install 'dataorder[cli]'\n") and out.stderr.count("\n") == 1

@@ -49,7 +49,14 @@ def missing_cli_packages() -> list[str]:
     >>> isinstance(missing_cli_packages(), list)
     True
     """
-    return [dist for module, dist in CLI_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    return [dist for module, dist in CLI_PACKAGES.items() if not _installed(module)]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as missing
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
