@@ -638,7 +638,10 @@ class BatchCounts:
     places, however many samples the run has. Between them the counts are constant; each
     change is located exactly by bisection on the batch counts themselves, and the batches
     next to it are summed one by one. Short ramps (up to :attr:`BRUTE_FORCE` batches) are
-    summed batch by batch. The table of cumulative counts holds one row per phase.
+    summed batch by batch, with a checkpoint every 4,096 batches. The table of cumulative
+    counts holds one row per phase, and one per run of constant counts inside each ramp
+    (built on the ramp's first use); a lookup costs a binary search plus at most 4,096
+    batch evaluations.
 
     >>> counts = BatchCounts(Schedule.constant({"a": 0.75, "b": 0.25}), num_samples=10, batch_size=4)
     >>> counts.batch(0).tolist(), counts.batch(2).tolist(), counts.total().tolist()
@@ -664,6 +667,7 @@ class BatchCounts:
         self._bounds: list[tuple[int, int, int]] | None = None  # (first batch, end batch, phase)
         self._sums: np.ndarray | None = None  # cumulative counts at each phase's first batch
         self._filled = 0  # phases whose cumulative counts are known
+        self._ramps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # phase -> runs
 
     def progress(self, b: np.ndarray | int) -> np.ndarray:
         """Progress of batch ``b``: samples before it / samples in the run."""
@@ -733,18 +737,51 @@ class BatchCounts:
             self._filled += 1
         return self._sums[k]
 
-    def _phase_sum(self, lo: int, hi: int, phase: int) -> np.ndarray:
-        """Counts of full batches ``[lo, hi)``, all inside phase ``phase``."""
-        if hi <= lo:
+    def _phase_sum(self, lo: int, b: int, phase: int) -> np.ndarray:
+        """Counts of full batches ``[lo, b)``, where ``lo`` is the first batch of phase ``phase``."""
+        if b <= lo:
             return np.zeros(len(self.schedule.names), dtype=np.int64)
         if self.schedule._phases.kind[phase] == _KIND["const"]:
-            return self.batch(lo) * (hi - lo)
-        if hi - lo <= self.BRUTE_FORCE:
-            return self._brute_sum(lo, hi)
-        points = self._change_points(phase, lo, hi)
-        if points is None or len(points) * (2 * self.GUARD + 2) >= hi - lo:
-            return self._brute_sum(lo, hi)
-        return self._piecewise_sum(lo, hi, points)
+            return self.batch(lo) * (b - lo)
+        starts, rates, banded, prefix = self._ramp_table(phase)
+        i = int(np.searchsorted(starts, b, side="right")) - 1
+        if banded[i]:
+            return prefix[i] + self._brute_sum(int(starts[i]), b)
+        return prefix[i] + rates[i] * (b - int(starts[i]))
+
+    def _ramp_table(self, phase: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The ramp as runs: ``(starts, counts per batch, banded, cumulative counts at each start)``.
+
+        A run of constant counts has its counts per batch; a *banded* run (the batches next
+        to a change, or a stretch summed batch by batch) is summed one batch at a time and
+        is at most :attr:`GUARD` ``* 2`` (or 4,096) batches long. Built once per ramp.
+        """
+        if phase not in self._ramps:
+            lo, hi = next((a, z) for a, z, k in self._phase_bounds_cached() if k == phase)
+            points = None if hi - lo <= self.BRUTE_FORCE else self._change_points(phase, lo, hi)
+            if points is None or len(points) * (2 * self.GUARD + 2) >= hi - lo:
+                runs = [(a, None) for a in range(lo, hi, 4096)]
+            else:
+                runs = self._piecewise_runs(lo, hi, points)
+            self._ramps[phase] = self._tabulate(runs, hi)
+        return self._ramps[phase]
+
+    def _tabulate(self, runs: list[tuple[int, np.ndarray | None]], hi: int):
+        """Cumulative counts at each run's start (``None`` counts: a banded run)."""
+        starts = np.array([a for a, _ in runs] + [hi], dtype=np.int64)
+        size = len(self.schedule.names)
+        rates = np.zeros((len(runs), size), dtype=np.int64)
+        banded = np.array([rate is None for _, rate in runs], dtype=bool)
+        sums = np.zeros((len(runs), size), dtype=np.int64)
+        for i, (a, rate) in enumerate(runs):
+            z = int(starts[i + 1])
+            if rate is None:
+                sums[i] = self._brute_sum(a, z)
+            else:
+                rates[i] = rate
+                sums[i] = rate * (z - a)
+        prefix = np.concatenate([np.zeros((1, size), dtype=np.int64), np.cumsum(sums, axis=0)])[:-1]
+        return starts[:-1], rates, banded, prefix
 
     def _brute_sum(self, lo: int, hi: int) -> np.ndarray:
         """Counts of full batches ``[lo, hi)``, batch by batch (vectorised in chunks)."""
@@ -765,33 +802,35 @@ class BatchCounts:
         b = p * (self.num_samples / self.batch_size)
         return np.unique(b[(b > lo) & (b < hi)])
 
-    def _piecewise_sum(self, lo: int, hi: int, points: np.ndarray) -> np.ndarray:
-        """Counts of ``[lo, hi)`` where the counts change at most once between consecutive midpoints of ``points``.
+    def _piecewise_runs(self, lo: int, hi: int, points: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        """Runs of ``[lo, hi)`` where the counts change at most once between consecutive midpoints of ``points``.
 
         Each piece's change is found by bisection on :meth:`batch` (so it is where the float
-        evaluation puts it), and ``GUARD`` batches on each side of it are summed one by one.
+        evaluation puts it); ``GUARD`` batches on each side of it form a banded run.
         """
         middles = np.floor((points[:-1] + points[1:]) / 2).astype(np.int64) if len(points) > 1 else np.array([], np.int64)
         edges = np.unique(np.concatenate([[lo], np.clip(middles, lo, hi), [hi]]))
         left, right = edges[:-1], edges[1:]
         first, last = self.batch(left), self.batch(right - 1)
         changes = np.flatnonzero((first != last).any(axis=1))
-        total = (first * (right - left)[:, None]).sum(axis=0)
-        if not len(changes):
-            return total
         a, z = left[changes].copy(), right[changes] - 1  # batch(a) == first, batch(z) != first
-        reference = first[changes]
         while np.any(z - a > 1):
             middle = (a + z) // 2
-            differs = (self.batch(middle) != reference).any(axis=1)
+            differs = (self.batch(middle) != first[changes]).any(axis=1)
             z, a = np.where(differs, middle, z), np.where(differs, a, middle)
-        # piece i: `first` on [left, z), `last` on [z, right), then the guard band summed exactly
-        total += ((last[changes] - reference) * (right[changes] - z)[:, None]).sum(axis=0)
-        for i, change in enumerate(changes):
-            g_lo, g_hi = max(int(left[change]), int(z[i]) - self.GUARD), min(int(right[change]), int(z[i]) + self.GUARD)
-            assumed = reference[i] * (int(z[i]) - g_lo) + last[change] * (g_hi - int(z[i]))
-            total += self._brute_sum(g_lo, g_hi) - assumed
-        return total
+        change_at = dict(zip(changes.tolist(), z.tolist()))
+        runs: list[tuple[int, np.ndarray | None]] = []
+        for i in range(len(left)):
+            piece_lo, piece_hi = int(left[i]), int(right[i])
+            if i not in change_at:
+                runs.append((piece_lo, first[i]))
+                continue
+            band_lo = max(piece_lo, change_at[i] - self.GUARD)
+            band_hi = min(piece_hi, change_at[i] + self.GUARD)
+            runs += [(piece_lo, first[i])] if band_lo > piece_lo else []
+            runs.append((band_lo, None))
+            runs += [(band_hi, last[i])] if band_hi < piece_hi else []
+        return runs
 
 
 def _ramp_change_points(start: np.ndarray, end: np.ndarray, batch_size: int, limit: int) -> np.ndarray | None:
