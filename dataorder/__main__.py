@@ -1,5 +1,8 @@
+"""``python -m dataorder``: the same as the ``dataorder`` console script."""
+
 import sys
 
-from dataorder.cli import main
+from dataorder.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

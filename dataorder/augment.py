@@ -97,7 +97,9 @@ def load_shift_digits_split(test_fraction: float = 0.25, split_seed: int = 0, *,
     >>> load_shift_digits_split().x_train.shape
     torch.Size([1347, 64])
     """
-    from sklearn.datasets import load_digits
+    from dataorder.errors import require
+
+    load_digits = require("sklearn.datasets", extra="cli", feature="the built-in digits dataset").load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()

@@ -48,7 +48,9 @@ def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0, *, image
         >>> split.x_train.shape, split.num_classes
         (torch.Size([1347, 64]), 10)
     """
-    from sklearn.datasets import load_digits
+    from dataorder.errors import require
+
+    load_digits = require("sklearn.datasets", extra="cli", feature="the built-in digits dataset").load_digits
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:
@@ -76,6 +78,9 @@ def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0, *, image
 
 #: File suffixes :func:`read_examples` understands (a directory is read as an HF dataset).
 SUFFIXES = (".parquet", ".csv", ".npz")
+#: The most classes a label column may name (one logit each; larger ids are not class ids).
+MAX_CLASSES = 2**20
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def load_split(data: str, *, label_column: str = "label", num_classes: int | None = None) -> TensorSplit:
@@ -124,8 +129,7 @@ def read_examples(path: str, *, label_column: str = "label", num_classes: int | 
         columns, class_count = _read_hf(path, label_column)
         num_classes = class_count if num_classes is None else num_classes
     elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            columns = {name: archive[name] for name in archive.files}
+        columns = _read_npz(path)
     elif suffix in (".parquet", ".csv"):
         columns = _read_arrow(path, suffix)
     else:
@@ -134,33 +138,59 @@ def read_examples(path: str, *, label_column: str = "label", num_classes: int | 
     return _columns_to_split(columns, label_column=label_column, num_classes=num_classes, name=name)
 
 
-def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int | None]:
-    import datasets
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    import zipfile
 
     try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise ValueError("a single .npy array, not an .npz archive of columns")
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # truncated, renamed or not an archive
+        raise ValueError(f"cannot read {path!r} as npz ({' '.join(str(error).split())}); write it with numpy.savez"
+                         ) from None
+
+
+def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int | None]:
+    from dataorder.errors import require
+
+    datasets = require("datasets", extra="cli", feature="reading a save_to_disk directory")
+    try:
         dataset = datasets.load_from_disk(path)
-    except FileNotFoundError as error:
-        raise ValueError(f"{path!r} is a directory but not one written by datasets' save_to_disk: {error}") from None
+    except Exception as error:  # datasets and pyarrow raise their own types for missing or damaged files
+        raise ValueError(f"{path!r} is a directory but not a readable one written by datasets' save_to_disk: "
+                         f"{' '.join(str(error).split())}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset and len(dataset) != 1:
             raise ValueError(f"{path!r} holds splits {list(dataset)} and none is 'train'; save the split to score")
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     feature = dataset.features.get(label_column)
     class_count = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
-    table = dataset.with_format("arrow")[:]  # a pyarrow Table, with any select()/shuffle() applied
-    columns = {name: _arrow_to_numpy(name, table.column(name)) for name in table.column_names}
-    return columns, class_count
+    try:
+        table = dataset.with_format("arrow")[:]  # a pyarrow Table, with any select()/shuffle() applied
+    except Exception as error:  # a damaged arrow file of the dataset
+        raise ValueError(f"cannot read the data of {path!r}: {' '.join(str(error).split())}") from None
+    return _table_columns(path, table), class_count
 
 
 def _read_arrow(path: str, suffix: str) -> dict[str, np.ndarray]:
-    import pyarrow.csv
-    import pyarrow.parquet
+    from dataorder.errors import require
 
+    reader = require("pyarrow.parquet" if suffix == ".parquet" else "pyarrow.csv", extra="cli",
+                     feature=f"reading {suffix} files")
     try:
-        table = pyarrow.parquet.read_table(path) if suffix == ".parquet" else pyarrow.csv.read_csv(path)
-    except Exception as error:  # pyarrow raises its own error types for unreadable files
-        raise ValueError(f"cannot read {path!r} as {suffix[1:]}: {error}") from None
-    return {name: _arrow_to_numpy(name, table.column(name)) for name in table.column_names}
+        table = reader.read_table(path) if suffix == ".parquet" else reader.read_csv(path)
+    except Exception as error:  # pyarrow raises its own error types for unreadable (truncated, renamed) files
+        raise ValueError(f"cannot read {path!r} as {suffix[1:]}: {' '.join(str(error).split())}") from None
+    return _table_columns(path, table)
+
+
+def _table_columns(path: str, table) -> dict[str, np.ndarray]:  # noqa: ANN001 - a pyarrow Table
+    names = table.column_names
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{path!r} has duplicate column names {duplicates}; rename them so each column is unique")
+    return {name: _arrow_to_numpy(name, column) for name, column in zip(names, table.columns)}
 
 
 def _arrow_to_numpy(name: str, column) -> np.ndarray:  # noqa: ANN001 - a pyarrow ChunkedArray
@@ -201,10 +231,15 @@ def _columns_to_split(columns: dict[str, np.ndarray], *, label_column: str, num_
             raise ValueError(f"feature column {key!r} is not numeric ({value.dtype}); drop it or encode it as numbers")
         if len(value) != n:
             raise ValueError(f"column {key!r} has {len(value)} rows but {label_column!r} has {n}")
-        bad = ~np.isfinite(value.reshape(n, -1).astype(np.float64)).all(axis=1)
+        as_float = value.reshape(n, -1).astype(np.float64)
+        bad = ~np.isfinite(as_float).all(axis=1)
         if bad.any():
             raise ValueError(f"feature column {key!r} has NaN or infinite values (first at row {int(bad.argmax())}); "
                              "impute or drop those rows")
+        huge = (np.abs(as_float) > _FLOAT32_MAX).any(axis=1)  # features are float32: these would become inf
+        if huge.any():
+            raise ValueError(f"feature column {key!r} has values beyond float32's range ±{_FLOAT32_MAX:.3g} (first "
+                             f"at row {int(huge.argmax())}); rescale the column")
     if len(features) == 1 and next(iter(features.values())).ndim > 2:
         x = next(iter(features.values())).astype(np.float32)
     else:
@@ -230,10 +265,13 @@ def _check_labels(values: np.ndarray, column: str, num_classes: int | None) -> n
             raise ValueError(f"label column {column!r} holds non-integer values; labels must be class ids 0..K-1")
     elif values.dtype.kind not in "iub":
         raise ValueError(f"label column {column!r} is not numeric ({values.dtype}); map the labels to class ids 0..K-1")
-    labels = values.astype(np.int64)
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+                                    or not 1 <= num_classes <= MAX_CLASSES):
+        raise ValueError(f"num_classes must be an int in [1, {MAX_CLASSES:,}], got {num_classes!r}")
+    if values.dtype.kind != "b" and (values.max() > MAX_CLASSES - 1 or values.min() < -MAX_CLASSES):
+        raise ValueError(f"labels out of range in column {column!r}: found {values.max() if values.max() > 0 else values.min()}; "
+                         f"labels must be class ids 0..K-1 with K <= {MAX_CLASSES:,} (map ids to 0..K-1)")
+    labels = values.astype(np.int64)  # safe: every value is within +-MAX_CLASSES
     if labels.min() < 0:
         raise ValueError(f"labels out of range in column {column!r}: found {int(labels.min())}; labels must be "
                          "class ids 0..K-1 (drop unlabelled rows)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,29 +36,40 @@ import numpy as np
 from dataorder.samplers.allocation import largest_remainder
 
 __all__ = [
+    "MAX_SAMPLES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
     "PACINGS",
     "TRANSITIONS",
     "BatchCounts",
     "Schedule",
     "Segment",
+    "check_run_value",
     "pacing_function",
 ]
 
 TRANSITIONS = ("step", "linear", "cosine")
 PACINGS = ("linear", "root", "geometric", "step")
 _RUN_KEYS = ("num_samples", "batch_size", "tokens_per_sample")
+#: Largest ``num_samples`` / ``batch_size`` (batch offsets ``b * batch_size`` stay exact in int64).
+MAX_SAMPLES = 2**62
+#: Largest sum of one set of weights: far from float64 overflow, so normalising is exact enough.
+MAX_WEIGHT_SUM = 1e300
 _SEGMENT_KEYS = ("at", "weights", "transition", "over")
 
 
 # -- validation helpers ---------------------------------------------------------------------
 def _number(value: Any, where: str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = " (YAML reads 1e9 as text: write 1.0e+9 or 1_000_000_000)" if _looks_numeric(value) else ""
-        raise ValueError(f"{where}: {what} must be a number, got {value!r}{hint}")
+        raise ValueError(f"{where}: {what} must be a number, got {_short(value)}{_text_hint(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{where}: {what} must be finite, got {value}")
     return value
+
+
+def _text_hint(value: Any) -> str:
+    return " (YAML reads 1e9 as text: write 1.0e+9 or 1_000_000_000)" if _looks_numeric(value) else ""
 
 
 def _looks_numeric(value: Any) -> bool:
@@ -71,26 +83,31 @@ def _looks_numeric(value: Any) -> bool:
 def _weights(weights: Any, names: Sequence[str] | None, where: str) -> dict[str, float]:
     """Check one set of weights; ``names=None`` means it defines the sources."""
     if not isinstance(weights, Mapping) or not weights:
-        raise ValueError(f"{where}: weights must be a non-empty mapping source -> weight, got {weights!r}")
+        raise ValueError(f"{where}: weights must be a non-empty mapping source -> weight, got {_short(weights)}")
     bad_names = [key for key in weights if not isinstance(key, str) or not key]
     if bad_names:
-        raise ValueError(f"{where}: source names must be non-empty strings, got {bad_names}")
+        raise ValueError(f"{where}: source names must be non-empty strings, got {_short(bad_names)}")
     if names is not None:
         unknown = [key for key in weights if key not in names]
         if unknown:
-            raise ValueError(f"{where}: unknown source {', '.join(map(repr, unknown))}; sources are {', '.join(names)}")
+            raise ValueError(f"{where}: unknown source {', '.join(map(_short, unknown[:5]))}; sources are "
+                             f"{_short(', '.join(names))}")
         missing = [name for name in names if name not in weights]
         if missing:
             raise ValueError(f"{where}: no weight for {', '.join(missing)}; give every source a weight (0 turns it off)")
     checked = {}
     for key, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
-            raise ValueError(f"{where}: weight of {key!r} must be a number, got {value!r}")
+            raise ValueError(f"{where}: weight of {_short(key)} must be a number, got {_short(value)}{_text_hint(value)}")
         if value < 0 or math.isinf(float(value)):
-            raise ValueError(f"{where}: weight of {key!r} must be finite and >= 0, got {value}")
+            raise ValueError(f"{where}: weight of {_short(key)} must be finite and >= 0, got {value}")
         checked[key] = float(value)
-    if sum(checked.values()) <= 0:
+    total = sum(checked.values())
+    if total <= 0:
         raise ValueError(f"{where}: all weights are zero; give at least one source a positive weight")
+    if not math.isfinite(total) or total > MAX_WEIGHT_SUM:
+        raise ValueError(f"{where}: the weights sum to {total:g}, too large to normalise exactly; scale them down "
+                         "(only their ratios matter)")
     return checked if names is None else {name: checked[name] for name in names}
 
 
@@ -202,16 +219,22 @@ class Schedule:
     def from_yaml(cls, text: str, *, name: str = "<yaml>") -> Schedule:
         """Parse the YAML form (see the module docstring); errors name ``name`` and the line.
 
+        Errors are one line. Documents whose alias expansion or nesting is unreasonable for a
+        schedule (more than :data:`MAX_YAML_NODES` nodes once aliases are expanded, deeper
+        than :data:`MAX_YAML_DEPTH`) and mappings with a duplicate key are refused before
+        anything is built.
+
         >>> Schedule.from_yaml("sources: {a: 1, b: 3}").weights_at(0.0)
         {'a': 0.25, 'b': 0.75}
+        >>> Schedule.from_yaml("sources: {a: 1, a: 3}")
+        Traceback (most recent call last):
+        ...
+        ValueError: <yaml> line 1: duplicate key 'a'; each key may appear once
         """
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-            lines = _yaml_lines(text)
-        except yaml.YAMLError as error:
-            raise ValueError(f"{name}: not valid YAML: {error}") from None
+        root = _compose(text, name)
+        _check_yaml_graph(root, name)
+        data = _construct(root, text, name) if root is not None else None
+        lines = _yaml_lines(root)
 
         def where(label: str) -> str:
             line = lines.get(label.split("[")[0] if label not in lines else label)
@@ -221,7 +244,8 @@ class Schedule:
             raise ValueError(f"{name}: expected a mapping with keys sources, schedule, run; got {type(data).__name__}")
         unknown = [key for key in data if key not in ("sources", "schedule", "run")]
         if unknown:
-            raise ValueError(f"{where(str(unknown[0]))}: unknown key {unknown[0]!r}; allowed keys are sources, schedule, run")
+            raise ValueError(f"{where(str(unknown[0]))}: unknown key {_short(unknown[0])}; allowed keys are sources, "
+                             "schedule, run")
         if "sources" not in data:
             raise ValueError(f"{name}: missing 'sources' (the starting weight of every source)")
         schedule = cls.__new__(cls)
@@ -332,10 +356,11 @@ def _segment(raw: Any, names: tuple[str, ...], where: str, free_from: float) -> 
     if isinstance(raw, Segment):
         raw = {"at": raw.at, "weights": raw.weights, "transition": raw.transition, "over": raw.over}
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where}: a segment must be a mapping with keys at, weights[, transition, over], got {raw!r}")
+        raise ValueError(f"{where}: a segment must be a mapping with keys at, weights[, transition, over], got "
+                         f"{_short(raw)}")
     unknown = [key for key in raw if key not in _SEGMENT_KEYS]
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; a segment has keys {', '.join(_SEGMENT_KEYS)}")
+        raise ValueError(f"{where}: unknown key {_short(unknown[0])}; a segment has keys {', '.join(_SEGMENT_KEYS)}")
     for key in ("at", "weights"):
         if key not in raw:
             raise ValueError(f"{where}: missing {key!r}")
@@ -349,7 +374,7 @@ def _segment(raw: Any, names: tuple[str, ...], where: str, free_from: float) -> 
         )
     transition = raw.get("transition", "step")
     if transition not in TRANSITIONS:
-        raise ValueError(f"{where}: transition must be one of {', '.join(TRANSITIONS)}, got {transition!r}")
+        raise ValueError(f"{where}: transition must be one of {', '.join(TRANSITIONS)}, got {_short(transition)}")
     over = _number(raw.get("over", 0.0), where, "over")
     if transition == "step" and over != 0.0:
         raise ValueError(f"{where}: a step transition happens at once; drop over={over} or use transition: linear")
@@ -368,12 +393,38 @@ def _run(run: Any, where: str) -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for key, value in run.items():
         if key not in _RUN_KEYS:
-            raise ValueError(f"{where}: unknown key {key!r}; allowed keys are {', '.join(_RUN_KEYS)}")
-        number = _number(value, where, key)
-        if number <= 0 or (key != "tokens_per_sample" and number != int(number)):
-            raise ValueError(f"{where}: {key} must be a positive {'number' if key == 'tokens_per_sample' else 'int'}, got {value!r}")
-        checked[key] = number if key == "tokens_per_sample" and number != int(number) else int(number)
+            raise ValueError(f"{where}: unknown key {_short(key)}; allowed keys are {', '.join(_RUN_KEYS)}")
+        checked[key] = check_run_value(key, value, where)
     return checked
+
+
+def check_run_value(key: str, value: Any, where: str) -> int | float:
+    """A ``run:`` value checked: ``num_samples``/``batch_size`` ints in ``[1, 2**62]``, ``tokens_per_sample`` > 0.
+
+    >>> check_run_value("num_samples", 1.0e+12, "run")
+    1000000000000
+    >>> check_run_value("num_samples", 2**70, "run")
+    Traceback (most recent call last):
+    ...
+    ValueError: run: num_samples must be a positive int <= 2**62, got 1180591620717411303424
+    """
+    if key == "tokens_per_sample":
+        number = _number(value, where, key)
+        if number <= 0:
+            raise ValueError(f"{where}: tokens_per_sample must be a positive number, got {_short(value)}")
+        return int(number) if number == int(number) else number
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _number(value, where, key)  # the error, with its hint for 1e9 written as text
+    if isinstance(value, numbers.Integral):
+        integer = int(value)
+    else:
+        number = _number(value, where, key)
+        if number != int(number):
+            raise ValueError(f"{where}: {key} must be a positive int, got {_short(value)}")
+        integer = int(number)
+    if not 1 <= integer <= MAX_SAMPLES:
+        raise ValueError(f"{where}: {key} must be a positive int <= 2**62, got {_short(integer)}")
+    return integer
 
 
 def _normalisation_note(weights: Mapping[str, float], where: str) -> str:
@@ -392,11 +443,112 @@ def _fraction(value: Any, total: Any, name: str, total_name: str) -> float:
     return value / total
 
 
-def _yaml_lines(text: str) -> dict[str, int]:
+#: Most nodes a schedule document may hold once its aliases are expanded (a schedule with
+#: a thousand segments of ten sources has about 30,000).
+MAX_YAML_NODES = 200_000
+#: Deepest nesting a schedule document may have (a schedule needs 5 levels).
+MAX_YAML_DEPTH = 64
+
+
+def _compose(text: str, name: str) -> Any:
+    """The document's node graph; malformed YAML is one line naming the line."""
+    import yaml
+
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        raise _yaml_error(error, name) from None
+    except RecursionError:
+        raise ValueError(f"{name}: nested too deeply for a schedule (at most {MAX_YAML_DEPTH} levels)") from None
+
+
+def _construct(root: Any, text: str, name: str) -> Any:
+    """Python values of the checked node graph (safe tags only)."""
+    import yaml
+
+    try:
+        return yaml.SafeLoader(text).construct_document(root)
+    except yaml.YAMLError as error:
+        raise _yaml_error(error, name) from None
+
+
+def _yaml_error(error: Exception, name: str) -> ValueError:
+    import yaml
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(error.problem or error.context or "malformed").split())
+        return ValueError(f"{name}{line}: not valid YAML: {problem[:200]}")
+    return ValueError(f"{name}: not valid YAML: {' '.join(str(error).split())[:200]}")
+
+
+def _check_yaml_graph(root: Any, name: str) -> None:
+    """Refuse cycles, alias bombs, deep nesting and duplicate keys, walking each node once."""
+    import yaml
+
+    if root is None:
+        return
+    size: dict[int, int] = {}  # node id -> nodes it expands to (aliases counted each time they are used)
+    depth: dict[int, int] = {id(root): 1}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    active: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if done:
+            active.discard(key)
+            size[key] = 1 + sum(size[id(child)] for child in children)
+            if size[key] > MAX_YAML_NODES:
+                raise ValueError(f"{name}: the document expands to more than {MAX_YAML_NODES:,} nodes (aliases "
+                                 "repeat their anchor's content); a schedule needs far fewer")
+            continue
+        if key in size:
+            continue
+        if depth[key] > MAX_YAML_DEPTH:
+            raise ValueError(f"{name} line {node.start_mark.line + 1}: nested too deeply for a schedule (at most "
+                             f"{MAX_YAML_DEPTH} levels)")
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicate_keys(node, name)
+        active.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in active:
+                raise ValueError(f"{name} line {child.start_mark.line + 1}: a recursive alias (a node that contains "
+                                 "itself); write the values out")
+            if id(child) not in size:
+                depth[id(child)] = max(depth.get(id(child), 0), depth[key] + 1)
+                stack.append((child, False))
+
+
+def _children(node: Any) -> list[Any]:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_duplicate_keys(node: Any, name: str) -> None:
+    import yaml
+
+    seen: set[tuple[str, str]] = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            identity = (key.tag, key.value)
+            if identity in seen:
+                raise ValueError(f"{name} line {key.start_mark.line + 1}: duplicate key {_short(key.value)}; each "
+                                 "key may appear once")
+            seen.add(identity)
+
+
+def _yaml_lines(root: Any) -> dict[str, int]:
     """1-based line of each top-level key and of each ``schedule`` item."""
     import yaml
 
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
     lines: dict[str, int] = {}
     if isinstance(root, yaml.MappingNode):
         for key, value in root.value:
@@ -405,6 +557,21 @@ def _yaml_lines(text: str) -> dict[str, int]:
                 for i, item in enumerate(value.value):
                     lines[f"schedule[{i}]"] = item.start_mark.line + 1
     return lines
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = 6
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` capped at a few dozen characters, without walking a huge value.
+
+    >>> _short(list(range(1000)))
+    '[0, 1, 2, 3, 4, 5, ...]'
+    """
+    return _REPR.repr(value)
 
 
 # -- phases: the schedule as constant and transition pieces -----------------------------------
@@ -465,29 +632,42 @@ class BatchCounts:
     weights at its progress ``b * batch_size / num_samples``.
 
     :meth:`cumulative` (counts of all batches before ``b``) costs O(1) per constant piece:
-    its batches all have the same counts. Batches inside a transition (a linear or cosine
-    ramp) are summed with vectorised numpy, once, keeping a checkpoint every
-    :attr:`CHECKPOINT` batches; afterwards a lookup costs at most ``CHECKPOINT`` batch
-    evaluations. So the first lookup at ``b`` costs O(ramp batches before ``b``), and
-    later ones O(CHECKPOINT), whatever the number of samples.
+    its batches all have the same counts. Inside a transition (a linear or cosine ramp) the
+    counts change only where a quota ``batch_size * w_s`` crosses an integer or two quotas'
+    fractional parts cross (:func:`_ramp_change_points`): at most about ``S² · batch_size``
+    places, however many samples the run has. Between them the counts are constant; each
+    change is located exactly by bisection on the batch counts themselves, and the batches
+    next to it are summed one by one. Short ramps (up to :attr:`BRUTE_FORCE` batches) are
+    summed batch by batch, with a checkpoint every 4,096 batches. The table of cumulative
+    counts holds one row per phase, and one per run of constant counts inside each ramp
+    (built on the ramp's first use); a lookup costs a binary search plus at most 4,096
+    batch evaluations.
 
     >>> counts = BatchCounts(Schedule.constant({"a": 0.75, "b": 0.25}), num_samples=10, batch_size=4)
     >>> counts.batch(0).tolist(), counts.batch(2).tolist(), counts.total().tolist()
     ([3, 1], [2, 0], [8, 2])
+    >>> huge = Schedule.anneal({"a": 1, "b": 0}, {"a": 0, "b": 1}, last=0.5, transition="linear", over=0.5)
+    >>> total = BatchCounts(huge, num_samples=10**18, batch_size=1024).total()   # milliseconds
+    >>> int(total.sum()) == 10**18, abs(int(total[0]) - 75 * 10**16) < 10**6
+    (True, True)
     """
 
-    CHECKPOINT = 4096
+    #: Ramps of at most this many batches are summed batch by batch.
+    BRUTE_FORCE = 1 << 16
+    #: Batches summed one by one on each side of a located change of the counts.
+    GUARD = 64
 
     def __init__(self, schedule: Schedule, num_samples: int, batch_size: int) -> None:
         self.schedule = schedule
-        self.num_samples = int(num_samples)
-        self.batch_size = int(batch_size)
+        self.num_samples = check_run_value("num_samples", num_samples, "BatchCounts")
+        self.batch_size = check_run_value("batch_size", batch_size, "BatchCounts")
         self.full_batches = self.num_samples // self.batch_size
         self.last_size = self.num_samples % self.batch_size
         self.num_batches = self.full_batches + (self.last_size > 0)
-        self._knots: tuple[np.ndarray, np.ndarray] | None = None  # (batch index, cumulative counts)
-        self._bounds: list[tuple[int, int, bool]] | None = None
-        self._filled = 0  # knots whose cumulative counts are known
+        self._bounds: list[tuple[int, int, int]] | None = None  # (first batch, end batch, phase)
+        self._sums: np.ndarray | None = None  # cumulative counts at each phase's first batch
+        self._filled = 0  # phases whose cumulative counts are known
+        self._ramps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # phase -> runs
 
     def progress(self, b: np.ndarray | int) -> np.ndarray:
         """Progress of batch ``b``: samples before it / samples in the run."""
@@ -512,21 +692,23 @@ class BatchCounts:
             raise ValueError(f"batch index must be in [0, {self.num_batches}], got {b}")
         if b > self.full_batches:
             return self.cumulative(self.full_batches) + self.batch(self.full_batches)
-        knots, _ = self._table()
-        k = int(np.searchsorted(knots, b, side="right")) - 1
-        return self._cumulative_at_knot(k) + self._sum(int(knots[k]), b)
+        bounds = self._phase_bounds_cached()
+        k = max(0, int(np.searchsorted([lo for lo, _, _ in bounds], b, side="right")) - 1) if bounds else 0
+        if not bounds:
+            return np.zeros(len(self.schedule.names), dtype=np.int64)
+        lo, _, phase = bounds[k]
+        return self._cumulative_at_knot(k) + self._phase_sum(lo, b, phase)
 
     def total(self) -> np.ndarray:
         """Counts over the whole run."""
         return self.cumulative(self.num_batches)
 
     # -- internals ---------------------------------------------------------------------------
-    def _phase_bounds(self) -> list[tuple[int, int, bool]]:
-        """``(first batch, end batch, constant?)`` of each phase, over the full batches."""
+    def _phase_bounds(self) -> list[tuple[int, int, int]]:
+        """``(first batch, end batch, phase)`` of each phase that holds full batches."""
         phases = self.schedule._phases
         bounds = [self._first_batch_at(float(s)) for s in phases.starts] + [self.full_batches]
-        return [(lo, hi, bool(phases.kind[k] == _KIND["const"]))
-                for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+        return [(lo, hi, k) for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
 
     def _first_batch_at(self, p: float) -> int:
         """Smallest full batch whose progress, as computed by :meth:`progress`, is >= ``p``."""
@@ -537,44 +719,151 @@ class BatchCounts:
             b += 1
         return b
 
-    def _sum(self, lo: int, hi: int) -> np.ndarray:
-        """Counts of full batches ``[lo, hi)``: one evaluation for a constant phase, else vectorised."""
-        total = np.zeros(len(self.schedule.names), dtype=np.int64)
-        for a, z, constant in self._phase_bounds_cached():
-            a, z = max(a, lo), min(z, hi)
-            if z <= a:
-                continue
-            if constant:
-                total += self.batch(a) * (z - a)
-            else:
-                for chunk in range(a, z, 1 << 16):
-                    total += self.batch(np.arange(chunk, min(z, chunk + (1 << 16)))).sum(axis=0)
-        return total
-
-    def _phase_bounds_cached(self) -> list[tuple[int, int, bool]]:
+    def _phase_bounds_cached(self) -> list[tuple[int, int, int]]:
         if self._bounds is None:
             self._bounds = self._phase_bounds()
         return self._bounds
 
-    def _table(self) -> tuple[np.ndarray, np.ndarray]:
-        """Knots (phase starts, checkpoints in transitions) and the cumulative counts at them."""
-        if self._knots is None:
-            points = {0}
-            for lo, hi, constant in self._phase_bounds_cached():
-                points.update([lo] if constant else range(lo, hi, self.CHECKPOINT))
-            knots = np.array(sorted(points), dtype=np.int64)
-            self._knots = (knots, np.zeros((len(knots), len(self.schedule.names)), dtype=np.int64))
-            self._filled = 1
-        return self._knots
-
     def _cumulative_at_knot(self, k: int) -> np.ndarray:
-        """Cumulative counts at knot ``k``, summing the knots before it on first use."""
-        knots, sums = self._table()
+        """Cumulative counts at the first batch of phase ``k`` (of :meth:`_phase_bounds`), summed on first use."""
+        bounds = self._phase_bounds_cached()
+        if self._sums is None:
+            self._sums = np.zeros((len(bounds), len(self.schedule.names)), dtype=np.int64)
+            self._filled = 1
         while self._filled <= k:
             i = self._filled
-            sums[i] = sums[i - 1] + self._sum(int(knots[i - 1]), int(knots[i]))
+            lo, hi, phase = bounds[i - 1]
+            self._sums[i] = self._sums[i - 1] + self._phase_sum(lo, hi, phase)
             self._filled += 1
-        return sums[k]
+        return self._sums[k]
+
+    def _phase_sum(self, lo: int, b: int, phase: int) -> np.ndarray:
+        """Counts of full batches ``[lo, b)``, where ``lo`` is the first batch of phase ``phase``."""
+        if b <= lo:
+            return np.zeros(len(self.schedule.names), dtype=np.int64)
+        if self.schedule._phases.kind[phase] == _KIND["const"]:
+            return self.batch(lo) * (b - lo)
+        starts, rates, banded, prefix = self._ramp_table(phase)
+        i = int(np.searchsorted(starts, b, side="right")) - 1
+        if banded[i]:
+            return prefix[i] + self._brute_sum(int(starts[i]), b)
+        return prefix[i] + rates[i] * (b - int(starts[i]))
+
+    def _ramp_table(self, phase: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The ramp as runs: ``(starts, counts per batch, banded, cumulative counts at each start)``.
+
+        A run of constant counts has its counts per batch; a *banded* run (the batches next
+        to a change, or a stretch summed batch by batch) is summed one batch at a time and
+        is at most :attr:`GUARD` ``* 2`` (or 4,096) batches long. Built once per ramp.
+        """
+        if phase not in self._ramps:
+            lo, hi = next((a, z) for a, z, k in self._phase_bounds_cached() if k == phase)
+            points = None if hi - lo <= self.BRUTE_FORCE else self._change_points(phase, lo, hi)
+            if points is None or len(points) * (2 * self.GUARD + 2) >= hi - lo:
+                runs = [(a, None) for a in range(lo, hi, 4096)]
+            else:
+                runs = self._piecewise_runs(lo, hi, points)
+            self._ramps[phase] = self._tabulate(runs, hi)
+        return self._ramps[phase]
+
+    def _tabulate(self, runs: list[tuple[int, np.ndarray | None]], hi: int):
+        """Cumulative counts at each run's start (``None`` counts: a banded run)."""
+        starts = np.array([a for a, _ in runs] + [hi], dtype=np.int64)
+        size = len(self.schedule.names)
+        rates = np.zeros((len(runs), size), dtype=np.int64)
+        banded = np.array([rate is None for _, rate in runs], dtype=bool)
+        sums = np.zeros((len(runs), size), dtype=np.int64)
+        for i, (a, rate) in enumerate(runs):
+            z = int(starts[i + 1])
+            if rate is None:
+                sums[i] = self._brute_sum(a, z)
+            else:
+                rates[i] = rate
+                sums[i] = rate * (z - a)
+        prefix = np.concatenate([np.zeros((1, size), dtype=np.int64), np.cumsum(sums, axis=0)])[:-1]
+        return starts[:-1], rates, banded, prefix
+
+    def _brute_sum(self, lo: int, hi: int) -> np.ndarray:
+        """Counts of full batches ``[lo, hi)``, batch by batch (vectorised in chunks)."""
+        total = np.zeros(len(self.schedule.names), dtype=np.int64)
+        for chunk in range(lo, hi, 1 << 16):
+            total += self.batch(np.arange(chunk, min(hi, chunk + (1 << 16)))).sum(axis=0)
+        return total
+
+    def _change_points(self, phase: int, lo: int, hi: int) -> np.ndarray | None:
+        """Batches (as floats) near which the counts of a ramp may change; None: not worth finding them."""
+        ph = self.schedule._phases
+        u = _ramp_change_points(ph.anchors[ph.src[phase]], ph.anchors[ph.dst[phase]], self.batch_size,
+                                limit=(hi - lo) // (2 * self.GUARD + 2))
+        if u is None:
+            return None
+        t = u if ph.kind[phase] == _KIND["linear"] else np.arccos(np.clip(1.0 - 2.0 * u, -1.0, 1.0)) / np.pi
+        p = ph.starts[phase] + t * (ph.ends[phase] - ph.starts[phase])
+        b = p * (self.num_samples / self.batch_size)
+        return np.unique(b[(b > lo) & (b < hi)])
+
+    def _piecewise_runs(self, lo: int, hi: int, points: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        """Runs of ``[lo, hi)`` where the counts change at most once between consecutive midpoints of ``points``.
+
+        Each piece's change is found by bisection on :meth:`batch` (so it is where the float
+        evaluation puts it); ``GUARD`` batches on each side of it form a banded run.
+        """
+        middles = np.floor((points[:-1] + points[1:]) / 2).astype(np.int64) if len(points) > 1 else np.array([], np.int64)
+        edges = np.unique(np.concatenate([[lo], np.clip(middles, lo, hi), [hi]]))
+        left, right = edges[:-1], edges[1:]
+        first, last = self.batch(left), self.batch(right - 1)
+        changes = np.flatnonzero((first != last).any(axis=1))
+        a, z = left[changes].copy(), right[changes] - 1  # batch(a) == first, batch(z) != first
+        while np.any(z - a > 1):
+            middle = (a + z) // 2
+            differs = (self.batch(middle) != first[changes]).any(axis=1)
+            z, a = np.where(differs, middle, z), np.where(differs, a, middle)
+        change_at = dict(zip(changes.tolist(), z.tolist()))
+        runs: list[tuple[int, np.ndarray | None]] = []
+        for i in range(len(left)):
+            piece_lo, piece_hi = int(left[i]), int(right[i])
+            if i not in change_at:
+                runs.append((piece_lo, first[i]))
+                continue
+            band_lo = max(piece_lo, change_at[i] - self.GUARD)
+            band_hi = min(piece_hi, change_at[i] + self.GUARD)
+            runs += [(piece_lo, first[i])] if band_lo > piece_lo else []
+            runs.append((band_lo, None))
+            runs += [(band_hi, last[i])] if band_hi < piece_hi else []
+        return runs
+
+
+def _ramp_change_points(start: np.ndarray, end: np.ndarray, batch_size: int, limit: int) -> np.ndarray | None:
+    """Interpolation values ``u`` in [0, 1] where largest-remainder counts of ``batch_size * ((1-u) start + u end)`` may change.
+
+    The counts depend only on each quota's floor and on the order of the quotas' fractional
+    parts: they can change only where a quota ``q_s(u)`` or a difference ``q_i(u) - q_j(u)``
+    (linear in ``u``) crosses an integer. Returns None when there are more than ``limit``
+    such places, or when a constant difference sits on or next to an integer while its
+    sources move (a tie that float rounding could break either way: sum batch by batch).
+
+    >>> _ramp_change_points(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 4, limit=100).tolist()
+    [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    """
+    size = len(start)
+    i, j = np.triu_indices(size, k=1)
+    moving = start != end
+    alpha = batch_size * np.concatenate([start, start[i] - start[j]])
+    beta = batch_size * np.concatenate([end - start, (end[i] - start[i]) - (end[j] - start[j])])
+    flat = np.abs(beta) <= 1e-12 * batch_size
+    pair_moves = np.concatenate([moving, moving[i] | moving[j]])
+    near_integer = np.abs(alpha - np.round(alpha)) <= 1e-6
+    if np.any(flat & near_integer & pair_moves & ~np.concatenate([np.zeros(size, bool), (start[i] == start[j]) & (end[i] == end[j])])):
+        return None
+    alpha, beta = alpha[~flat], beta[~flat]
+    low, high = np.minimum(alpha, alpha + beta), np.maximum(alpha, alpha + beta)
+    first, last = np.ceil(low - 1e-6).astype(np.int64), np.floor(high + 1e-6).astype(np.int64)
+    counts = np.maximum(last - first + 1, 0)
+    if counts.sum() > limit:
+        return None
+    owner = np.repeat(np.arange(len(alpha)), counts)
+    integers = first[owner] + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    return np.unique(np.clip((integers - alpha[owner]) / beta[owner], 0.0, 1.0)) + 0.0  # no -0.0
 
 
 # -- curriculum pacing ------------------------------------------------------------------------

@@ -37,3 +37,64 @@ def test_bench_lists_and_rejects_unknown(capsys):
 def test_console_script_module_entry():
     out = subprocess.run([sys.executable, "-m", "dataorder", "--help"], capture_output=True, text=True, check=True)
     assert "compare" in out.stdout and "score" in out.stdout
+
+
+def test_without_the_cli_extra_every_command_says_which_extra_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    assert main(["score", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err == "dataorder score: the command line needs the [cli] extra (missing tqdm): " \
+                  "pip install 'dataorder[cli]'\n"
+
+
+def test_library_errors_become_one_line_at_the_boundary(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: {a: 1, b: [\n")
+    assert main(["schedule", "show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dataorder schedule: error: ")
+
+
+def test_the_cli_modules_do_not_import_each_other_in_a_cycle():
+    code = "import dataorder.cli.commands.score, dataorder.cli.commands.schedule; import dataorder.cli; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+CORE_WITHOUT_EXTRAS = """
+import importlib, pkgutil, sys
+BLOCKED = {"sklearn", "datasets", "tqdm", "matplotlib", "pyarrow", "pandas"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+import dataorder, dataorder.samplers, dataorder.ghost
+names = ["dataorder.samplers." + m.name for m in pkgutil.iter_modules(dataorder.samplers.__path__)]
+names += ["dataorder.ghost." + m.name for m in pkgutil.iter_modules(dataorder.ghost.__path__)]
+names += ["dataorder.grads", "dataorder.schedules", "dataorder.scores", "dataorder.scores.gradnorm",
+          "dataorder.distributed", "dataorder.errors"]
+for name in names:
+    importlib.import_module(name)
+for name in dataorder.__all__:
+    getattr(dataorder, name)
+from dataorder.errors import MissingExtraError
+from dataorder.data import load_digits_split
+try:
+    load_digits_split()
+except MissingExtraError as error:
+    print(error)
+from dataorder.cli import main
+sys.exit(main(["score", "--help"]))
+"""
+
+
+def test_the_core_imports_without_the_extras_and_the_cli_names_the_extra():
+    out = subprocess.run([sys.executable, "-c", CORE_WITHOUT_EXTRAS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == "the built-in digits dataset needs the optional package 'sklearn': " \
+                         "pip install 'dataorder[cli]'\n"
+    assert out.stderr.endswith("pip install 'dataorder[cli]'\n") and out.stderr.count("\n") == 1

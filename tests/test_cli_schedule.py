@@ -78,3 +78,30 @@ def test_errors_are_one_line_usage_errors(config, tmp_path, capsys):
     assert "--at must be comma-separated numbers" in capsys.readouterr().err
     assert main(["schedule", "show", str(config), "--num-samples", "-5"]) == 2
     assert "--num-samples must be > 0" in capsys.readouterr().err
+
+
+def test_show_over_a_huge_run_counts_every_sample(config, capsys):
+    assert main(["schedule", "show", str(config), "--num-samples", str(10**18), "--batch-size", "1024"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert table["total"][0] == f"{10**18:,}"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("sources: {a: 1}\nrun: {num_samples: 1180591620717411303424, batch_size: 8}", "<= 2**62"),
+    ("sources: {a: 1.0e+308, b: 1.0e+308}", "too large to normalise"),
+    ("sources: {a: 1e308, b: 1}", "YAML reads 1e9 as text"),
+    ("sources: {a: 1, a: 2}", "duplicate key 'a'"),
+    ("sources: " + "[" * 3000 + "]" * 3000, "nested too deeply"),
+    ("sources: {a: 1, b: [\n", "not valid YAML"),
+])
+def test_hostile_files_are_one_line_errors(tmp_path, capsys, text, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    assert main(["schedule", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and len(err) < 400, err
+
+
+def test_flag_sizes_beyond_2_to_the_62_are_one_line_errors(config, capsys):
+    assert main(["schedule", "show", str(config), "--num-samples", str(2**70)]) == 2
+    assert "--num-samples: num_samples must be a positive int <= 2**62" in capsys.readouterr().err

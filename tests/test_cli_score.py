@@ -83,6 +83,29 @@ def bad_npz(tmp_path, **columns):
     return str(path)
 
 
+def truncated(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".npz"):
+        np.savez(path, x=X, label=Y)
+    else:
+        pq.write_table(pa.table({"x": X[:, 0], "label": Y}), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return str(path)
+
+
+def renamed(tmp_path, name):
+    """A parquet file under another suffix."""
+    path = tmp_path / name
+    pq.write_table(pa.table({"x": X[:, 0], "label": Y}), path)
+    return str(path)
+
+
+def csv(tmp_path, text):
+    path = tmp_path / "table.csv"
+    path.write_text(text)
+    return str(path)
+
+
 X = np.random.default_rng(0).normal(size=(20, 3))
 Y = np.arange(20) % 3
 
@@ -96,8 +119,24 @@ Y = np.arange(20) % 3
     (lambda tmp: ["--data", "digits", "--model", "no_such_pkg.models:make"], "cannot import model factory"),
     (lambda tmp: ["--data", "digits", "--model", "dataorder.models:no_such_factory"], "no callable"),
     (lambda tmp: ["--data", "digits", "--scores", "el2n,vibes"], "--scores: unknown score(s) vibes"),
+    # issue 13, failure 5: each of these was a traceback
+    (lambda tmp: ["--data", truncated(tmp, "t.npz")], "cannot read"),
+    (lambda tmp: ["--data", truncated(tmp, "t.parquet")], "cannot read"),
+    (lambda tmp: ["--data", renamed(tmp, "t.npz")], "cannot read"),
+    (lambda tmp: ["--data", renamed(tmp, "t.csv")], "--data"),
+    (lambda tmp: ["--data", csv(tmp, "a,a,label\n1,2,0\n3,4,1\n")], "duplicate column names ['a']"),
+    (lambda tmp: ["--data", bad_npz(tmp, x=X, label=np.where(Y == 0, 2**63 - 1, Y))], "labels out of range"),
+    (lambda tmp: ["--data", bad_npz(tmp, x=X, label=np.where(Y == 0, 2**63 + 5, Y).astype(np.uint64))],
+     "labels out of range"),
+    (lambda tmp: ["--data", bad_npz(tmp, x=X, label=np.where(Y == 0, 9.2e18, Y))], "labels out of range"),
+    (lambda tmp: ["--data", bad_npz(tmp, big=np.where(np.eye(20, 3) > 0, 1e39, X), label=Y)],
+     "feature column 'big' has values beyond float32's range"),
+    (lambda tmp: ["--data", "digits", "--seed", str(2**64)], "--seed + runs - 1 must be < 2**64"),
+    (lambda tmp: ["--data", "digits", "--seed", str(2**64 - 2), "--runs", "3"], "--seed + runs - 1 must be"),
+    (lambda tmp: ["--data", "digits", "--lr", "1e38"], "lower the learning rate (--lr 1e+38)"),
     (lambda tmp: ["--data", "digits", "--epochs", "2", "--score-epoch", "3"], "--score-epoch (3) must be <="),
     (lambda tmp: ["--data", "digits", "--runs", "0"], "--runs must be an int >= 1"),
+    (lambda tmp: ["--data", "digits", "--momentum", "nan"], "--momentum must be a finite number >= 0"),
     (lambda tmp: ["--data", "digits", "--device", "tpu"], "--device"),
     (lambda tmp: ["--data", "digits", "--scores", "grand", "--grand-params", "nothing_here"], "matches no parameter"),
 ])
@@ -108,6 +147,29 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, capsys, make_ar
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("dataorder score: error: ") and message in error, error
     assert not (out / "scores.parquet").exists()
+    if (out / "manifest.json").exists():  # only a job that started (diverged) leaves its manifest
+        assert json.loads((out / "manifest.json").read_text())["complete"] is False
+
+
+def test_an_out_under_a_regular_file_is_one_line_and_seeds_are_checked_before_any_file(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep")
+    assert score("--data", "digits", *FAST, "--out", str(blocker / "out")) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a file, not a directory" in error and blocker.read_text() == "keep"
+    assert score("--data", "digits", *FAST, "--seed", str(2**64), "--out", str(tmp_path / "seeded")) == 2
+    assert not (tmp_path / "seeded").exists()
+
+
+def test_a_diverged_run_exits_2_naming_lr_and_nothing_is_marked_complete(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert score("--data", "digits", *FAST, "--scores", "el2n,aum", "--lr", "1e38", "--out", str(out)) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "diverged" in error and "--lr" in error
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert not (out / "scores.parquet").exists() and not list((out / "runs").iterdir())
+    assert score("--data", "digits", *FAST, "--scores", "el2n,aum", "--out", str(out)) == 2  # settings differ
+    assert "other settings (lr 1e+38 -> 0.05)" in capsys.readouterr().err
 
 
 def test_out_holding_another_datasets_results_is_refused(tmp_path, capsys):

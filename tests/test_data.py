@@ -131,3 +131,61 @@ def test_fingerprint_tracks_content_shape_and_labels():
     assert base != fingerprint(x.reshape(2, 3), y)
     assert base != fingerprint(x, torch.tensor([0, 1, 1]))
     assert base != fingerprint(x + 1e-3, y)
+
+
+# -- regressions: issue 13, failure 5 (readers) ---------------------------------------------------
+
+
+def test_duplicate_column_names_are_refused_naming_them(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("a,b,a,label\n1,2,3,0\n4,5,6,1\n")
+    with pytest.raises(ValueError, match=r"duplicate column names \['a'\]"):
+        read_examples(str(path))
+
+
+@pytest.mark.parametrize("name", ["t.npz", "t.parquet", "t.csv"])
+def test_truncated_or_renamed_files_are_a_value_error(tmp_path, name):
+    source = tmp_path / "source.npz"
+    np.savez(source, a=X[:, 0], label=Y)
+    truncated = tmp_path / name
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])  # an npz cut short, or renamed
+    with pytest.raises(ValueError, match="cannot read|not numeric|no label column"):
+        read_examples(str(truncated))
+
+
+def test_a_damaged_save_to_disk_directory_is_a_value_error(tmp_path):
+    import datasets
+
+    folder = tmp_path / "hf"
+    datasets.Dataset.from_dict({"a": X[:, 0].tolist(), "label": Y.tolist()}).save_to_disk(str(folder))
+    for arrow in folder.glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:40])
+    with pytest.raises(ValueError, match="hf"):
+        read_examples(str(folder))
+
+
+def test_features_beyond_float32_are_a_bad_feature_naming_the_column(tmp_path):
+    path = tmp_path / "big.npz"
+    np.savez(path, small=X[:, 0].astype(np.float64), big=np.array([1.0, 1e39, 2.0, 3.0]), label=Y)
+    with pytest.raises(ValueError, match="feature column 'big' has values beyond float32's range .* row 1"):
+        read_examples(str(path))
+    np.savez(path, big=np.array([1.0, 3e38, 2.0, 3.0]), label=Y)  # within float32: accepted
+    assert read_examples(str(path)).x_train[1, 0] == np.float32(3e38)
+
+
+@pytest.mark.parametrize("labels", [np.array([0, 1, 2**63 - 1, 2]), np.array([0, 1, 2**63 + 5, 2], dtype=np.uint64),
+                                    np.array([0.0, 1.0, 9.2e18, 2.0]), np.array([0, 1, -(2**63), 2]),
+                                    np.array([0, 1, 2**20, 2])])
+def test_labels_far_beyond_a_class_count_are_refused_before_any_allocation(tmp_path, labels):
+    path = tmp_path / "ids.npz"
+    np.savez(path, a=X[:, 0], label=labels)
+    with pytest.raises(ValueError, match="labels out of range"):
+        read_examples(str(path))
+
+
+def test_the_largest_class_count_is_accepted_and_a_larger_num_classes_refused(tmp_path):
+    path = tmp_path / "ids.npz"
+    np.savez(path, a=X[:, 0], label=np.array([0, 1, 2**20 - 1, 2]))
+    assert read_examples(str(path)).num_classes == 2**20
+    with pytest.raises(ValueError, match="num_classes must be an int in"):
+        read_examples(str(path), num_classes=2**20 + 1)

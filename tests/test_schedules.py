@@ -230,3 +230,151 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- regressions: issue 13, failure 6 (hostile YAML) ---------------------------------------------
+
+BILLION_LAUGHS = "\n".join(
+    ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    + ["sources: *a8"]
+)
+
+
+def test_an_alias_bomb_is_refused_at_once_with_a_short_message():
+    with pytest.raises(ValueError, match="expands to more than 200,000 nodes") as error:
+        Schedule.from_yaml(BILLION_LAUGHS, name="bomb.yaml")  # 10**9 nodes expanded: refused unexpanded
+    assert len(str(error.value)) < 300
+
+
+def test_a_moderate_alias_expansion_is_still_refused_when_it_would_print_hugely():
+    text = "sources: &w {a: 1, b: 2}\nschedule: [{at: 0.5, weights: [" + ", ".join(["*w"] * 5000) + "]}]"
+    with pytest.raises(ValueError, match="weights must be a non-empty mapping") as error:
+        Schedule.from_yaml(text)
+    assert len(str(error.value)) < 300  # the repr of the expanded value is capped
+
+
+def test_recursive_aliases_deep_nesting_and_duplicate_keys_are_one_line_errors():
+    with pytest.raises(ValueError, match="recursive alias"):
+        Schedule.from_yaml("sources: &s {a: *s}")
+    for deep in ("sources: " + "[" * 100 + "]" * 100, "sources: " + "[" * 5000 + "]" * 5000):
+        with pytest.raises(ValueError, match="nested too deeply") as error:
+            Schedule.from_yaml(deep)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="line 2: duplicate key 'sources'"):
+        Schedule.from_yaml("sources: {a: 1}\nsources: {b: 1}")
+    with pytest.raises(ValueError, match="line 1: duplicate key 'a'"):
+        Schedule.from_yaml("sources: {a: 1, b: 1, a: 2}")
+
+
+@pytest.mark.parametrize("text", ["sources: {a: 1, b: [\n", "sources: {a: 1}\n  bad: indentation: here\n",
+                                  "sources: {a: 1}\n\tschedule: []\n", "- a\nb: 1\n", "sources: {a: !!python/object:os.system 1}"])
+def test_malformed_yaml_is_one_line_naming_the_line(text):
+    with pytest.raises(ValueError, match=r"^mix.yaml( line \d+)?: ") as error:
+        Schedule.from_yaml(text, name="mix.yaml")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("run", "message"), [
+    ("{num_samples: 1180591620717411303424}", "num_samples must be a positive int <= 2\\*\\*62"),
+    ("{num_samples: 1.0e+300}", "num_samples must be a positive int <= 2\\*\\*62"),
+    ("{num_samples: .inf}", "must be finite"),
+    ("{num_samples: 1e9}", "YAML reads 1e9 as text"),
+    ("{batch_size: 0}", "batch_size must be a positive int"),
+    ("{num_samples: 10.5}", "num_samples must be a positive int"),
+])
+def test_run_sizes_out_of_range_are_refused(run, message):
+    with pytest.raises(ValueError, match=message):
+        Schedule.from_yaml(f"sources: {{a: 1}}\nrun: {run}")
+
+
+def test_weights_whose_sum_overflows_are_refused_not_normalised_to_zero():
+    with pytest.raises(ValueError, match="sum to inf, too large to normalise"):
+        Schedule({"a": 1e308, "b": 1e308})
+    with pytest.raises(ValueError, match="too large to normalise"):
+        Schedule({"a": 1}, [{"at": 0.5, "weights": {"a": 1e301}}])
+    assert Schedule({"a": 1e299, "b": 3e299}).weights_at(0.5) == {"a": 0.25, "b": 0.75}
+
+
+# -- regressions: issue 13, failure 6 (count tables of huge runs) --------------------------------
+
+
+def per_batch_cumulative(counts: BatchCounts, b: int) -> np.ndarray:
+    """The definition: the sum of batch(0..b-1), one batch at a time (what the tables replaced)."""
+    full = min(b, counts.full_batches)
+    total = counts.batch(np.arange(full)).sum(axis=0) if full else np.zeros(len(counts.schedule.names), np.int64)
+    return total + (counts.batch(counts.full_batches) if b > counts.full_batches else 0)
+
+
+RAMPS = [
+    RAMP,
+    Schedule({"a": 0.7, "b": 0.2, "c": 0.1}, [{"at": 0.1, "weights": {"a": 0.1, "b": 0.1, "c": 0.8},
+                                               "transition": "cosine", "over": 0.8}]),
+    Schedule({"a": 0.5, "b": 0.25, "c": 0.25}, [{"at": 0.0, "weights": {"a": 0.2, "b": 0.4, "c": 0.4},
+                                                 "transition": "linear", "over": 1.0}]),
+    Schedule.anneal({"web": 0.7, "code": 0.15, "math": 0.1, "books": 0.05},
+                    {"web": 0.35, "code": 0.3, "math": 0.25, "books": 0.1}, last=0.15, transition="linear",
+                    over=0.05),
+]
+
+
+@pytest.mark.parametrize("schedule", RAMPS)
+@pytest.mark.parametrize(("num_samples", "batch_size"), [(1_000_003, 7), (640_000, 64), (2_000_000, 100)])
+@pytest.mark.parametrize("guard", [1, 64])
+def test_piecewise_ramp_sums_equal_the_per_batch_sums(schedule, num_samples, batch_size, guard):
+    counts = BatchCounts(schedule, num_samples, batch_size)
+    counts.BRUTE_FORCE, counts.GUARD = 0, guard  # force the change-point path on every ramp
+    reference = BatchCounts(schedule, num_samples, batch_size)
+    for b in [0, 1, counts.num_batches // 3, counts.num_batches // 2 + 17, counts.num_batches - 1,
+              counts.num_batches]:
+        assert counts.cumulative(b).tolist() == per_batch_cumulative(reference, b).tolist()
+
+
+def count_evaluated_batches(counts: BatchCounts) -> list[int]:
+    evaluated = [0]
+    batch = counts.batch
+
+    def counting(b):
+        evaluated[0] += np.asarray(b).size
+        return batch(b)
+
+    counts.batch = counting
+    return evaluated
+
+
+@pytest.mark.parametrize("num_samples", [10**12, 10**15, 10**18, 2**62])
+def test_huge_runs_evaluate_few_batches_and_count_every_sample(num_samples):
+    counts = BatchCounts(RAMPS[3], num_samples, 1024)
+    evaluated = count_evaluated_batches(counts)
+    total = counts.total()
+    middle = counts.cumulative(int(0.875 * counts.num_batches))  # inside the ramp: a resume there
+    assert evaluated[0] < 2_000_000  # the ramp alone holds up to 2**62 / 1024 * 0.05 batches
+    assert int(total.sum()) == num_samples and np.all(middle <= total) and int(middle.sum()) == \
+        int(0.875 * counts.num_batches) * 1024
+    # the constant part before the ramp is exactly the base weights' counts per batch
+    assert counts.cumulative(1000).tolist() == (counts.batch(0) * 1000).tolist()
+
+
+def test_batch_counts_refuse_sizes_beyond_int64_arithmetic():
+    with pytest.raises(ValueError, match="num_samples must be a positive int <= 2\\*\\*62"):
+        BatchCounts(RAMP, 2**70, 1024)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        BatchCounts(RAMP, 1000, 0)
+
+
+def test_a_mixture_sampler_resumes_inside_the_ramp_of_a_huge_run_at_once():
+    from dataorder.samplers.mixture import MixtureSampler
+
+    schedule = Schedule.anneal({"web": 0.7, "code": 0.3}, {"web": 0.3, "code": 0.7}, last=0.15,
+                               transition="linear", over=0.05)
+    sizes, n = {"web": 10**6, "code": 10**5}, 10**15
+    state = MixtureSampler(sizes, schedule, num_samples=n, batch_size=1024, seed=0).state_dict()
+    state["sample"] = state["position"] = int(0.875 * n)
+    resumed = MixtureSampler(sizes, schedule, num_samples=n, batch_size=1024, seed=0)
+    evaluated = count_evaluated_batches(resumed.counts)
+    resumed.load_state_dict(state)
+    iterator = iter(resumed)
+    next(iterator)
+    assert evaluated[0] < 2_000_000  # of ~5 * 10**10 batches in the ramp before the resume point
+    counts = resumed.source_counts()
+    assert sum(counts.values()) == int(0.875 * n) + 1

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from dataorder.errors import require
+
 __all__ = ["HIGHER_MEANS", "SCORES_FILE", "add_scores_column", "load_scores", "read_metadata", "run_column",
            "write_scores"]
 
@@ -61,8 +63,8 @@ def write_scores(path: str | os.PathLike, runs: Mapping[str, np.ndarray], metada
     >>> load_scores(path, "el2n").tolist(), load_scores(path, "el2n", run=1).tolist()
     ([0.2, 0.4], [0.3, 0.5])
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = require("pyarrow", extra="cli", feature="writing scores.parquet")
+    pq = require("pyarrow.parquet", extra="cli", feature="writing scores.parquet")
 
     from dataorder.scores.aggregate import aggregate
 
@@ -79,9 +81,12 @@ def write_scores(path: str | os.PathLike, runs: Mapping[str, np.ndarray], metada
             columns[run_column(score, run)] = row
     table = pa.table(columns).replace_schema_metadata({"dataorder": json.dumps(metadata, sort_keys=True)})
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")  # a killed job's is removed by the next one
+    try:
+        pq.write_table(table, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _scores_path(path_or_dir: str | os.PathLike) -> Path:
@@ -95,7 +100,7 @@ def _scores_path(path_or_dir: str | os.PathLike) -> Path:
 
 def read_metadata(path_or_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest stored in a scores file (dataset fingerprint, settings, runs)."""
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", extra="cli", feature="reading scores.parquet")
 
     metadata = pq.read_schema(_scores_path(path_or_dir)).metadata or {}
     return json.loads(metadata.get(b"dataorder", b"{}"))
@@ -114,7 +119,7 @@ def load_scores(path_or_dir: str | os.PathLike, column: str | None = None, *, ru
     >>> load_scores(folder).tolist()
     [1.0, -2.0]
     """
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", extra="cli", feature="reading scores.parquet")
 
     path = _scores_path(path_or_dir)
     names = pq.read_schema(path).names

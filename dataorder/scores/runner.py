@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -51,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dataorder.data import fingerprint
+from dataorder.errors import DataorderError, require
 from dataorder.models import build_model
 from dataorder.samplers.base import epoch_rng
 from dataorder.scores import functional
@@ -59,8 +61,8 @@ from dataorder.scores.dynamics import AUM, DataMap, Forgetting
 from dataorder.scores.gradnorm import grad_norms
 from dataorder.scores.io import HIGHER_MEANS, SCORES_FILE, write_scores
 
-__all__ = ["SCORE_NAMES", "ScoreConfig", "ScoreResult", "ScoreSetupError", "check_model", "parameter_subset",
-           "score_columns", "score_dataset", "score_model", "train_and_score"]
+__all__ = ["SCORE_NAMES", "DivergedError", "ScoreConfig", "ScoreConfigError", "ScoreResult", "ScoreSetupError",
+           "check_model", "parameter_subset", "score_columns", "score_dataset", "score_model", "train_and_score"]
 
 #: Scores computed once, at ``score_epoch``, by a pass over the data.
 FUNCTIONAL: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -77,8 +79,40 @@ FORMAT = "dataorder-scores/1"
 MANIFEST = "manifest.json"
 
 
-class ScoreSetupError(ValueError):
+#: Seeds go to ``torch.manual_seed``, which takes integers below 2**64.
+SEED_LIMIT = 2**64
+
+
+class ScoreSetupError(DataorderError, ValueError):
     """The scoring job cannot start: a model that does not build, an ``--out`` holding other results."""
+
+
+class ScoreConfigError(DataorderError, ValueError):
+    """A :class:`ScoreConfig` field out of range; ``field`` names it (the CLI shows its flag).
+
+    >>> try:
+    ...     ScoreConfig(runs=0)
+    ... except ScoreConfigError as error:
+    ...     print(error.field, "|", error)
+    runs | runs must be an int >= 1, got 0
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}{reason}")
+
+
+class DivergedError(DataorderError, FloatingPointError):
+    """Training produced a non-finite loss (or non-finite scores): the learning rate is too high.
+
+    Raised before the bad batch's update; nothing of the run is saved and the output is not
+    marked complete. ``run``, ``epoch`` and ``batch`` say where (``batch`` is None when the
+    scoring pass, not training, gave the non-finite values).
+    """
+
+    def __init__(self, message: str, *, run: int, epoch: int, batch: int | None = None) -> None:
+        self.run, self.epoch, self.batch = run, epoch, batch
+        super().__init__(message)
 
 
 def score_columns(scores: Iterable[str]) -> list[str]:
@@ -96,7 +130,7 @@ def score_columns(scores: Iterable[str]) -> list[str]:
 
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ScoreConfigError(name, f" must be an int >= {minimum}, got {value!r}")
     return value
 
 
@@ -126,8 +160,8 @@ class ScoreConfig:
         scores = tuple(dict.fromkeys(self.scores))
         unknown = [score for score in scores if score not in SCORE_NAMES]
         if unknown or not scores:
-            raise ValueError(f"unknown score(s) {', '.join(unknown) or '(none given)'}; choose from "
-                             f"{', '.join(SCORE_NAMES)}")
+            raise ScoreConfigError("scores", f": unknown score(s) {', '.join(unknown) or '(none given)'}; choose "
+                                             f"from {', '.join(SCORE_NAMES)}")
         object.__setattr__(self, "scores", scores)
         _positive_int(self.runs, "runs")
         _positive_int(self.epochs, "epochs")
@@ -135,12 +169,17 @@ class ScoreConfig:
         _positive_int(self.batch_size, "batch_size")
         _positive_int(self.score_batch_size, "score_batch_size")
         _positive_int(self.seed, "seed", minimum=0)
+        if self.seed + self.runs - 1 >= SEED_LIMIT:
+            raise ScoreConfigError("seed", f" + runs - 1 must be < 2**64 (run r uses seed + r), got seed {self.seed} "
+                                           f"and {self.runs} runs")
         if self.score_epoch > self.epochs:
-            raise ValueError(f"score_epoch ({self.score_epoch}) must be <= epochs ({self.epochs})")
+            raise ScoreConfigError("score_epoch", f" ({self.score_epoch}) must be <= epochs ({self.epochs})")
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0) \
+                    or (name == "lr" and value == 0):
+                raise ScoreConfigError(name, f" must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
+                                             f"got {value!r}")
 
     def settings(self) -> dict[str, Any]:
         """The fields that must match for finished runs to be reused (not ``runs``)."""
@@ -291,20 +330,27 @@ def train_and_score(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: 
             targets = y[index]
             logits = model(x[index])
             loss = F.cross_entropy(logits, targets)
+            if not torch.isfinite(loss):  # before the update: a diverged run must not go on
+                batch = start // config.batch_size
+                raise DivergedError(f"run {run} diverged (loss {loss.item()}) in epoch {epoch} at batch {batch}; "
+                                    "lower the learning rate", run=run, epoch=epoch, batch=batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             for tracker in trackers.values():
                 tracker.update(index, logits.detach(), targets)
             _advance(progress, len(index))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"run {run} diverged (loss {loss.item()}) in epoch {epoch}; lower the learning rate")
         if wants_pass and epoch + 1 == config.score_epoch:
             score_now()
     for name, tracker in trackers.items():
         values = tracker.scores()
         results.update({f"datamap_{k}": v for k, v in values.items()} if name == "datamap" else {name: values})
-    return {column: results[column] for column in score_columns(config.scores)}
+    scores = {column: results[column] for column in score_columns(config.scores)}
+    for column, values in scores.items():  # (forgetting is inf for never-learned examples, by definition)
+        if (column in FUNCTIONAL or column == "grand") and not np.isfinite(values).all():  # the pass overflowed
+            raise DivergedError(f"run {run}: {int((~np.isfinite(values)).sum())} non-finite {column} scores; "
+                                "lower the learning rate", run=run, epoch=config.score_epoch)
+    return scores
 
 
 def _advance(progress: Any, count: int) -> None:
@@ -336,11 +382,35 @@ def check_model(model: str, in_shape: tuple[int, ...], num_classes: int, grand_p
         raise ScoreSetupError(str(error)) from None
 
 
+def check_inputs(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
+    """Check the examples before anything is written: finite float features, labels in ``[0, num_classes)``.
+
+    >>> check_inputs(torch.zeros(3, 2), torch.tensor([0, 1, 1]), 2)
+    >>> check_inputs(torch.zeros(3, 2), torch.tensor([0, 1, 2]), 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: y: labels must be class ids in [0, 2), found 2
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes < 2**31:
+        raise ValueError(f"num_classes must be an int in [1, 2**31), got {num_classes!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
+        raise TypeError(f"x must be a float tensor of shape (n, ...), got {getattr(x, 'dtype', type(x))}")
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (len(x),) or len(y) == 0:
+        raise TypeError(f"y must be an int64 tensor of shape ({len(x)},), got {getattr(y, 'dtype', type(y))} "
+                        f"{tuple(getattr(y, 'shape', ()))}")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"y: labels must be class ids in [0, {num_classes}), found {low if low < 0 else high}")
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bad.any():
+        raise ValueError(f"x: row {int(bad.nonzero()[0])} has NaN or infinite features; impute or drop it")
+
+
 # -- the bookkeeping: output directory, run files, distributed merge ----------------------------
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary = _temporary(path)
     try:
         with open(temporary, mode) as handle:
             write(handle)
@@ -380,13 +450,15 @@ def _manifest(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreC
 def _prepare_out(out: Path, manifest: dict[str, Any]) -> None:
     """Check ``out`` may receive these results; create it and mark it incomplete."""
     path = out / MANIFEST
-    if out.exists() and not out.is_dir():
-        raise ScoreSetupError(f"--out {out} is a file; give a directory")
+    _check_out_path(out)
+    if out.is_dir():
+        _remove_stale_temporaries(out)
     if path.exists():
         try:
             old = json.loads(path.read_text())
             old_data, old_settings = old["dataset"], old["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            old_data.get, old_settings.get  # noqa: B018 - both must be mappings
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ScoreSetupError(f"--out {out}: unreadable {MANIFEST} ({error}); delete the directory or pick "
                                   "another") from None
         if old_data.get("fingerprint") != manifest["dataset"]["fingerprint"]:
@@ -398,12 +470,62 @@ def _prepare_out(out: Path, manifest: dict[str, Any]) -> None:
         if changed:
             raise ScoreSetupError(f"--out {out} holds scores computed with other settings ({'; '.join(changed)}); "
                                   "choose another --out or delete it")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and not _only_empty_runs(out):
         raise ScoreSetupError(f"--out {out} is not empty and holds no {MANIFEST}; choose a new or empty directory")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    for name in (SCORES_FILE, "consistency.json", "scores.png"):  # nothing may look complete before we finish
-        (out / name).unlink(missing_ok=True)
-    _write_json(path, {**manifest, "complete": False})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (SCORES_FILE, "consistency.json", "scores.png"):  # nothing may look complete before we finish
+            (out / name).unlink(missing_ok=True)
+        _write_json(path, {**manifest, "complete": False})
+        (out / "runs").mkdir(exist_ok=True)
+    except OSError as error:
+        raise ScoreSetupError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+
+
+def _check_out_path(out: Path) -> None:
+    """``out`` must be a directory or not exist yet, under directories."""
+    if out.exists() and not out.is_dir():
+        raise ScoreSetupError(f"--out {out} is a file; give a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ScoreSetupError(f"--out {out}: {parent} is a file, not a directory; give a path under "
+                                      "directories")
+            return
+
+
+def _only_empty_runs(out: Path) -> bool:
+    """True when ``out`` holds nothing but an empty ``runs/`` (a job killed before its manifest)."""
+    entries = list(out.iterdir())
+    return all(entry.name == "runs" and entry.is_dir() and not any(entry.iterdir()) for entry in entries)
+
+
+def _temporary(path: Path) -> Path:
+    """The temp file beside ``path`` that this process writes before ``os.replace``."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temp files left by killed jobs (their process is gone); a live job's stay."""
+    for folder in (out, out / "runs"):
+        if not folder.is_dir():
+            continue
+        for temporary in folder.glob(".*.tmp*"):
+            pid = temporary.name.rpartition(".tmp")[2]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                temporary.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier call in this process: not being written now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or cannot tell: keep the file
+    return True
 
 
 def _run_key(manifest: dict[str, Any], run: int) -> str:
@@ -415,15 +537,19 @@ def _run_path(out: Path, run: int) -> Path:
     return out / "runs" / f"run{run}.npz"
 
 
-def _load_run(out: Path, run: int, key: str, columns: list[str]) -> dict[str, np.ndarray] | None:
-    """A finished run's scores, or None if absent, unreadable or from other settings."""
+def _load_run(out: Path, run: int, key: str, columns: list[str], n: int) -> dict[str, np.ndarray] | None:
+    """A finished run's scores, or None if absent, unreadable (truncated), or from other settings."""
     try:
         with np.load(_run_path(out, run), allow_pickle=False) as archive:
             if str(archive["key"]) != key:
                 return None
-            return {column: archive[column] for column in columns}
-    except (OSError, KeyError, ValueError):
+            scores = {column: archive[column] for column in columns}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
+    if any(values.shape != (n,) or values.dtype.kind != "f" or not np.isfinite(values).all()
+           for values in scores.values()):
+        return None
+    return scores
 
 
 def _save_run(out: Path, run: int, key: str, scores: dict[str, np.ndarray]) -> None:
@@ -461,6 +587,7 @@ def score_dataset(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Sc
     import torch.distributed as dist
 
     out = Path(out)
+    check_inputs(x, y, num_classes)
     rank, world, owned = _distributed()
     try:
         check_model(config.model, tuple(x.shape[1:]), num_classes,
@@ -509,7 +636,7 @@ def _prepare_out_on_rank0(out: Path, manifest: dict[str, Any], rank: int, world:
 def _score_runs(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreConfig, manifest: dict[str, Any],
                 result: ScoreResult, mine: list[int], progress: bool) -> dict[int, dict[str, np.ndarray]]:
     """This rank's runs: loaded when finished before, else trained, scored and saved at once."""
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", extra="cli", feature="the scoring progress bar").tqdm
 
     epochs = config.epochs if any(score in DYNAMICS for score in config.scores) else config.score_epoch
     per_run = len(y) * (epochs + 1)  # training epochs + the scoring pass
@@ -518,7 +645,7 @@ def _score_runs(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Scor
               dynamic_ncols=True) as bar:
         for run in mine:
             key = _run_key(manifest, run)
-            scores = _load_run(result.out, run, key, result.columns)
+            scores = _load_run(result.out, run, key, result.columns, len(y))
             if scores is None:
                 scores = train_and_score(x, y, num_classes, config, run, progress=bar)
                 _save_run(result.out, run, key, scores)
@@ -565,8 +692,7 @@ def _write_outputs(out: Path, manifest: dict[str, Any], columns: list[str],
 
 def _plot(path: Path, by_column: dict[str, np.ndarray], max_points: int = 5000) -> None:
     """Histogram of each score (mean over runs) above a scatter of run 0 against run 1, four scores a row."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plot", feature="scores.png (pass plot=False to skip it)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -249,3 +249,118 @@ def test_scoring_benchmark_quick_smoke():
     assert done.returncode == 0, done.stderr[-2000:]
     for heading in ("1. throughput", "2. peak memory", "3. data diet", "random 50%"):
         assert heading in done.stdout
+
+
+# -- regressions: issue 13, failure 5 ------------------------------------------------------------
+
+
+def test_divergence_is_caught_at_the_first_non_finite_batch_before_its_update(monkeypatch):
+    x, y = toy()
+    config = ScoreConfig(scores=("loss",), **{**FAST, "lr": 1e38, "momentum": 0.0, "weight_decay": 0.0})
+    steps: list[int] = []
+    real_step = torch.optim.SGD.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counting_step)
+    with pytest.raises(runner.DivergedError, match="run 0 diverged .* lower the learning rate") as error:
+        train_and_score(x, y, 3, config, run=0)
+    # every batch before the bad one updated the model; the bad one did not (its loss came first)
+    assert (error.value.epoch, error.value.batch) == (0, 2) and len(steps) == 2
+
+
+def test_a_diverged_job_writes_no_run_and_is_not_marked_complete(tmp_path):
+    x, y = toy()
+    config = ScoreConfig(scores=("loss", "aum"), **{**FAST, "lr": 1e38})
+    with pytest.raises(runner.DivergedError):
+        score_dataset(x, y, 3, config, tmp_path, progress=False, plot=False)
+    assert json.loads((tmp_path / "manifest.json").read_text())["complete"] is False
+    assert not (tmp_path / "scores.parquet").exists() and list((tmp_path / "runs").iterdir()) == []
+
+
+def test_non_finite_scores_from_the_scoring_pass_are_divergence_too(monkeypatch):
+    x, y = toy()
+    monkeypatch.setitem(runner.FUNCTIONAL, "loss", lambda logits, targets: torch.full((len(targets),), float("nan")))
+    with pytest.raises(runner.DivergedError, match="non-finite loss scores"):
+        train_and_score(x, y, 3, ScoreConfig(scores=("loss",), **FAST), run=0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_length"])
+def test_a_damaged_run_file_is_recomputed_and_the_result_is_identical(tmp_path, damage):
+    x, y = toy()
+    config = ScoreConfig(scores=("loss",), **FAST)
+    score_dataset(x, y, 3, config, tmp_path / "clean", progress=False, plot=False)
+    out = tmp_path / "damaged"
+    score_dataset(x, y, 3, config, out, progress=False, plot=False)
+    run0 = out / "runs" / "run0.npz"
+    if damage == "truncate":
+        run0.write_bytes(run0.read_bytes()[: len(run0.read_bytes()) // 2])
+    elif damage == "garbage":
+        run0.write_bytes(b"not a zip at all")
+    else:
+        np.savez(run0, key=np.load(run0)["key"], loss=np.zeros(5))
+    result = score_dataset(x, y, 3, config, out, progress=False, plot=False)
+    assert result.computed == [0] and result.reused == [1]
+    assert (out / "scores.parquet").read_bytes() == (tmp_path / "clean" / "scores.parquet").read_bytes()
+
+
+def test_seeds_at_or_beyond_2_to_the_64_are_refused_by_the_config():
+    ScoreConfig(runs=1, seed=2**64 - 1)  # the largest seed torch.manual_seed takes
+    with pytest.raises(runner.ScoreConfigError, match="seed \\+ runs - 1 must be < 2\\*\\*64") as error:
+        ScoreConfig(runs=2, seed=2**64 - 1)
+    assert error.value.field == "seed"
+    with pytest.raises(runner.ScoreConfigError):
+        ScoreConfig(runs=1, seed=2**64)
+
+
+def test_an_out_under_a_regular_file_is_refused_and_the_file_is_untouched(tmp_path):
+    x, y = toy()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep me")
+    with pytest.raises(ScoreSetupError, match="is a file, not a directory"):
+        score_dataset(x, y, 3, ScoreConfig(scores=("loss",), **FAST), blocker / "sub" / "out", progress=False)
+    assert blocker.read_text() == "keep me"
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_temp_files_of_a_killed_job_are_removed_and_a_live_jobs_are_kept(tmp_path):
+    x, y = toy()
+    config = ScoreConfig(scores=("loss",), **FAST)
+    score_dataset(x, y, 3, config, tmp_path, progress=False, plot=False)
+    dead = dead_pid()
+    stale = [tmp_path / "runs" / f".run1.npz.tmp{dead}", tmp_path / f".scores.parquet.tmp{dead}"]
+    live = tmp_path / f".manifest.json.tmp{os.getppid()}"  # a running process (pytest's parent)
+    for path in [*stale, live]:
+        path.write_bytes(b"partial")
+    score_dataset(x, y, 3, config, tmp_path, progress=False, plot=False)
+    assert not any(path.exists() for path in stale) and live.exists()
+
+
+def test_a_directory_holding_only_the_empty_runs_of_a_job_killed_at_start_is_accepted(tmp_path):
+    x, y = toy()
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    result = score_dataset(x, y, 3, ScoreConfig(scores=("loss",), **FAST), tmp_path / "out", progress=False,
+                           plot=False)
+    assert result.computed == [0, 1] and (tmp_path / "out" / "scores.parquet").exists()
+    (tmp_path / "full" / "runs").mkdir(parents=True)
+    (tmp_path / "full" / "runs" / "notes.txt").write_text("mine")
+    with pytest.raises(ScoreSetupError, match="not empty"):
+        score_dataset(x, y, 3, ScoreConfig(scores=("loss",), **FAST), tmp_path / "full", progress=False)
+
+
+@pytest.mark.parametrize(("x", "y", "classes", "message"), [
+    (torch.full((4, 2), float("inf")), torch.tensor([0, 1, 0, 1]), 2, "x: row 0 has NaN or infinite"),
+    (torch.zeros(4, 2), torch.tensor([0, 1, 0, 2]), 2, "labels must be class ids in \\[0, 2\\), found 2"),
+    (torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]), 2**31, "num_classes must be an int"),
+])
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, x, y, classes, message):
+    with pytest.raises(ValueError, match=message):
+        score_dataset(x, y, classes, ScoreConfig(scores=("loss",), **FAST), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

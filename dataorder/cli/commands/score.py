@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from dataorder.cli import UsageError
+from dataorder.cli.errors import UsageError
 
 SCORES = "el2n,grand,loss,confidence,margin,entropy,forgetting,aum,datamap"
 
@@ -53,23 +53,21 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs, score_epoch=args.score_epoch, batch_size=args.batch_size,
             score_batch_size=args.score_batch_size, lr=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, seed=args.seed, grand_params=args.grand_params, device=args.device)
-    except ValueError as error:
-        raise UsageError(_flag(str(error))) from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    except runner.ScoreConfigError as error:
+        raise UsageError(f"{_flag(error.field)}{error.reason}") from None
     if args.device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     try:
         split = load_split(args.data, label_column=args.label_column, num_classes=args.num_classes)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         raise UsageError(f"--data {args.data}: {error}") from None
     try:
         result = runner.score_dataset(split.x_train, split.y_train, split.num_classes, config, args.out,
                                       name=split.name, progress=not args.no_progress)
-    except runner.ScoreSetupError as error:
-        raise UsageError(str(error)) from None
-    except FloatingPointError as error:
-        raise UsageError(f"{error} (--lr)") from None
+    except runner.DivergedError as error:
+        raise UsageError(f"{error} (--lr {args.lr})") from None
     if result.consistency:  # rank 0
         print(f"dataorder score: {split.name}, {len(split.y_train)} examples, {config.runs} runs "
               f"({len(result.computed)} computed, {len(result.reused)} reused) -> {args.out}/scores.parquet")
@@ -80,13 +78,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flag(message: str) -> str:
-    """Name the CLI flag for a ScoreConfig field in an error message."""
-    for field in ("score_batch_size", "score_epoch", "batch_size", "weight_decay", "grand_params"):
-        message = message.replace(field, "--" + field.replace("_", "-"))
-    for field in ("runs", "epochs", "seed", "lr", "momentum"):
-        if message.startswith(field + " "):
-            message = "--" + message
-    if message.startswith("unknown score"):
-        message = "--scores: " + message
-    return message
+def _flag(field: str) -> str:
+    """The command-line flag of a :class:`~dataorder.scores.runner.ScoreConfig` field.
+
+    >>> _flag("score_epoch")
+    '--score-epoch'
+    """
+    return "--" + field.replace("_", "-")

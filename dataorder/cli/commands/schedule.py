@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataorder.cli import UsageError
+from dataorder.cli.errors import UsageError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataorder.schedules import Schedule
 
-    try:
-        schedule = Schedule.load(args.config)
-    except (OSError, ValueError) as error:
-        raise UsageError(str(error)) from error
+    schedule = Schedule.load(args.config)  # OSError / ValueError: one line at the CLI's error boundary
     totals = _totals(schedule, args)
     if args.action == "show":
         print(render(schedule, totals, _points(schedule, args.at), name=args.config))
@@ -41,13 +38,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _totals(schedule, args: argparse.Namespace) -> dict:
+    from dataorder.schedules import check_run_value
+
     totals = dict(schedule.run)
     for key in ("num_samples", "batch_size", "tokens_per_sample"):
         value = getattr(args, key)
         if value is not None:
-            if value <= 0:
-                raise UsageError(f"--{key.replace('_', '-')} must be > 0, got {value}")
-            totals[key] = value
+            flag = f"--{key.replace('_', '-')}"
+            if not value > 0:
+                raise UsageError(f"{flag} must be > 0, got {value}")
+            totals[key] = check_run_value(key, value, flag)
     return totals
 
 

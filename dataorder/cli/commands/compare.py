@@ -6,7 +6,7 @@ import argparse
 import math
 import statistics
 
-from dataorder.cli import UsageError
+from dataorder.cli.errors import UsageError
 
 DATASETS = ("digits",)
 #: default learning rates on digits (batch 16): the tuned values of the `make demo` comparison

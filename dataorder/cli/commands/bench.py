@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dataorder.cli import UsageError
+from dataorder.cli.errors import UsageError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,1 +1,0 @@
-"""Subcommands of the ``dataorder`` CLI, one module each (see :mod:`dataorder.cli`)."""
