@@ -149,10 +149,10 @@ class RunSampler(Sampler[int], abc.ABC):
         self._check_extra_state(state)
         saved_world = reader.int("world_size", low=1)
         saved_length = shard_length(self._run_length(), saved_world, self.drop_last)
-        position = reader.int("position", high=saved_length)
+        position = reader.int("position")
         if reader.int("sample") != position * saved_world:
-            raise StateError(f"state's sample={state['sample']} is not position x world_size = "
-                             f"{position} x {saved_world}; the state is corrupt")
+            raise StateError(f"state's sample={state['sample']} is not its position x world_size = "
+                             f"{position} x {saved_world}; the state is corrupt (edit both, or neither)")
         position = resume_position(position, saved_world=saved_world, world=self.world_size,
                                    saved_length=saved_length, length=len(self), elastic=True,
                                    what=type(self).__name__)
