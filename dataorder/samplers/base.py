@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dataorder._validate import check_bool, check_count, check_epoch, check_rank, check_seed, check_world_size
-from dataorder.samplers._state import Cursor, StateReader, resume_position
+from dataorder.samplers._state import Cursor, StateError, StateReader, StateTypeError, resume_position
 
 __all__ = [
     "IndexSampler",
@@ -245,7 +245,14 @@ class IndexSampler(Sampler[int], abc.ABC):
         """
         candidate = copy.copy(self)
         candidate._cursor = self._cursor.copy()
-        candidate._load(state)
+        try:
+            candidate._load(state)
+        except StateError:
+            raise
+        except TypeError as error:  # a subclass hook's refusal: typed like the base's own
+            raise StateTypeError(str(error)) from error
+        except ValueError as error:
+            raise StateError(str(error)) from error
         self.__dict__.update(candidate.__dict__)
 
     def _load(self, state: Any) -> None:
