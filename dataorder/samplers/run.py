@@ -117,14 +117,13 @@ class RunSampler(Sampler[int], abc.ABC):
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The global position and what identifies the run: plain Python types."""
+        """The global position (``sample``, all ranks together) and what identifies the run: plain Python types."""
         state = {
             "sampler": type(self).__name__,
             "seed": self.seed,
             "num_samples": self.num_samples,
             "drop_last": self.drop_last,
             "world_size": self.world_size,
-            "position": self.position,
             "sample": self.sample,
         }
         state.update(self._extra_state())
@@ -149,10 +148,11 @@ class RunSampler(Sampler[int], abc.ABC):
         self._check_extra_state(state)
         saved_world = reader.int("world_size", low=1)
         saved_length = shard_length(self._run_length(), saved_world, self.drop_last)
-        position = reader.int("position")
-        if reader.int("sample") != position * saved_world:
-            raise StateError(f"state's sample={state['sample']} is not its position x world_size = "
-                             f"{position} x {saved_world}; the state is corrupt (edit both, or neither)")
+        sample = reader.int("sample")
+        if sample % saved_world:
+            raise StateError(f"state's sample={sample} is not a whole number of positions of its "
+                             f"world_size={saved_world} ranks; the state is corrupt")
+        position = sample // saved_world
         position = resume_position(position, saved_world=saved_world, world=self.world_size,
                                    saved_length=saved_length, length=len(self), elastic=True,
                                    what=type(self).__name__)

@@ -218,10 +218,8 @@ def tampered(state, length):
     walk(state, ())
     if "position" in state:
         edit("position past the epoch", ("position",), length + 1)
-        if "sample" in state:  # a run state that is consistent but past the end
-            broken = copy.deepcopy(state)
-            broken["position"], broken["sample"] = length + 1, (length + 1) * state["world_size"]
-            out.append(("position and sample past the run", broken))
+    if "sample" in state:  # a whole-run sampler's global position
+        edit("sample past the run", ("sample",), (length + 1) * state["world_size"])
     if "world_size" in state:
         for bad in (0, -2, 1.5, "1", True):
             edit(f"world_size={bad!r}", ("world_size",), bad)
