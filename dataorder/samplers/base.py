@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from dataorder._validate import check_bool, check_count, check_epoch, check_rank, check_seed, check_world_size
+from dataorder._validate import INT64_LIMIT, check_bool, check_epoch, check_rank, check_seed, check_world_size
 from dataorder.samplers._state import Cursor, StateError, StateReader, StateTypeError, resume_position
 
 __all__ = [
@@ -55,9 +55,9 @@ def dataset_length(data: Sized | int, name: str = "data") -> int:
             f"{name} must be a dataset with __len__ or an int n, got {type(data).__name__}; "
             "for an IterableDataset, ordering is the dataset's own job"
         )
-    if n <= 0:
-        raise ValueError(f"{name} must hold at least one example, got n={n}")
-    return check_count(n, f"the number of examples of {name}")
+    if not 0 < n < INT64_LIMIT:
+        raise ValueError(f"{name} must hold at least one and fewer than 2**63 examples, got n={n}")
+    return n
 
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
