@@ -208,3 +208,24 @@ def test_state_reader_typed_lists():
         reader.floats("m", (2, 1))
     with pytest.raises(StateError, match=r"state\['m'\]\[0\]\[1\] is nan"):
         StateReader({"sampler": "X", "m": [[1.0, float("nan")]]}, "X")
+
+
+# -- dataorder.samplers re-exports ----------------------------------------------------------------
+def test_the_package_re_exports_every_sampler_class_and_imports_light():
+    import subprocess
+    import sys
+
+    import dataorder
+    import dataorder.samplers as samplers
+
+    for name in samplers.__all__:
+        assert getattr(samplers, name) is getattr(dataorder, name, getattr(samplers, name))
+    from dataorder.samplers import GraBSampler, HerdingSampler  # lazily, from wherever they live
+
+    assert GraBSampler is dataorder.GraBSampler and HerdingSampler is dataorder.HerdingSampler
+    code = ("import sys, dataorder.samplers; "
+            "print(sorted(m for m in ('numba', 'datasets', 'pyarrow') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        samplers.Nope
