@@ -56,7 +56,7 @@ def dataset_length(data: Sized | int, name: str = "data") -> int:
             "for an IterableDataset, ordering is the dataset's own job"
         )
     if not 0 < n < INT64_LIMIT:
-        raise ValueError(f"{name} must hold at least one and fewer than 2**63 examples, got n={n}")
+        raise ValueError(f"{name} must hold at least one example (and fewer than 2**63), got n={n}")
     return n
 
 
