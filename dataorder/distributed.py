@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["active_world", "check_same_on_all_ranks", "gather_global_batch", "gather_global_batches",
+from dataorder._validate import check_world_size
+
+__all__ = ["GroupError", "active_world", "check_same_on_all_ranks", "gather_global_batch", "gather_global_batches",
            "run_local_group"]
 
 
@@ -132,6 +134,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class GroupError(RuntimeError):
+    """A rank of :func:`run_local_group` failed, produced no result, or returned a result that
+    cannot travel as plain data.
+
+    >>> issubclass(GroupError, RuntimeError)
+    True
+    """
+
+
 def _group_worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -139,12 +150,31 @@ def _group_worker(rank: int, world_size: int, port: int, fn: Callable, args: tup
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=60))
-        torch.save({"ok": True, "result": fn(rank, world_size, *args)}, path)
+        payload = {"ok": True, "result": fn(rank, world_size, *args)}
     except BaseException:  # noqa: BLE001 - the parent reports it
-        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        payload = {"ok": False, "error": traceback.format_exc()}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    partial = path.with_suffix(".partial")
+    try:
+        torch.save(payload, partial)
+        torch.load(partial, weights_only=True)  # refuse here what the parent would refuse to load
+    except Exception as error:  # noqa: BLE001 - reported as this rank's error
+        torch.save({"ok": False, "error": f"rank {rank}'s result cannot travel as plain data (plain Python "
+                                          f"types and tensors only): {error}"}, partial)
+    os.replace(partial, path)  # the parent sees a whole result file or none
+
+
+def _load_result(path: Path, rank: int, exitcode: int | None) -> Any:
+    if not path.is_file():
+        raise GroupError(f"rank {rank} exited with code {exitcode} and wrote no result")
+    payload = torch.load(path, weights_only=True)  # plain data only: a result file cannot run code
+    if not isinstance(payload, dict) or "ok" not in payload:
+        raise GroupError(f"rank {rank}'s result file is not one run_local_group writes")
+    if not payload["ok"]:
+        raise GroupError(f"rank {rank} failed:\n{payload['error']}")
+    return payload["result"]
 
 
 def run_local_group(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
@@ -152,10 +182,16 @@ def run_local_group(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by a gloo group on 127.0.0.1.
 
     For tests, benchmarks and trying a distributed loop on one machine. Each process uses
-    one thread. Returns the ranks' results in rank order (``fn`` must be importable and
-    its result picklable). Bounded in time: a rank that hangs past ``timeout`` seconds is
-    killed and ``TimeoutError`` raised; a rank that fails raises ``RuntimeError`` with its
-    traceback. Results travel through files in ``workdir`` (default: a temporary folder).
+    one thread. Returns the ranks' results in rank order. ``fn`` must be importable (the
+    processes are spawned) and its result plain data: Python numbers, strings, lists,
+    tuples, dicts and tensors (results travel through ``torch.save`` and are read back with
+    ``torch.load(weights_only=True)``, so nothing in them can run code).
+
+    Bounded in time: a rank that hangs past ``timeout`` seconds is killed and
+    ``TimeoutError`` raised. A rank that fails, dies without a result or returns something
+    that is not plain data raises :class:`GroupError` (a ``RuntimeError``) naming the rank,
+    with its traceback. Results travel through a private folder made for this call (inside
+    ``workdir`` if given, else the system's temporary folder) and removed afterwards.
 
     Example (a function defined in an importable module, since the processes are spawned)::
 
@@ -167,12 +203,13 @@ def run_local_group(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory(prefix="dataorder-group-") as scratch:
-        out_dir = Path(workdir or scratch)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    world_size = check_world_size(world_size)
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dataorder-group-", dir=workdir) as out_dir:
         context = mp.get_context("spawn")
         port = _free_port()
-        processes = [context.Process(target=_group_worker, args=(r, world_size, port, fn, args, str(out_dir)))
+        processes = [context.Process(target=_group_worker, args=(r, world_size, port, fn, args, out_dir))
                      for r in range(world_size)]
         for process in processes:
             process.start()
@@ -185,13 +222,5 @@ def run_local_group(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 process.join(5)
         if hung:
             raise TimeoutError(f"ranks {hung} did not finish within {timeout}s (killed)")
-        results = []
-        for rank, process in enumerate(processes):
-            path = out_dir / f"rank{rank}.pt"
-            if not path.exists():
-                raise RuntimeError(f"rank {rank} exited with code {process.exitcode} and wrote no result")
-            payload = torch.load(path, weights_only=False)
-            if not payload["ok"]:
-                raise RuntimeError(f"rank {rank} failed:\n{payload['error']}")
-            results.append(payload["result"])
-        return results
+        return [_load_result(Path(out_dir) / f"rank{rank}.pt", rank, process.exitcode)
+                for rank, process in enumerate(processes)]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dataorder.samplers.base import check_seed
+from dataorder._validate import check_seed
 
 __all__ = ["CountSketch", "PerExampleGrads", "PerExampleResult", "flatten_per_example", "select_parameters"]
 

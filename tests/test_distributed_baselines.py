@@ -25,7 +25,14 @@ def _epoch_shares(rank, world_size, n, crash_after):
         revived = cls(n, seed=11)
         revived.load_state_dict(state)
         revived.set_epoch(3)
-        out[cls.__name__] = (full, list(revived))
+        resumed = list(revived)
+        # a crash right after the last index: nothing of the epoch is left, the next one is whole
+        finished = cls(n, seed=11)
+        finished.load_state_dict(revived.state_dict())
+        finished.set_epoch(3)
+        left = list(finished)
+        finished.set_epoch(4)
+        out[cls.__name__] = (full, resumed, left, list(finished))
     return out
 
 
@@ -44,5 +51,9 @@ def test_baselines_share_out_the_global_order(world_size, tmp_path):
         interleaved = [shares[r][k] for k in range(len(shares[0])) for r in range(world_size)]
         assert interleaved[:n] == global_order
         for rank, result in enumerate(results):
-            full, resumed = result[cls.__name__]
+            full, resumed, left, next_epoch = result[cls.__name__]
             assert resumed == full[crash_after:]
+            assert left == [] and len(next_epoch) == len(full)
+            reference = cls(n, seed=11, rank=rank, world_size=world_size)
+            reference.set_epoch(4)
+            assert next_epoch == list(reference)

@@ -43,7 +43,11 @@ def _run(rank, world_size, name):
     revived = _make(name)
     revived.load_state_dict(state)
     revived.set_epoch(1)
-    return full, list(revived)
+    rest = list(revived)
+    finished = _make(name)  # a crash right after the last index: nothing is left
+    finished.load_state_dict(revived.state_dict())
+    finished.set_epoch(1)
+    return full, rest, list(finished)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -52,10 +56,11 @@ def test_ranks_share_the_global_order_and_resume(name, world_size, tmp_path):
     if name == "mixture" and 6 % world_size:
         pytest.skip("the mixture's global batch must divide by the world size")
     results = run_distributed(_run, world_size, tmp_path, name)
-    shares = [full for full, _ in results]
+    shares = [full for full, _, _ in results]
     assert len({len(share) for share in shares}) == 1  # equal counts on every rank
-    for full, resumed in results:
+    for full, resumed, left in results:
         assert resumed == full[CRASH_AFTER:]
+        assert left == []
     if name == "stratified":
         # one process with the whole global batch: rank r holds positions r, r+W, ... of each row
         from dataorder.samplers.stratified import StratifiedBatchSampler

@@ -13,8 +13,8 @@ package can follow the same rules.
 from __future__ import annotations
 
 import abc
+import copy
 import numbers
-import operator
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from dataorder._validate import INT64_LIMIT, check_bool, check_epoch, check_rank, check_seed, check_world_size
+from dataorder.samplers._state import Cursor, StateError, StateReader, StateTypeError, resume_position
+
 __all__ = [
-    "EpochCursor",
     "IndexSampler",
     "check_bool",
     "check_epoch",
@@ -36,46 +38,13 @@ __all__ = [
 ]
 
 
-def check_seed(seed: Any, name: str = "seed") -> int:
-    """Return ``seed`` as a non-negative int, or raise a clear error.
-
-    >>> check_seed(3)
-    3
-    """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be a non-negative int, got {seed!r} ({type(seed).__name__})")
-    if seed < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {seed}; pass e.g. {name}=0")
-    return int(seed)
-
-
-def check_epoch(epoch: Any) -> int:
-    """Return ``epoch`` as a non-negative int, or raise a clear error.
-
-    >>> check_epoch(2)
-    2
-    """
-    return check_seed(epoch, name="epoch")
-
-
-def check_bool(value: Any, name: str) -> bool:
-    """Return ``value`` if it is a bool, else raise ``TypeError`` naming ``name``.
-
-    >>> check_bool(True, "drop_last")
-    True
-    """
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 def dataset_length(data: Sized | int, name: str = "data") -> int:
     """Number of examples of ``data``: an int ``n`` or any ``Sized`` (a Dataset, an array).
 
     >>> dataset_length(10), dataset_length([1, 2, 3])
     (10, 3)
     """
-    if isinstance(data, bool):
+    if isinstance(data, (bool, np.bool_)):
         raise TypeError(f"{name} must be a dataset (any Sized) or an int n, got a bool")
     if isinstance(data, numbers.Integral):
         n = int(data)
@@ -86,8 +55,8 @@ def dataset_length(data: Sized | int, name: str = "data") -> int:
             f"{name} must be a dataset with __len__ or an int n, got {type(data).__name__}; "
             "for an IterableDataset, ordering is the dataset's own job"
         )
-    if n <= 0:
-        raise ValueError(f"{name} must hold at least one example, got n={n}")
+    if not 0 < n < INT64_LIMIT:
+        raise ValueError(f"{name} must hold at least one example (and fewer than 2**63), got n={n}")
     return n
 
 
@@ -107,12 +76,8 @@ def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
         world_size = torch.distributed.get_world_size() if initialised else 1
     if rank is None:
         rank = torch.distributed.get_rank() if initialised else 0
-    world_size = check_seed(world_size, "world_size")
-    rank = check_seed(rank, "rank")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if rank >= world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank}")
+    world_size = check_world_size(world_size)
+    rank = check_rank(rank, world_size)
     if initialised and world_size != torch.distributed.get_world_size():
         raise ValueError(
             f"world_size={world_size} does not match the initialised process group "
@@ -160,45 +125,6 @@ def epoch_rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *stream])))
 
 
-class EpochCursor:
-    """Where a rank is in its current epoch's list of items (indices or batches).
-
-    :meth:`iterate` hands out a C-level list iterator (as fast as torch's samplers) and the
-    position is read off its length hint, so no Python code runs per item.
-
-    >>> cursor = EpochCursor()
-    >>> iterator = cursor.iterate([10, 11, 12]); next(iterator)
-    10
-    >>> cursor.position
-    1
-    """
-
-    def __init__(self) -> None:
-        self.start = 0  # position at which the active pass started
-        self._pass: tuple[int, Iterator] | None = None  # (items in the pass, iterator)
-
-    @property
-    def position(self) -> int:
-        if self._pass is None:
-            return self.start
-        count, iterator = self._pass
-        return self.start + count - operator.length_hint(iterator)
-
-    def move_to(self, position: int) -> None:
-        """Forget the active pass; the next :meth:`iterate` starts at ``position``."""
-        self.start, self._pass = position, None
-
-    def iterate(self, items: list) -> Iterator:
-        """An iterator over ``items`` from the current position (from 0 if the epoch was finished)."""
-        start = self.position
-        if start >= len(items):
-            start = 0  # iterating a finished epoch again replays it, as torch's samplers do
-        remaining = items[start:]
-        iterator = iter(remaining)
-        self.start, self._pass = start, (len(remaining), iterator)
-        return iterator
-
-
 class IndexSampler(Sampler[int], abc.ABC):
     """Base class of the index samplers: sharding, epochs and exact mid-epoch resumption.
 
@@ -237,7 +163,7 @@ class IndexSampler(Sampler[int], abc.ABC):
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.drop_last = check_bool(drop_last, "drop_last")
         self.epoch = 0
-        self._cursor = EpochCursor()
+        self._cursor = Cursor()
         self._cache: tuple[int, np.ndarray] | None = None  # (epoch, this rank's order)
 
     # -- what subclasses define -------------------------------------------------------------
@@ -290,7 +216,8 @@ class IndexSampler(Sampler[int], abc.ABC):
         return self._cache[1]
 
     def __iter__(self) -> Iterator[int]:
-        return self._cursor.iterate(self.rank_order().tolist())
+        items = self.rank_order().tolist()
+        return self._cursor.iterate(len(items), lambda first: items[first:])
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -308,48 +235,43 @@ class IndexSampler(Sampler[int], abc.ABC):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; on any mismatch raise ``ValueError`` and change nothing."""
-        position = self._check_state(state)
+        """Resume from :meth:`state_dict`.
+
+        A state this sampler's ``state_dict()`` could not have produced (another class or
+        settings, a position past the epoch, a corrupt field) raises a
+        :class:`~dataorder.samplers._state.StateError` (a ``ValueError``; a ``TypeError`` too
+        for a field of the wrong type) naming the field, and changes nothing: the state is
+        loaded into a copy that replaces this sampler only once every field passed.
+        """
+        candidate = copy.copy(self)
+        candidate._cursor = self._cursor.copy()
+        try:
+            candidate._load(state)
+        except StateError:
+            raise
+        except TypeError as error:  # a subclass hook's refusal: typed like the base's own
+            raise StateTypeError(str(error)) from error
+        except ValueError as error:
+            raise StateError(str(error)) from error
+        self.__dict__.update(candidate.__dict__)
+
+    def _load(self, state: Any) -> None:
+        reader = StateReader(state, type(self).__name__)
+        reader.same("n", self.n)
+        reader.same("seed", self.seed)
+        reader.same("drop_last", self.drop_last)
+        epoch = reader.int("epoch")
+        saved_world = reader.int("world_size", low=1)
+        self._check_extra_state(state)  # the subclass's settings, before positions that depend on them
+        position = resume_position(
+            reader.int("position"), saved_world=saved_world, world=self.world_size,
+            saved_length=shard_length(self._global_length(), saved_world, self.drop_last), length=len(self),
+            elastic=self.world_size_independent, what=type(self).__name__,
+        )
         self._load_extra_state(state)
-        self.epoch = state["epoch"]
+        self.epoch = epoch
         self._cursor.move_to(position)
         self._cache = None
-
-    def _check_state(self, state: Any) -> int:
-        """Validate ``state`` and return this rank's position in it."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        missing = {"sampler", "n", "seed", "epoch", "position", "world_size"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing {sorted(missing)}; pass a dict from state_dict()")
-        name = type(self).__name__
-        if state["sampler"] != name:
-            raise ValueError(f"state was saved by {state['sampler']}, not {name}; load it into a {state['sampler']}")
-        if state["n"] != self.n:
-            raise ValueError(f"state was saved for n={state['n']} examples but this sampler has n={self.n}")
-        if state["seed"] != self.seed:
-            raise ValueError(f"state was saved with seed={state['seed']}; construct the sampler with seed={state['seed']}")
-        if state.get("drop_last", self.drop_last) != self.drop_last:
-            raise ValueError(f"state was saved with drop_last={state['drop_last']}; construct the sampler with it")
-        check_epoch(state["epoch"])
-        position = check_seed(state["position"], "position")
-        saved_world = state["world_size"]
-        if saved_world != self.world_size:
-            if not self.world_size_independent:
-                raise ValueError(
-                    f"{name}'s order depends on the world size: a state saved at world_size={saved_world} "
-                    f"cannot be loaded at world_size={self.world_size}"
-                )
-            consumed = position * saved_world
-            if consumed % self.world_size:
-                raise ValueError(
-                    f"state was saved at world_size={saved_world} after {consumed} global indices, which "
-                    f"world_size={self.world_size} cannot split evenly; resume at an epoch boundary or at a "
-                    "multiple of the new world size"
-                )
-            position = consumed // self.world_size
-        self._check_extra_state(state)
-        return position
 
     def __repr__(self) -> str:
         return (

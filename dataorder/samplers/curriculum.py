@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from dataorder.samplers.base import check_bool, check_seed, epoch_rng
+from dataorder._validate import check_bool, check_choice, check_count, check_fraction, check_seed
+from dataorder.samplers._state import StateError, StateReader
+from dataorder.samplers.base import epoch_rng
 from dataorder.samplers.permutation import hash_key, keyed_permutation
 from dataorder.samplers.run import RunSampler, fingerprint
 from dataorder.schedules import pacing_function
@@ -166,9 +168,7 @@ def _count(keep: Any, n: int) -> int:
 
 
 def _fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
-    return float(value)
+    return check_fraction(value, name, one=False)
 
 
 # -- the curriculum -------------------------------------------------------------------------------
@@ -217,8 +217,7 @@ class CurriculumSampler(RunSampler):
         drop_last: bool = False,
     ) -> None:
         hardness = difficulty(scores, column=column, higher_is_easier=higher_is_easier)
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        check_choice(order, "order", ORDERS)
         pace = pacing_function(pacing, start=start, full_at=full_at)
         super().__init__(num_samples, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
         self.n = hardness.size
@@ -267,7 +266,7 @@ class CurriculumSampler(RunSampler):
 
     def pool_size(self, sample: int | None = None) -> int:
         """How many examples are eligible at global ``sample`` (default: the current position)."""
-        sample = min(self.sample, self._run_length() - 1) if sample is None else check_seed(sample, "sample")
+        sample = min(self.sample, self._run_length() - 1) if sample is None else check_count(sample, "sample", minimum=0)
         if sample >= self.num_samples:
             raise ValueError(f"sample must be < num_samples={self.num_samples}, got {sample}")
         return int(self._locate(np.array([sample], dtype=np.int64))[2][0])
@@ -289,10 +288,10 @@ class CurriculumSampler(RunSampler):
         return {"n": self.n, "curriculum": self._fingerprint()}
 
     def _check_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("n") != self.n:
-            raise ValueError(f"state was saved for n={state.get('n')} examples but this sampler has n={self.n}")
-        if state.get("curriculum") != self._fingerprint():
-            raise ValueError("state was saved with other scores or pacing settings; construct the sampler with the "
+        reader = StateReader(state, type(self).__name__)
+        reader.same("n", self.n)
+        if reader.str("curriculum") != self._fingerprint():
+            raise StateError("state was saved with other scores or pacing settings; construct the sampler with the "
                              f"scores and settings of the saved run (these are {self._settings})")
 
     def _fingerprint(self) -> str:

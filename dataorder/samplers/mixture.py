@@ -7,7 +7,6 @@ shuffles of any size without materialising them).
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping, Sized
 from typing import Any
@@ -15,9 +14,11 @@ from typing import Any
 import numba
 import numpy as np
 
-from dataorder.samplers.base import check_seed, dataset_length
+from dataorder._validate import check_choice, check_count, check_int
+from dataorder.samplers._state import StateError, StateReader
+from dataorder.samplers.base import dataset_length
 from dataorder.samplers.permutation import _ROUNDS, _SLOTS, _SOURCES, _chain, _domains, _permute_one, _unit, hash_key
-from dataorder.samplers.run import RunSampler, _check_same, fingerprint
+from dataorder.samplers.run import RunSampler, fingerprint
 from dataorder.schedules import BatchCounts, Schedule
 
 __all__ = ["MixtureSampler"]
@@ -139,11 +140,10 @@ class MixtureSampler(RunSampler):
                 "give a dataset for every source of the schedule and no other"
             )
         num_samples = _from_run(num_samples, schedule, "num_samples")
-        batch_size = check_seed(_from_run(batch_size, schedule, "batch_size"), "batch_size")
-        if exhaustion not in ("restart", "stop"):
-            raise ValueError(f"exhaustion must be 'restart' (reshuffle a used-up source) or 'stop', got {exhaustion!r}")
+        batch_size = check_count(_from_run(batch_size, schedule, "batch_size"), "batch_size")
+        check_choice(exhaustion, "exhaustion", ("restart", "stop"))
         super().__init__(num_samples, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
-        if batch_size < 1 or batch_size % self.world_size:
+        if batch_size % self.world_size:
             raise ValueError(
                 f"batch_size={batch_size} is the global batch and must be a positive multiple of "
                 f"world_size={self.world_size}; each rank's DataLoader gets batch_size // world_size"
@@ -177,8 +177,7 @@ class MixtureSampler(RunSampler):
         >>> MixtureSampler({"a": 3, "b": 2}, {"a": 1, "b": 1}, num_samples=4, batch_size=2).source_of(3)
         'b'
         """
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < self._bounds[-1]:
-            raise ValueError(f"index must be an int in [0, {int(self._bounds[-1])}), got {index!r}")
+        index = check_int(index, "index", low=0, high=int(self._bounds[-1]))
         return self._names_by_offset[int(np.searchsorted(self._bounds, index, side="right")) - 1]
 
     def weights_at(self, step: int) -> dict[str, float]:
@@ -193,7 +192,7 @@ class MixtureSampler(RunSampler):
 
     def source_counts(self, sample: int | None = None) -> dict[str, int]:
         """Samples drawn from each source in the first ``sample`` global samples (default: so far)."""
-        sample = min(self.sample, self._run_length()) if sample is None else check_seed(sample, "sample")
+        sample = min(self.sample, self._run_length()) if sample is None else check_count(sample, "sample", minimum=0)
         if sample > self._run_length():
             raise ValueError(f"sample must be <= {self._run_length()} (the run's length), got {sample}")
         b, within = divmod(sample, self.batch_size)
@@ -210,10 +209,7 @@ class MixtureSampler(RunSampler):
         return {name: counts[name] / self.sizes[name] for name in self.sizes}
 
     def _check_step(self, step: int) -> int:
-        step = check_seed(step, "step")
-        if step >= self.counts.num_batches:
-            raise ValueError(f"step must be a global batch index in [0, {self.counts.num_batches}), got {step}")
-        return step
+        return check_int(step, "step", low=0, high=self.counts.num_batches)
 
     # -- the stream -------------------------------------------------------------------------
     def _run_length(self) -> int:
@@ -270,11 +266,12 @@ class MixtureSampler(RunSampler):
                 "schedule": fingerprint(self.schedule.to_dict())}
 
     def _check_extra_state(self, state: dict[str, Any]) -> None:
-        _check_same(state, "batch_size", self.batch_size)
-        _check_same(state, "sizes", dict(self.sizes))
-        _check_same(state, "exhaustion", self.exhaustion)
-        if state.get("schedule") != fingerprint(self.schedule.to_dict()):
-            raise ValueError("state was saved with another schedule; the global stream depends on the schedule, "
+        reader = StateReader(state, type(self).__name__)
+        reader.same("batch_size", self.batch_size)
+        reader.same("sizes", dict(self.sizes))
+        reader.same("exhaustion", self.exhaustion)
+        if reader.str("schedule") != fingerprint(self.schedule.to_dict()):
+            raise StateError("state was saved with another schedule; the global stream depends on the schedule, "
                              "so construct the sampler with the schedule of the saved run")
 
     def __repr__(self) -> str:

@@ -93,14 +93,30 @@ def _hash(parts: np.ndarray, out: np.ndarray) -> None:
 def hash_key(*parts: int | np.ndarray) -> np.ndarray:
     """64-bit keys that are a pure function of the integer ``parts`` (arrays broadcast).
 
+    A part is hashed by its 64 bits, so seeds anywhere in ``[0, 2**64)`` give distinct keys.
+
     >>> int(hash_key(0, 1)[0]) == int(hash_key(0, 1)[0]) != int(hash_key(0, 2)[0])
     True
     """
-    columns = np.broadcast_arrays(*(np.atleast_1d(np.asarray(part, dtype=np.int64)) for part in parts))
+    columns = np.broadcast_arrays(*(_as_key_part(part) for part in parts))
     table = np.ascontiguousarray(np.stack(columns, axis=1).reshape(-1, len(parts)))
     out = np.empty(len(table), dtype=np.uint64)
     _hash(table, out)
     return out
+
+
+def _as_key_part(part: int | np.ndarray) -> np.ndarray:
+    """``part`` as int64 bit patterns: ints in ``[2**63, 2**64)`` (large seeds) keep their 64 bits.
+
+    >>> _as_key_part(2**64 - 1).tolist(), _as_key_part(5).tolist()
+    ([-1], [5])
+    """
+    if isinstance(part, int):
+        if not -(1 << 63) <= part < (1 << 64):
+            raise ValueError(f"hash_key parts must fit in 64 bits, got {part}")
+        part = part - (1 << 64) if part >= (1 << 63) else part
+    array = np.atleast_1d(np.asarray(part))
+    return array.view(np.int64) if array.dtype == np.uint64 else array.astype(np.int64)
 
 
 def _unit(keys: np.ndarray) -> np.ndarray:

@@ -23,7 +23,8 @@ import numpy as np
 from scipy.stats import qmc
 from torch.utils.data import Dataset
 
-from dataorder.samplers.base import check_bool, check_epoch, check_seed
+from dataorder._validate import check_bool, check_choice, check_count, check_epoch, check_seed
+from dataorder.samplers._state import StateReader
 
 __all__ = [
     "QMCAugment",
@@ -126,8 +127,7 @@ def choose(u: float | np.ndarray, k: int) -> int | np.ndarray:
     >>> choose(0.0, 3), choose(0.5, 3), choose(0.999, 3)
     (0, 1, 2)
     """
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = check_count(k, "k")
     value = np.minimum(np.floor(np.asarray(u, dtype=np.float64) * k), k - 1).astype(np.int64)
     return int(value) if value.ndim == 0 else value
 
@@ -209,11 +209,9 @@ class QMCAugment(Dataset):
             raise TypeError(f"dataset must be map-style (with __len__ and __getitem__), got {type(dataset).__name__}")
         if not callable(transform):
             raise TypeError(f"transform must be callable as transform(sample, u), got {type(transform).__name__}")
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-            raise ValueError(f"dim must be a positive int (coordinates of u per example), got {dim!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-        self.dataset, self.transform, self.dim = dataset, transform, int(dim)
+        dim = check_count(dim, "dim")
+        check_choice(method, "method", METHODS)
+        self.dataset, self.transform, self.dim = dataset, transform, dim
         self.seed = check_seed(seed)
         self.scramble = check_bool(scramble, "scramble")
         self.method = method
@@ -289,17 +287,20 @@ class QMCAugment(Dataset):
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch (points are a pure function of it), and what checks a matching wrapper."""
-        return {"epoch": self.epoch, "seed": self.seed, "dim": self.dim, "method": self.method,
-                "scramble": self.scramble}
+        return {"sampler": type(self).__name__, "epoch": self.epoch, "seed": self.seed, "dim": self.dim,
+                "method": self.method, "scramble": self.scramble}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the epoch; raise ``ValueError`` if the state came from another configuration."""
-        if not isinstance(state, dict) or "epoch" not in state:
-            raise TypeError("state must be a dict from QMCAugment.state_dict()")
+        """Restore the epoch.
+
+        A state this wrapper's ``state_dict()`` could not have produced (another class, other
+        settings, a missing or corrupt field) raises a
+        :class:`~dataorder.samplers._state.StateError` naming the field and changes nothing.
+        """
+        reader = StateReader(state, type(self).__name__)
         for key in ("seed", "dim", "method", "scramble"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"state was saved with {key}={state[key]!r}; construct QMCAugment with it")
-        self.epoch = check_epoch(state["epoch"])
+            reader.same(key, getattr(self, key))
+        self.epoch = reader.int("epoch")
 
     def __repr__(self) -> str:
         return (f"QMCAugment(n={len(self.dataset)}, dim={self.dim}, method={self.method!r}, seed={self.seed}, "

@@ -7,14 +7,16 @@ the global position and resumption is O(1) and elastic across world sizes.
 from __future__ import annotations
 
 import abc
-import operator
+import copy
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
 
-from dataorder.samplers.base import check_bool, check_epoch, check_seed, resolve_world, shard_length
+from dataorder._validate import check_bool, check_count, check_epoch, check_seed
+from dataorder.samplers._state import Cursor, StateError, StateReader, resume_position
+from dataorder.samplers.base import resolve_world, shard_length
 
 __all__ = ["RunSampler", "fingerprint"]
 
@@ -45,15 +47,12 @@ class RunSampler(Sampler[int], abc.ABC):
         world_size: int | None = None,
         drop_last: bool = False,
     ) -> None:
-        self.num_samples = check_seed(num_samples, "num_samples")
-        if self.num_samples < 1:
-            raise ValueError("num_samples must be >= 1: the number of samples drawn over the whole run")
+        self.num_samples = check_count(num_samples, "num_samples")
         self.seed = check_seed(seed)
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.drop_last = check_bool(drop_last, "drop_last")
         self.epoch = 0
-        self._start = 0
-        self._pass: tuple[int, int, Iterator[int]] | None = None  # (block start, block length, iterator)
+        self._cursor = Cursor()
 
     # -- what subclasses define -------------------------------------------------------------
     @abc.abstractmethod
@@ -81,10 +80,7 @@ class RunSampler(Sampler[int], abc.ABC):
     @property
     def position(self) -> int:
         """How many indices this rank has yielded in the run."""
-        if self._pass is None:
-            return self._start
-        start, count, iterator = self._pass
-        return start + count - operator.length_hint(iterator)
+        return self._cursor.position
 
     @property
     def sample(self) -> int:
@@ -116,33 +112,18 @@ class RunSampler(Sampler[int], abc.ABC):
         return self._indices_at(unique)[inverse]
 
     def __iter__(self) -> Iterator[int]:
-        start = self.position
-        if start >= len(self):
-            start = 0  # the run was finished: iterating again replays it, as torch's samplers do
-        self._start, self._pass = start, None
-        return self._generate(start)
-
-    def _generate(self, start: int) -> Iterator[int]:
-        total, first = len(self), start
-        step = max(1, self.BLOCK // self.world_size)
-        size = min(step, 1024)  # small first blocks: the first index comes quickly, also after a resume
-        while first < total:
-            block = self._rank_indices(first, min(total, first + size)).tolist()
-            iterator = iter(block)  # a list iterator: the position is read off its length hint
-            self._pass = (first, len(block), iterator)
-            yield from iterator
-            first, size = first + len(block), min(step, 2 * size)
+        total, sizes = len(self), _block_sizes(max(1, self.BLOCK // self.world_size))
+        return self._cursor.iterate(total, lambda first: self._rank_indices(first, min(total, first + next(sizes))).tolist())
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The global position and what identifies the run: plain Python types."""
+        """The global position (``sample``, all ranks together) and what identifies the run: plain Python types."""
         state = {
             "sampler": type(self).__name__,
             "seed": self.seed,
             "num_samples": self.num_samples,
             "drop_last": self.drop_last,
             "world_size": self.world_size,
-            "position": self.position,
             "sample": self.sample,
         }
         state.update(self._extra_state())
@@ -151,33 +132,31 @@ class RunSampler(Sampler[int], abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the saved global position, possibly at another world size.
 
-        Raises ``ValueError`` and changes nothing if the state does not fit this sampler.
+        A state this sampler's ``state_dict()`` could not have produced raises a
+        :class:`~dataorder.samplers._state.StateError` naming the field and changes nothing.
         """
-        position = self._check_state(state)
-        self._start, self._pass = position, None
+        candidate = copy.copy(self)
+        candidate._cursor = self._cursor.copy()
+        candidate._load(state)
+        self.__dict__.update(candidate.__dict__)
 
-    def _check_state(self, state: Any) -> int:
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        missing = {"sampler", "seed", "num_samples", "sample"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing {sorted(missing)}; pass a dict from state_dict()")
-        name = type(self).__name__
-        if state["sampler"] != name:
-            raise ValueError(f"state was saved by {state['sampler']}, not {name}; load it into a {state['sampler']}")
-        for key in ("seed", "num_samples", "drop_last"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"state was saved with {key}={state[key]!r}; construct the sampler with {key}={state[key]!r}")
+    def _load(self, state: Any) -> None:
+        reader = StateReader(state, type(self).__name__)
+        reader.same("seed", self.seed)
+        reader.same("num_samples", self.num_samples)
+        reader.same("drop_last", self.drop_last)
         self._check_extra_state(state)
-        sample = check_seed(state["sample"], "sample")
-        if sample >= self._run_length():
-            return len(self)  # the run was finished (possibly into the padding of another world size)
-        if sample % self.world_size:
-            raise ValueError(
-                f"state was saved after {sample} global samples, which world_size={self.world_size} cannot split "
-                "evenly; resume at a multiple of the new world size (e.g. at a global batch boundary)"
-            )
-        return sample // self.world_size
+        saved_world = reader.int("world_size", low=1)
+        saved_length = shard_length(self._run_length(), saved_world, self.drop_last)
+        sample = reader.int("sample")
+        if sample % saved_world:
+            raise StateError(f"state's sample={sample} is not a whole number of positions of its "
+                             f"world_size={saved_world} ranks; the state is corrupt")
+        position = sample // saved_world
+        position = resume_position(position, saved_world=saved_world, world=self.world_size,
+                                   saved_length=saved_length, length=len(self), elastic=True,
+                                   what=type(self).__name__)
+        self._cursor.move_to(position)
 
 
 def fingerprint(value: Any) -> str:
@@ -192,7 +171,10 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_same(state: dict[str, Any], key: str, value: Any) -> None:
-    if state.get(key) != value:
-        raise ValueError(f"state was saved with {key}={state.get(key)!r} but this sampler has {key}={value!r}; "
-                         "construct it with the same arguments")
+def _block_sizes(largest: int) -> Iterator[int]:
+    """Positions generated per block of a pass: small first blocks, so the first index comes
+    quickly (also after a resume), then doubling up to ``largest`` (bounded memory)."""
+    size = min(largest, 1024)
+    while True:
+        yield size
+        size = min(largest, 2 * size)

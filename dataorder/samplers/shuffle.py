@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from dataorder.samplers.base import IndexSampler, check_seed, epoch_rng
+from dataorder._validate import check_count
+from dataorder.samplers._state import StateReader
+from dataorder.samplers.base import IndexSampler, epoch_rng
 
 __all__ = ["FlipFlop", "RandomReshuffling", "ShuffleOnce", "WithReplacement"]
 
@@ -72,9 +74,7 @@ class WithReplacement(IndexSampler):
         super().__init__(data, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
         if num_samples is None:
             num_samples = self.n
-        self.num_samples = check_seed(num_samples, "num_samples")
-        if self.num_samples == 0:
-            raise ValueError("num_samples must be >= 1")
+        self.num_samples = check_count(num_samples, "num_samples")
 
     def _global_length(self) -> int:
         return self.num_samples
@@ -86,11 +86,7 @@ class WithReplacement(IndexSampler):
         return {"num_samples": self.num_samples}
 
     def _check_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("num_samples") != self.num_samples:
-            raise ValueError(
-                f"state was saved with num_samples={state.get('num_samples')}; "
-                f"construct the sampler with num_samples={state.get('num_samples')}"
-            )
+        StateReader(state, type(self).__name__).same("num_samples", self.num_samples)
 
 
 class FlipFlop(IndexSampler):

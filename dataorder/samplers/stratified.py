@@ -13,7 +13,6 @@ of the representative method" (1934).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -22,7 +21,9 @@ import torch
 from torch.utils.data import Sampler
 
 from dataorder.samplers.allocation import allocate, count_range
-from dataorder.samplers.base import EpochCursor, check_bool, check_epoch, check_seed, epoch_rng, resolve_world
+from dataorder._validate import check_bool, check_count, check_epoch, check_seed
+from dataorder.samplers._state import Cursor, StateError, StateReader, resume_position
+from dataorder.samplers.base import epoch_rng, resolve_world
 
 __all__ = ["StratifiedBatchSampler", "encode_strata", "merge_moments", "stratum_draws"]
 
@@ -195,10 +196,7 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         codes, labels = encode_strata(strata)
         if len(codes) == 0:
             raise ValueError("strata must hold at least one example")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-            raise TypeError(f"batch_size must be a positive int, got {batch_size!r} ({type(batch_size).__name__})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+        batch_size = check_count(batch_size, "batch_size")
         self.seed = check_seed(seed)
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.drop_last = check_bool(drop_last, "drop_last")
@@ -214,7 +212,7 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         self._sigma = np.full(len(labels), np.nan)  # std used by the current Neyman allocation
         self._moments = np.zeros((len(labels), 3))  # (count, mean, M2) of values seen this epoch
         self._counts = self._allocate(0, self._sigma)
-        self._cursor = EpochCursor()
+        self._cursor = Cursor()
         self._cache: tuple[int, tuple[int, ...], list[list[int]]] | None = None
 
     # -- validation ---------------------------------------------------------------------------
@@ -398,7 +396,8 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         return self._cache[2]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return self._cursor.iterate(self.rank_batches())
+        batches = self.rank_batches()
+        return self._cursor.iterate(len(batches), lambda first: batches[first:])
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -420,42 +419,39 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; on any mismatch raise ``ValueError`` and change nothing.
+        """Resume from :meth:`state_dict`.
 
         A state may be loaded at another world size when the global batch size
-        (``batch_size * world_size``) is the same: positions are in global batches.
+        (``batch_size * world_size``) is the same: positions are in global batches. A state
+        this sampler's ``state_dict()`` could not have produced raises a
+        :class:`~dataorder.samplers._state.StateError` naming the field and changes nothing.
         """
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        keys = {"sampler", "n", "seed", "epoch", "position", "world_size", "batch_size", "drop_last",
-                "allocation", "sizes", "counts", "sigma", "moments"}
-        if keys - set(state):
-            raise ValueError(f"state is missing {sorted(keys - set(state))}; pass a dict from state_dict()")
-        name = type(self).__name__
-        if state["sampler"] != name:
-            raise ValueError(f"state was saved by {state['sampler']}, not {name}")
+        reader = StateReader(state, type(self).__name__)
         for key, mine in (("n", self.n), ("seed", self.seed), ("drop_last", self.drop_last),
                           ("allocation", self.allocation), ("sizes", self.sizes.tolist())):
-            if state[key] != mine:
-                raise ValueError(f"state was saved with {key}={state[key]!r} but this sampler has {key}={mine!r}; "
-                                 "construct it with the same strata and arguments")
-        saved_global = state["batch_size"] * state["world_size"]
-        if saved_global != self.global_batch_size:
-            raise ValueError(
-                f"state was saved with a global batch of {saved_global} (batch_size={state['batch_size']} x "
-                f"world_size={state['world_size']}); this sampler's is {self.global_batch_size}"
+            reader.same(key, mine)
+        saved_batch, saved_world = reader.int("batch_size", low=1), reader.int("world_size", low=1)
+        if saved_batch * saved_world != self.global_batch_size:
+            raise StateError(
+                f"state was saved with a global batch of {saved_batch * saved_world} (batch_size={saved_batch} x "
+                f"world_size={saved_world}); this sampler's is {self.global_batch_size}: keep batch_size x "
+                "world_size the same"
             )
-        epoch = check_epoch(state["epoch"])
-        position = check_seed(state["position"], "position")
-        counts = np.asarray(state["counts"], dtype=np.int64)
-        sigma = np.array([np.nan if s is None else s for s in state["sigma"]], dtype=np.float64)
-        moments = np.asarray(state["moments"], dtype=np.float64)
+        epoch = reader.int("epoch")
+        # every rank yields one batch per global batch, so positions count global batches
+        position = resume_position(reader.int("position"), saved_world=1, world=1, saved_length=self.num_batches,
+                                   length=self.num_batches, elastic=True, what=type(self).__name__)
         strata = len(self.labels)
-        if (counts.shape != (strata,) or counts.sum() != self.global_batch_size or (counts < 1).any()
-                or (counts > self.sizes).any() or sigma.shape != (strata,) or moments.shape != (strata, 3)):
-            raise ValueError("state has inconsistent counts, sigma or moments for these strata")
-        if position > self.num_batches:
-            raise ValueError(f"state position {position} is past the end of the epoch ({self.num_batches} batches)")
+        counts = reader.ints("counts", strata, low=1, high=self.global_batch_size)
+        if counts.sum() != self.global_batch_size or (counts > self.sizes).any():
+            raise StateError(f"state's counts {counts.tolist()} do not fill a global batch of "
+                             f"{self.global_batch_size} within the stratum sizes; the state is corrupt")
+        sigma = reader.floats("sigma", (strata,), missing=True)
+        if (sigma < 0).any():
+            raise StateError("state's sigma holds a negative standard deviation; the state is corrupt")
+        moments = reader.floats("moments", (strata, 3))
+        if (moments[:, 0] < 0).any() or (moments[:, 2] < 0).any():
+            raise StateError("state's moments hold a negative count or M2; the state is corrupt")
         self.epoch, self._counts, self._sigma, self._moments = epoch, counts, sigma, moments
         self._cursor.move_to(position)
         self._cache = None

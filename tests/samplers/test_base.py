@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
 
+from dataorder.samplers._state import Cursor, StateError, StateReader, StateTypeError, resume_position
 from dataorder.samplers.base import IndexSampler, dataset_length, resolve_world, shard, shard_length
 from dataorder.samplers.shuffle import RandomReshuffling
 
@@ -77,16 +78,6 @@ def test_resolve_world_defaults_without_process_group():
     assert resolve_world(None, 4) == (0, 4)
 
 
-def test_position_tracks_consumption_and_finished_epoch_replays():
-    sampler = RandomReshuffling(10, seed=3)
-    iterator = iter(sampler)
-    first = [next(iterator) for _ in range(4)]
-    assert sampler.position == 4
-    rest = list(iterator)
-    assert sampler.position == 10
-    assert first + rest == list(sampler)  # replays the same epoch, like torch's samplers
-
-
 def test_set_epoch_same_epoch_keeps_position():
     sampler = RandomReshuffling(10, seed=3)
     iterator = iter(sampler)
@@ -95,28 +86,6 @@ def test_set_epoch_same_epoch_keeps_position():
     assert sampler.position == 2
     sampler.set_epoch(1)
     assert sampler.position == 0
-
-
-def test_load_state_rejects_mismatches_and_leaves_state_untouched():
-    source = RandomReshuffling(10, seed=1)
-    iterator = iter(source)
-    next(iterator)
-    state = source.state_dict()
-    target = RandomReshuffling(10, seed=1)
-    target.set_epoch(5)
-    for bad, match in [
-        ({**state, "sampler": "ShuffleOnce"}, "ShuffleOnce"),
-        ({**state, "n": 11}, "n=11"),
-        ({**state, "seed": 2}, "seed=2"),
-        ({**state, "position": -1}, "position"),
-        ({**state, "drop_last": True}, "drop_last"),
-        ({k: v for k, v in state.items() if k != "epoch"}, "missing"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            target.load_state_dict(bad)
-        assert target.epoch == 5 and target.position == 0
-    with pytest.raises(TypeError):
-        target.load_state_dict([1, 2])
 
 
 def test_state_moves_across_world_sizes_when_divisible():
@@ -143,8 +112,120 @@ def test_state_across_world_sizes_not_divisible_is_rejected():
         RandomReshuffling(24, seed=0, rank=0, world_size=3).load_state_dict(sampler.state_dict())
 
 
-def test_order_ignores_global_rng():
-    torch.manual_seed(0), np.random.seed(0)
-    first = list(RandomReshuffling(50, seed=7))
-    torch.manual_seed(1), np.random.seed(1)
-    assert list(RandomReshuffling(50, seed=7)) == first
+
+
+# -- the state layer (dataorder/samplers/_state.py) ---------------------------------------------
+def test_a_state_after_the_last_index_resumes_with_nothing_left_then_the_next_epoch():
+    # issue 13, failure 1: "position = epoch length" used to replay the whole epoch
+    sampler = RandomReshuffling(10, seed=3)
+    epoch0 = list(sampler)
+    resumed = RandomReshuffling(10, seed=3)
+    resumed.load_state_dict(sampler.state_dict())
+    resumed.set_epoch(0)
+    assert list(resumed) == []
+    resumed.set_epoch(1)
+    sampler.set_epoch(1)
+    assert list(resumed) == list(sampler) != epoch0
+
+
+def test_a_failed_load_changes_nothing_even_when_a_subclass_hook_fails_half_way():
+    class Halfway(IndexSampler):
+        def _global_order(self, epoch):
+            return np.arange(self.n)
+
+        def _load_extra_state(self, state):
+            self.loaded = True  # half-loaded ...
+            raise ValueError("the subclass refuses")  # ... then refused
+
+    sampler = Halfway(6)
+    iterator = iter(sampler)
+    next(iterator)
+    state = {**sampler.state_dict(), "epoch": 4}
+    with pytest.raises(StateError, match="the subclass refuses"):
+        sampler.load_state_dict(state)
+    assert not hasattr(sampler, "loaded") and sampler.epoch == 0 and sampler.position == 1
+    assert list(iterator) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(("position", "old", "new", "expected"), [
+    (3, 2, 3, 2),     # 6 global items: 2 each at three ranks
+    (0, 4, 1, 0),
+    (5, 2, 3, 4),     # the end of the epoch (saved length 5) is the end at any world size
+])
+def test_resume_position_moves_whole_global_items(position, old, new, expected):
+    length = {1: 10, 2: 5, 3: 4, 4: 3}
+    assert resume_position(position, saved_world=old, world=new, saved_length=length[old], length=length[new],
+                           elastic=True, what="X") == expected
+
+
+@pytest.mark.parametrize(("position", "old", "new", "elastic", "match"), [
+    (6, 2, 2, True, "past the end of the epoch"),
+    (1, 2, 3, True, "cannot split evenly"),
+    (2, 2, 1, False, "depends on the world size"),
+])
+def test_resume_position_refusals(position, old, new, elastic, match):
+    with pytest.raises(StateError, match=match):
+        resume_position(position, saved_world=old, world=new, saved_length=5, length=10, elastic=elastic, what="X")
+
+
+def test_cursor_continues_an_interrupted_pass_and_replays_a_finished_one():
+    items = list(range(5))
+    cursor = Cursor()
+    iterator = cursor.iterate(5, lambda first: items[first:])
+    assert [next(iterator), next(iterator)] == [0, 1]
+    assert list(cursor.iterate(5, lambda first: items[first:])) == [2, 3, 4]  # a new iter() continues
+    assert list(cursor.iterate(5, lambda first: items[first:])) == items  # after the end: replays
+    blocks = []
+    cursor.move_to(1)
+    chunked = cursor.iterate(5, lambda first: blocks.append(first) or items[first:first + 2])
+    assert list(chunked) == [1, 2, 3, 4] and blocks == [1, 3] and cursor.position == 5
+
+
+@pytest.mark.parametrize(("state", "error", "match"), [
+    ([("sampler", "X")], StateTypeError, "must be a dict"),
+    ({"epoch": 1}, StateError, "missing 'sampler'"),
+    ({"sampler": "Y"}, StateError, "saved by 'Y'"),
+    ({"sampler": "X", "epoch": "1"}, StateTypeError, "epoch must be an int"),
+    ({"sampler": "X", "epoch": True}, StateTypeError, "epoch must be an int"),
+    ({"sampler": "X", "epoch": 2**63}, StateError, "epoch=9223372036854775808 is not in"),
+    ({"sampler": "X", "t": torch.tensor([1.0, float("inf")])}, StateError, r"state\['t'\] holds NaN or inf"),
+    ({"sampler": "X", "t": torch.zeros(2, dtype=torch.complex64)}, StateTypeError, "complex64"),
+    ({"sampler": "X", "t": [torch.zeros(2, device="meta")]}, StateError, "meta device"),
+])
+def test_state_reader_names_the_field(state, error, match):
+    with pytest.raises(error, match=match):
+        StateReader(state, "X").int("epoch")
+
+
+def test_state_reader_typed_lists():
+    reader = StateReader({"sampler": "X", "counts": [2, 2**63], "sigma": [None, 1.0], "m": [[1.0, 2.0]]}, "X")
+    with pytest.raises(StateError, match="counts has entries outside"):
+        reader.ints("counts", 2)
+    assert np.isnan(reader.floats("sigma", (2,), missing=True)[0])
+    with pytest.raises(StateError, match="sigma holds None"):
+        reader.floats("sigma", (2,))
+    with pytest.raises(StateError, match="has shape"):
+        reader.floats("m", (2, 1))
+    with pytest.raises(StateError, match=r"state\['m'\]\[0\]\[1\] is nan"):
+        StateReader({"sampler": "X", "m": [[1.0, float("nan")]]}, "X")
+
+
+# -- dataorder.samplers re-exports ----------------------------------------------------------------
+def test_the_package_re_exports_every_sampler_class_and_imports_light():
+    import subprocess
+    import sys
+
+    import dataorder
+    import dataorder.samplers as samplers
+
+    for name in samplers.__all__:
+        assert getattr(samplers, name) is getattr(dataorder, name, getattr(samplers, name))
+    from dataorder.samplers import GraBSampler, HerdingSampler  # lazily, from wherever they live
+
+    assert GraBSampler is dataorder.GraBSampler and HerdingSampler is dataorder.HerdingSampler
+    code = ("import sys, dataorder.samplers; "
+            "print(sorted(m for m in ('numba', 'datasets', 'pyarrow') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        samplers.Nope

@@ -101,7 +101,7 @@ def test_argument_errors():
         make(order="random")
     with pytest.raises(ValueError, match="must not be NaN"):
         CurriculumSampler([0.1, float("nan")], num_samples=10)
-    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    with pytest.raises(ValueError, match="num_samples must be an int in"):
         make(num_samples=0)
     with pytest.raises(ValueError, match="pacing must be one of"):
         make(pacing="exp")
@@ -192,3 +192,12 @@ def test_prune_and_curriculum_read_the_scoring_parquet(tmp_path):
 def test_single_score_file_needs_no_column(tmp_path):
     write_scores_file(tmp_path, {"forgetting": KNOWN})
     assert prune(tmp_path, 2).tolist() == [0, 9]
+
+
+def test_seeds_of_64_bits_work_when_iterating():
+    # issue 13, failure 4: a seed >= 2**63 was accepted and overflowed only at iter()
+    high, low = make(seed=2**64 - 1), make(seed=0)
+    assert sorted(set(list(high))) == sorted(set(list(low)))  # the same pools ...
+    assert list(high) != list(low)  # ... in another order
+    with pytest.raises(ValueError, match="seed"):
+        make(seed=2**64)

@@ -202,3 +202,26 @@ def test_fast_single_point_matches_the_vectorised_path():
         data = augment(dim=5, seed=12, method=method, scramble=scramble)
         for epoch in (0, 9):
             assert np.array_equal(np.stack([data.point(i, epoch) for i in range(40)]), data.points(range(40), epoch))
+
+
+@pytest.mark.parametrize("method", ["sobol", "random"])
+def test_seeds_of_64_bits_are_distinct_and_larger_ones_refused(method):
+    # issue 13, failure 4: seed 2**64 silently equalled seed 0 for method="random"
+    high = QMCAugment(list(range(8)), lambda x, u: u, dim=2, seed=2**64 - 1, method=method)
+    low = QMCAugment(list(range(8)), lambda x, u: u, dim=2, seed=0, method=method)
+    assert not np.array_equal(high.points(range(8)), low.points(range(8)))
+    assert np.array_equal(high.points(range(8)), np.stack([high.point(i) for i in range(8)]))
+    with pytest.raises(ValueError, match="seed"):
+        QMCAugment(list(range(8)), lambda x, u: u, dim=2, seed=2**64, method=method)
+
+
+def test_foreign_or_incomplete_states_are_refused():
+    from dataorder.samplers import RandomReshuffling, StateError
+
+    data = augment(seed=2)
+    data.set_epoch(3)
+    for bad in (RandomReshuffling(40).state_dict(), {"epoch": 5}, {**data.state_dict(), "epoch": -1},
+                {k: v for k, v in data.state_dict().items() if k != "scramble"}):
+        with pytest.raises(StateError):
+            data.load_state_dict(bad)
+    assert data.epoch == 3
