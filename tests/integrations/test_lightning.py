@@ -51,13 +51,13 @@ def _sampler(name, data, module):
     raise KeyError(name)
 
 
-def _fit(name, out, ckpt_path=None):
+def _fit(name, out, ckpt_path=None, num_workers=0):
     data, module = token_dataset(), TinyLM()
     sampler = _sampler(name, data, module)
     if isinstance(sampler, StratifiedBatchSampler):
-        loader = DataLoader(data, batch_sampler=sampler)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=num_workers)
     else:
-        loader = DataLoader(data, batch_size=2, sampler=sampler)
+        loader = DataLoader(data, batch_size=2, sampler=sampler, num_workers=num_workers)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, accumulate_grad_batches=2, use_distributed_sampler=False,
                          callbacks=[DataOrderCallback(sampler),
@@ -68,10 +68,10 @@ def _fit(name, out, ckpt_path=None):
     return module, sampler
 
 
-def _check_resume(name, tmp_path, step):
-    whole, sampler = _fit(name, tmp_path)
+def _check_resume(name, tmp_path, step, num_workers=0):
+    whole, sampler = _fit(name, tmp_path, num_workers=num_workers)
     (checkpoint,) = tmp_path.glob(f"*step={step}.ckpt")
-    resumed, _ = _fit(name, tmp_path / "again", ckpt_path=checkpoint)
+    resumed, _ = _fit(name, tmp_path / "again", ckpt_path=checkpoint, num_workers=num_workers)
     done = 2 * step  # micro-batches before the checkpoint (accumulate_grad_batches=2)
     assert resumed.seen == whole.seen[done:]
     assert resumed.losses == whole.losses[done:]
@@ -90,6 +90,13 @@ def test_grab_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
                                             ("StratifiedBatchSampler", 3)])
 def test_resume_equals_uninterrupted_run(name, step, tmp_path):
     _check_resume(name, tmp_path, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["RandomReshuffling", "GraBSampler"])
+def test_resume_with_loader_workers(name, tmp_path):
+    """Workers prefetch further ahead; the resume point is Lightning's count of trained batches."""
+    _check_resume(name, tmp_path, step=3, num_workers=2)
 
 
 def test_a_loader_that_does_not_draw_from_the_sampler_is_refused(tmp_path):

@@ -81,9 +81,9 @@ def _train(name: str, out, resume=None, **overrides) -> RecordingTrainer:
     return trainer
 
 
-def _check_resume(name: str, tmp_path, step: int) -> RecordingTrainer:
-    whole = _train(name, tmp_path)
-    resumed = _train(name, tmp_path, resume=tmp_path / f"checkpoint-{step}")
+def _check_resume(name: str, tmp_path, step: int, **overrides) -> RecordingTrainer:
+    whole = _train(name, tmp_path, **overrides)
+    resumed = _train(name, tmp_path, resume=tmp_path / f"checkpoint-{step}", **overrides)
     done = 2 * step  # micro-batches trained before the checkpoint (accumulation 2)
     assert resumed.seen == whole.seen[done:]
     assert resumed.losses == whole.losses[done:]
@@ -109,6 +109,13 @@ def test_mixture_resume_equals_uninterrupted_run_and_keeps_each_step_mixed(tmp_p
                                             ("CurriculumSampler", 6), ("StratifiedBatchSampler", 3)])
 def test_resume_equals_uninterrupted_run(name, step, tmp_path):
     _check_resume(name, tmp_path, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["RandomReshuffling", "GraBSampler"])
+def test_resume_with_loader_workers(name, tmp_path):
+    """Workers prefetch further ahead; the resume point is the Trainer's count, not the sampler's."""
+    _check_resume(name, tmp_path, step=3, dataloader_num_workers=2)
 
 
 @pytest.mark.slow
