@@ -2,8 +2,8 @@
 
 Same process, same tiny GPT-2 from config (2 layers, d=64, vocab 256, untied), same data:
 
-* optimizer-step time (``on_step_begin`` -> ``on_step_end``: forward, backward, optimizer,
-  and for GraB the callback's ``step()`` calls) for the plain ``Trainer`` (its own
+* optimizer-step time (``on_step_begin`` -> ``on_step_end`` of a timer registered after
+  every other callback: forward, backward, optimizer, and for GraB the callback's ``step()``) for the plain ``Trainer`` (its own
   RandomSampler), ``DataOrderTrainer`` + ``RandomReshuffling`` and ``DataOrderTrainer`` +
   ``GraBSampler(balance="mean")`` attached to the transformer blocks (what the ghost path
   takes of GPT-2 today). Runs alternate (plain, RR, GraB, plain, ...); each row is the
@@ -67,14 +67,15 @@ def dataset(n: int, length: int) -> list[dict[str, torch.Tensor]]:
 def run(kind: str, data, args) -> list[float]:
     timer, net = StepTimer(), model()
     if kind == "Trainer (its RandomSampler)":
-        trainer = Trainer(model=net, args=args, train_dataset=data, callbacks=[timer])
+        trainer = Trainer(model=net, args=args, train_dataset=data)
     else:
         if kind.endswith("GraB (mean)"):
             sampler = GraBSampler(data, balance="mean")
             sampler.attach(net, params=[name for name, _ in net.named_parameters() if name.startswith("transformer.h.")])
         else:
             sampler = RandomReshuffling(data)
-        trainer = DataOrderTrainer(model=net, args=args, train_dataset=data, train_sampler=sampler, callbacks=[timer])
+        trainer = DataOrderTrainer(model=net, args=args, train_dataset=data, train_sampler=sampler)
+    trainer.add_callback(timer)  # last, so its on_step_end comes after the GraB step()
     trainer.train()
     return timer.times[2:]  # the first steps warm up allocators and caches
 
