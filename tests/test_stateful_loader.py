@@ -32,7 +32,6 @@ stateful = pytest.importorskip("torchdata.stateful_dataloader")
 StatefulDataLoader = stateful.StatefulDataLoader
 
 N, BATCH, EPOCHS = 12, 3, 2
-END_OF_EPOCH_XFAIL = pytest.mark.xfail(strict=True, reason="end-of-epoch fix on branch state")
 
 
 def _add_point(value, u):
@@ -140,9 +139,7 @@ def _cuts(name: str) -> list:
 
 
 def _params(name: str, cuts: list) -> list:
-    last = max(c for c in cuts if c != "ended")
-    return [pytest.param(name, cut, marks=END_OF_EPOCH_XFAIL if cut == last else (), id=f"{name}-{cut}")
-            for cut in cuts]
+    return [pytest.param(name, cut, id=f"{name}-{cut}") for cut in cuts]
 
 
 # With workers, a state taken after the loop is the loader's snapshot of the last batch, not the
