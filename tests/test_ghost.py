@@ -231,3 +231,25 @@ def test_wrong_widths_and_weight_shapes_are_clear_errors():
     with pytest.raises(ValueError, match=r"weights must be \(N, B\) = \(2, 7\)"):
         batch.add_weighted_(targets, torch.ones(2, 6))
     assert torch.equal(targets, torch.zeros(2, batch.dim))  # nothing was written
+
+
+def test_parameter_registered_on_a_module_and_its_child_counts_once():
+    class Head(nn.Module):  # HF's BertLMPredictionHead: self.bias is also decoder.bias
+        def __init__(self):
+            super().__init__()
+            self.decoder = nn.Linear(4, 3)
+            self.bias = self.decoder.bias
+
+        def forward(self, x):
+            return self.decoder(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Head())
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    ghost = GhostGrads(model)
+    assert ghost.tied == set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Head itself is no use of the bias: no fallback for it
+        ce(model(x), y).backward()
+    [batch] = ghost.collect()
+    assert torch.allclose(batch.materialize(), per_example_grads(model, x, y), atol=1e-6)

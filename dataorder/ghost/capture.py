@@ -72,8 +72,7 @@ class GhostGrads:
         self.names = [name for name in named if name in selected]
         self.shapes = {name: named[name].shape for name in self.names}
         self._sketcher = Sketcher(self.sketch, self.seed) if self.sketch is not None else None
-        canonical = {id(p): name for name, p in named.items()}
-        uses: dict[str, int] = {}
+        owners = _direct_owners(model, {id(p): name for name, p in named.items() if name in selected})
         self._forward_count = 0
         self._batch_sizes: dict[int, tuple[int | None, int]] = {}  # forward -> (batch size, input rank)
         self._records: list[_Record] = []
@@ -82,13 +81,11 @@ class GhostGrads:
         self._batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self._handles = [model.register_forward_pre_hook(self._count_forward, with_kwargs=True)]
         for module_name, module in model.named_modules():
-            names = {local: canonical[id(p)] for local, p in module.named_parameters(recurse=False)
-                     if canonical[id(p)] in selected}
-            for full in names.values():
-                uses[full] = uses.get(full, 0) + 1
+            names = owners.get(module_name, {})
             if names:
                 self._handles.append(module.register_forward_hook(self._make_hook(module_name, names)))
-        self.tied = {name for name, count in uses.items() if count > 1}
+        uses = [full for names in owners.values() for full in names.values()]
+        self.tied = {name for name in uses if uses.count(name) > 1}  # used by several modules
 
     def _count_forward(self, module, args, kwargs) -> None:
         if any(m.training for m in self._batch_norms):
@@ -217,6 +214,28 @@ class GhostGrads:
         for handle in self._handles:
             handle.remove()
         self._handles, self._records = [], []
+
+
+def _direct_owners(model: nn.Module, selected: dict[int, str]) -> dict[str, dict[str, str]]:
+    """``module name -> {local name: full name}`` of the selected parameters each module uses itself.
+
+    A parameter registered on a module and on one of its descendants (HF's
+    ``BertLMPredictionHead.bias``, also ``decoder.bias``) is used by the descendant: the
+    ancestor's registration is not a second use.
+    """
+    registered: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            if id(p) in selected:
+                registered.setdefault(id(p), []).append((module_name, local))
+    owners: dict[str, dict[str, str]] = {}
+    for key, places in registered.items():
+        modules = [name for name, _ in places]
+        for module_name, local in places:
+            prefix = f"{module_name}." if module_name else ""
+            if not any(other != module_name and other.startswith(prefix) for other in modules):
+                owners.setdefault(module_name, {})[local] = selected[key]
+    return owners
 
 
 def _check_sketch(sketch) -> int | None:
