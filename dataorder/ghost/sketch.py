@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors, LinearFactors
 from dataorder.ghost.tied import TiedFactors
 
-__all__ = ["DENSE_SIDE_MAX", "Projection", "Sketcher", "projection", "sketch_width"]
+__all__ = ["DENSE_SIDE_MAX", "Projection", "Sketcher", "block_is_cheaper", "projection", "sketch_width"]
 
 #: Longest side projected by a dense Gaussian matrix; longer sides use a CountSketch.
 DENSE_SIDE_MAX = 4096
@@ -159,6 +159,25 @@ def sketch_width(shape: tuple, k: int) -> int:
     return min(shape[0], k) * min(math.prod(shape[1:]), k)
 
 
+def block_is_cheaper(steps: int, inputs: int, outputs: int, k_in: int, k_out: int) -> bool:
+    """Whether materialising an ``O × I`` weight's per-example gradient, then projecting it, beats
+    projecting the factors (multiply-adds per example; ``steps`` rows per example).
+
+    Projecting the factors: ``T·(I·k_in + O·k_out + k_out·k_in)`` (no ``O·k_out`` term when the
+    output side is kept). Materialising: ``T·O·I`` and the projection of the ``O × I`` block.
+    LeNet's first convolution (``I`` = 75, ``O`` = 6, ``T`` = 784) is cheaper materialised;
+    an MLP layer (``T`` = 1) never is.
+
+    >>> block_is_cheaper(784, 75, 6, 16, 6), block_is_cheaper(1, 256, 256, 16, 16)
+    (True, False)
+    """
+    out_cost = 0 if k_out == outputs else outputs * k_out
+    factored = steps * (inputs * k_in + out_cost + k_out * k_in)
+    in_cost = 0 if k_in == inputs else outputs * inputs * k_in
+    materialised = steps * outputs * inputs + in_cost + (0 if k_out == outputs else k_in * outputs * k_out)
+    return materialised < factored
+
+
 class Sketcher:
     """Turns layer factors into ``(B, D)`` sketch rows for a fixed ``k`` and ``seed``.
 
@@ -223,6 +242,8 @@ class Sketcher:
         if _form(shape, self.k) == "exact":
             return factor._weight_block()
         rows, cols = self.project(factor.weight, shape, "rows", device), self.project(factor.weight, shape, "cols", device)
+        if block_is_cheaper(factor.d.shape[1], cols.size, rows.size, cols.width, rows.width):
+            return self.block(factor.weight, shape, factor._weight_block())
         out_side = rows.apply(factor.d)  # (B, T, ko)
         in_side = self._conv_inputs(factor, cols) if isinstance(factor, ConvFactors) else cols.apply(factor.a)
         if out_side.shape[1] == 1:
