@@ -1,6 +1,7 @@
 """Sketched ghost rows: unbiased per layer type, exact when k covers every side, deterministic."""
 
 import functools
+import itertools
 import warnings
 
 import pytest
@@ -271,3 +272,55 @@ def test_argument_errors():
         GhostGrads(model, sketch=2.5)
     with pytest.raises(ValueError, match=r"GhostGrads\(model, sketch=k\)"):
         GhostGrads(model).collect_sketch()
+
+
+def test_sketched_grab_resumes_bit_exact_mid_epoch():
+    n, batch = 24, 4
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 12), torch.randint(0, 3, (n,))
+
+    def make():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def run(model, sampler, epochs, start_epoch=0, stop=None):
+        """Train; with ``stop=(epoch, batch)`` return the sampler and model state before that batch."""
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)  # the current epoch: keeps a resumed position
+            indices = iter(sampler)  # drawn batch by batch, as a DataLoader without prefetch does
+            while True:
+                if stop == (epoch, sampler.steps_position // batch):  # at a step boundary, nothing drawn
+                    return sampler.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+                idx = list(itertools.islice(indices, batch))
+                if not idx:
+                    break
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                sampler.step()
+                optimizer.step()
+        return sampler.state_dict(), None
+
+    model = make()
+    full_state, _ = run(model, GraBSampler(n, seed=4).attach(model, sketch=3), epochs=3)
+    model = make()
+    saved, weights = run(model, GraBSampler(n, seed=4).attach(model, sketch=3), epochs=3, stop=(1, 2))
+    state = torch.load(_round_trip(saved), weights_only=True)
+    resumed_model = make()
+    resumed_model.load_state_dict(weights)
+    sampler = GraBSampler(n, seed=4).attach(resumed_model, sketch=3)
+    sampler.load_state_dict(state)
+    resumed_state, _ = run(resumed_model, sampler, epochs=3, start_epoch=1)
+    assert torch.equal(resumed_state["order"], full_state["order"])
+    assert torch.equal(resumed_state["buckets"], full_state["buckets"])
+    for name, value in full_state["tensors"].items():
+        assert torch.equal(resumed_state["tensors"][name], value), name
+
+
+def _round_trip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

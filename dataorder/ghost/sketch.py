@@ -244,20 +244,31 @@ class Sketcher:
         rows, cols = self.project(factor.weight, shape, "rows", device), self.project(factor.weight, shape, "cols", device)
         if block_is_cheaper(factor.d.shape[1], cols.size, rows.size, cols.width, rows.width):
             return self.block(factor.weight, shape, factor._weight_block())
+        if isinstance(factor, ConvFactors):
+            return self._conv_weight(factor, rows, cols)
         out_side = rows.apply(factor.d)  # (B, T, ko)
-        in_side = self._conv_inputs(factor, cols) if isinstance(factor, ConvFactors) else cols.apply(factor.a)
+        in_side = cols.apply(factor.a)  # (B, T, ki)
         if out_side.shape[1] == 1:
             return (out_side[:, 0, :, None] * in_side[:, 0, None, :]).reshape(batch, -1)
         return torch.bmm(out_side.transpose(1, 2), in_side).reshape(batch, -1)
 
-    def _conv_inputs(self, factor: ConvFactors, cols: Projection) -> Tensor:
-        """``(B, L, k_in)``: the projected patches, as a convolution with ``k_in`` output channels."""
+    def _conv_weight(self, factor: ConvFactors, rows: Projection, cols: Projection) -> Tensor:
+        """``sum_l (R_out δ_l)(R_in p_l)^T`` with channels-first tensors throughout (no transposed copies).
+
+        The projected patches ``R_in p_l`` are a convolution of the input with ``k_in``
+        output channels whose kernel is ``R_in``; the projected output gradient is one
+        ``(k_out, O) @ (O, L)`` product per example.
+        """
+        batch = len(factor.x)
+        delta = factor.delta.flatten(2)  # (B, O, L)
+        out_side = delta if rows.identity else torch.matmul(rows.dense(), delta)  # (B, ko, L)
         if cols.identity:
-            return factor.a
-        kernel, dilation, padding, stride = factor.geometry
-        weight = cols.dense().reshape(cols.width, factor.x.shape[1], *kernel)
-        projected = F.conv2d(factor.x, weight, stride=stride, padding=padding, dilation=dilation)
-        return projected.flatten(2).transpose(1, 2)
+            in_side = factor.a.transpose(1, 2)  # (B, I, L) patches
+        else:
+            kernel, dilation, padding, stride = factor.geometry
+            weight = cols.dense().reshape(cols.width, factor.x.shape[1], *kernel)
+            in_side = F.conv2d(factor.x, weight, stride=stride, padding=padding, dilation=dilation).flatten(2)
+        return torch.bmm(out_side, in_side.transpose(1, 2)).reshape(batch, -1)
 
     def _embedding(self, factor: EmbeddingFactors, shape: tuple) -> Tensor:
         batch, device = len(factor.idx), factor.d.device
