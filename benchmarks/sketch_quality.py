@@ -75,7 +75,7 @@ def discrepancy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--ks", type=int, nargs="*", default=[4, 8, 16, 32])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=1)
