@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "QMCAugment": "dataorder.samplers.qmc",
     # gradients, schedules, scores
     "PerExampleGrads": "dataorder.grads",
+    "register_ghost_rule": "dataorder.ghost.rules", "UnsupportedLayerError": "dataorder.ghost.errors",
     "Schedule": "dataorder.schedules",
     "Forgetting": "dataorder.scores.dynamics",
     "AUM": "dataorder.scores.dynamics",

@@ -171,10 +171,20 @@ def test_param_selection_and_errors():
         GhostGrads(model, params=["nope"])
     with pytest.raises(ValueError, match="no trainable"):
         GhostGrads(model, params=lambda name, p: False)
-    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
-    tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match="tied"):
-        GhostGrads(tied)
+
+
+def test_tied_linear_weights_are_the_exact_sum_of_both_uses(ghost_form):
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    reference = per_example_grads(tied, x, y)
+    batch = captured(tied, x, y)
+    assert batch.names == [name for name, _ in tied.named_parameters()]
+    assert torch.allclose(batch.materialize(), reference, atol=1e-6)
+    assert torch.allclose(batch.gram(), reference @ reference.T, atol=1e-5)
+    weights = torch.randn(2, 6)
+    assert torch.allclose(batch.weighted_sums(weights), weights @ reference, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["linear2d", "linear3d_long_T", "conv2d", "transformer"])
@@ -190,7 +200,7 @@ def test_select_weighted_sums_and_flat_layout(case, ghost_form):
     assert torch.equal(batch.flatten(batch.unflatten(flat), 2), flat)
 
 
-def test_input_without_the_batch_dimension_is_a_clear_error():
+def test_input_without_the_batch_dimension_is_left_out_with_a_warning():
     class Positions(nn.Module):
         def __init__(self):
             super().__init__()
@@ -204,8 +214,12 @@ def test_input_without_the_batch_dimension_is_a_clear_error():
     ghost = GhostGrads(model)
     tokens, y = torch.randint(0, 9, (5, 3)), torch.randint(0, 2, (5,))
     ce(model(tokens), y).backward()
-    with pytest.raises(ValueError, match="without the batch"):
-        ghost.collect()
+    with pytest.warns(UserWarning, match="Embedding 'pos' .* shared by the whole batch"):
+        [batch] = ghost.collect()
+    assert batch.names == ["tok.weight", "head.weight", "head.bias"]
+    reference = per_example_grads(model, tokens, y)
+    kept = torch.cat([reference[:, :9 * 4], reference[:, (9 + 3) * 4:]], dim=1)
+    assert torch.allclose(batch.materialize(), kept, atol=1e-6)
 
 
 def test_wrong_widths_and_weight_shapes_are_clear_errors():
@@ -217,3 +231,25 @@ def test_wrong_widths_and_weight_shapes_are_clear_errors():
     with pytest.raises(ValueError, match=r"weights must be \(N, B\) = \(2, 7\)"):
         batch.add_weighted_(targets, torch.ones(2, 6))
     assert torch.equal(targets, torch.zeros(2, batch.dim))  # nothing was written
+
+
+def test_parameter_registered_on_a_module_and_its_child_counts_once():
+    class Head(nn.Module):  # HF's BertLMPredictionHead: self.bias is also decoder.bias
+        def __init__(self):
+            super().__init__()
+            self.decoder = nn.Linear(4, 3)
+            self.bias = self.decoder.bias
+
+        def forward(self, x):
+            return self.decoder(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), Head())
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    ghost = GhostGrads(model)
+    assert ghost.tied == set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Head itself is no use of the bias: no fallback for it
+        ce(model(x), y).backward()
+    [batch] = ghost.collect()
+    assert torch.allclose(batch.materialize(), per_example_grads(model, x, y), atol=1e-6)

@@ -11,15 +11,23 @@ layer's inputs have many rows per example (long sequences, convolution patches),
 materialises its own ``B`` per-example gradients instead, if that is cheaper
 (:func:`dataorder.ghost.factors.prefer_dense`).
 
+With ``GhostGrads(model, sketch=k)`` the same captured factors give instead a Kronecker
+sketch of each weight's per-example gradient (at most ``k × k`` values per weight, unbiased
+inner products) as dense rows, at the cost of projecting the factors
+(:mod:`~dataorder.ghost.sketch`).
+
 The package is split by job: :mod:`~dataorder.ghost.factors` holds the per-layer kernels,
-:mod:`~dataorder.ghost.batch` the batch they answer for, :mod:`~dataorder.ghost.capture`
+:mod:`~dataorder.ghost.rules` the per-module rules that build them (and
+:func:`register_ghost_rule`), :mod:`~dataorder.ghost.sketch` the sketches,
+:mod:`~dataorder.ghost.batch` the batch the kernels answer for, :mod:`~dataorder.ghost.capture`
 the hooks.
 
 Supported exactly: ``nn.Linear`` (any number of leading dims), ``nn.Conv1d``/``nn.Conv2d``
 (``groups=1``, numeric padding, zero padding mode), ``nn.Embedding`` (dense),
-``nn.LayerNorm`` and ``nn.GroupNorm`` affine parameters, and biases. Any other module with
-parameters of its own falls back to ``torch.func`` per-example gradients for that module
-only (materialised, ``B × d_module``), with a one-time warning that names it.
+``nn.LayerNorm`` and ``nn.GroupNorm`` affine parameters, biases, transformers' ``Conv1D``,
+and tied weights. Any other module with parameters of its own falls back to ``torch.func``
+per-example gradients for that module only (materialised, ``B × d_module``), with a
+one-time warning that names it; :func:`register_ghost_rule` adds an exact rule.
 
 Example::
 
@@ -38,5 +46,7 @@ Example::
 
 from dataorder.ghost.batch import GhostBatch
 from dataorder.ghost.capture import GhostGrads
+from dataorder.ghost.errors import UnsupportedLayerError
+from dataorder.ghost.rules import register_ghost_rule
 
-__all__ = ["GhostBatch", "GhostGrads"]
+__all__ = ["GhostBatch", "GhostGrads", "UnsupportedLayerError", "register_ghost_rule"]

@@ -2,101 +2,21 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from collections.abc import Callable
 
 import torch
-from torch import nn
-from torch.nn import functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from dataorder.ghost.batch import GhostBatch
-from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors, LinearFactors
+from dataorder.ghost.errors import UnsupportedLayerError, check_no_batch_statistics
+from dataorder.ghost.factors import DenseFactors, EmbeddingFactors, LinearFactors
+from dataorder.ghost.rules import fallback_rule, rule_for
+from dataorder.ghost.sketch import Sketcher
+from dataorder.ghost.tied import TiedFactors
 
 __all__ = ["GhostGrads"]
-
-
-# -- turning one captured call into factors ----------------------------------------------------
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, ..., F) -> (B, T, F) with T the product of the middle dims (1 for 2-D input)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-def _linear_factors(module: nn.Linear, names: dict[str, str], inputs, delta) -> LinearFactors:
-    return LinearFactors(names.get("weight"), names.get("bias"), _as_rows(inputs[0]), _as_rows(delta),
-                         module.weight.shape)
-
-
-def _conv_factors(module: nn.Module, names: dict[str, str], inputs, delta) -> ConvFactors:
-    x = inputs[0]
-    if isinstance(module, nn.Conv1d):  # treat as a 1×k 2-D convolution
-        x, delta = x.unsqueeze(2), delta.unsqueeze(2)
-        kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
-        padding, stride = (0, *module.padding), (1, *module.stride)
-    else:
-        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
-    return ConvFactors(names.get("weight"), names.get("bias"), x, delta, module.weight.shape,
-                       (kernel, dilation, padding, stride))
-
-
-def _embedding_factors(module: nn.Embedding, names, inputs, delta) -> EmbeddingFactors:
-    idx = inputs[0].reshape(inputs[0].shape[0], -1)
-    d = delta.reshape(idx.shape[0], idx.shape[1], -1)
-    if module.padding_idx is not None:
-        d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
-    return EmbeddingFactors(names["weight"], idx, d, module.num_embeddings)
-
-
-def _norm_factors(module: nn.Module, names, inputs, delta) -> DenseFactors:
-    x = inputs[0]
-    if isinstance(module, nn.LayerNorm):
-        normalized = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        reduce_dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
-    else:  # GroupNorm: affine parameters per channel (dim 1)
-        normalized = F.group_norm(x, module.num_groups, None, None, module.eps)
-        normalized, delta = normalized.movedim(1, -1), delta.movedim(1, -1)
-        reduce_dims = tuple(range(1, x.dim() - 1))
-    grads = {}
-    if "weight" in names:
-        grads[names["weight"]] = (normalized * delta).sum(dim=reduce_dims) if reduce_dims else normalized * delta
-    if "bias" in names:
-        grads[names["bias"]] = delta.sum(dim=reduce_dims) if reduce_dims else delta
-    return DenseFactors(grads)
-
-
-def _fallback_factors(module: nn.Module, names: dict[str, str], inputs, delta) -> DenseFactors:
-    """Per-example gradients of this module's own parameters by torch.func (vmap over grad)."""
-    from torch.func import functional_call, grad, vmap
-
-    params = {local: p.detach() for local, p in module.named_parameters(recurse=False) if local in names}
-    frozen = {local: p.detach() for local, p in module.named_parameters(recurse=False) if local not in names}
-    buffers = {local: b for local, b in module.named_buffers(recurse=False)}
-
-    def contribution(p, x, d):
-        out = functional_call(module, {**p, **frozen, **buffers}, tuple(t.unsqueeze(0) for t in x))
-        return (out * d.unsqueeze(0)).sum()
-
-    per_example = vmap(grad(contribution), in_dims=(None, 0, 0))(params, tuple(inputs), delta)
-    return DenseFactors({names[local]: g for local, g in per_example.items()})
-
-
-_EXACT: dict[type, Callable] = {
-    nn.Linear: _linear_factors,
-    nn.Conv1d: _conv_factors,
-    nn.Conv2d: _conv_factors,
-    nn.Embedding: _embedding_factors,
-    nn.LayerNorm: _norm_factors,
-    nn.GroupNorm: _norm_factors,
-}
-
-
-def _exact_rule(module: nn.Module) -> Callable | None:
-    rule = _EXACT.get(type(module))
-    if rule is _conv_factors and (module.groups != 1 or isinstance(module.padding, str)
-                                  or module.padding_mode != "zeros"):
-        return None
-    if rule is _embedding_factors and (module.sparse or module.max_norm is not None or module.scale_grad_by_freq):
-        return None
-    return rule
 
 
 class GhostGrads:
@@ -106,7 +26,9 @@ class GhostGrads:
     on its output records the output gradient during ``loss.backward()``. :meth:`collect`
     turns the records into one :class:`GhostBatch` per forward of ``model`` that was
     followed by a backward (one per micro-batch under gradient accumulation), in order,
-    and clears them.
+    and clears them. With ``sketch=k``, :meth:`collect_sketch` gives instead each batch's
+    per-example Kronecker sketches (at most ``k × k`` values per weight,
+    :mod:`dataorder.ghost.sketch`) as a dense ``(B, D)`` tensor.
 
     The loss is assumed mean-reduced over the batch: captured output gradients are
     multiplied by the batch size to give per-example gradients. Any other constant factor
@@ -114,6 +36,14 @@ class GhostGrads:
 
     ``params`` selects parameters like :class:`~dataorder.grads.PerExampleGrads`: ``None``
     (all trainable), a list of names, or a predicate ``(name, param) -> bool``.
+
+    Tied weights (one parameter used by several modules, e.g. GPT-2's token embedding and
+    output head) get the sum of their uses' gradients: exact on :meth:`collect` (which then
+    holds ``B × |param|`` values for that parameter), a sum of sketches on
+    :meth:`collect_sketch`. A module whose input is shared by the whole batch (positions of
+    shape ``(1, T)``, or ``arange(T)`` made inside ``forward``) has no per-example gradient
+    at its hooks: its parameters are left out, with a one-time warning naming it.
+    BatchNorm using batch statistics is refused (:class:`~dataorder.ghost.UnsupportedLayerError`).
 
     Example::
 
@@ -123,57 +53,70 @@ class GhostGrads:
         >>> [batch] = ghost.collect(); batch.gram().shape
         torch.Size([4, 4])
         >>> ghost.remove()
+        >>> sketched = GhostGrads(nn.Linear(100, 50), sketch=8)
+        >>> sketched.model(torch.randn(4, 100)).pow(2).mean().backward()
+        >>> [rows] = sketched.collect_sketch(); rows.shape    # 8 × 8 weight values + 50 bias values
+        torch.Size([4, 114])
     """
 
-    def __init__(self, model: nn.Module, *, params=None) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, *, params=None, sketch: int | None = None, seed: int = 0) -> None:
+        self.sketch = _check_sketch(sketch)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_no_batch_statistics(model)
         selected = _select(model, params)
         if not selected:
             raise ValueError("params selects no trainable parameter of the model")
-        self.names = [name for name, _ in model.named_parameters() if name in selected]
-        self.shapes = {name: p.shape for name, p in model.named_parameters() if name in selected}
+        self.model, self.seed = model, int(seed)
+        named = dict(model.named_parameters())  # one name per tensor: the first module that owns it
+        self.names = [name for name in named if name in selected]
+        self.shapes = {name: named[name].shape for name in self.names}
+        self._sketcher = Sketcher(self.sketch, self.seed) if self.sketch is not None else None
+        owners = _direct_owners(model, {id(p): name for name, p in named.items() if name in selected})
         self._forward_count = 0
-        self._batch_sizes: dict[int, int | None] = {}  # forward -> batch size of the model's input
+        self._batch_sizes: dict[int, tuple[int | None, int]] = {}  # forward -> (batch size, input rank)
         self._records: list[_Record] = []
         self._warned: set[str] = set()
-        self._handles = [model.register_forward_pre_hook(self._count_forward)]
-        owners: dict[int, str] = {}
+        self._excluded: set[str] = set()  # modules left out: their input is shared by the batch
+        self._batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+        self._handles = [model.register_forward_pre_hook(self._count_forward, with_kwargs=True)]
         for module_name, module in model.named_modules():
-            names = {}
-            for local, param in module.named_parameters(recurse=False):
-                full = f"{module_name}.{local}" if module_name else local
-                if id(param) in owners and param.requires_grad:
-                    raise ValueError(f"parameter {full} is the same tensor as {owners[id(param)]}: ghost "
-                                     "balancing does not support tied weights; use the materialised path")
-                owners[id(param)] = full
-                if full in selected:
-                    names[local] = full
+            names = owners.get(module_name, {})
             if names:
                 self._handles.append(module.register_forward_hook(self._make_hook(module_name, names)))
+        uses = [full for names in owners.values() for full in names.values()]
+        self.tied = {name for name in uses if uses.count(name) > 1}  # used by several modules
 
-    def _count_forward(self, module, inputs) -> None:
+    def _count_forward(self, module, args, kwargs) -> None:
+        if any(m.training for m in self._batch_norms):
+            check_no_batch_statistics(self.model)  # switched to train mode after construction
         self._forward_count += 1
-        first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
-        self._batch_sizes[self._forward_count] = None if first is None or first.dim() == 0 else first.shape[0]
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+        size = None if first is None or first.dim() == 0 else first.shape[0]
+        self._batch_sizes[self._forward_count] = (size, 0 if first is None else first.dim())
 
     def _make_hook(self, module_name: str, names: dict[str, str]):
         def hook(module, inputs, output):
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
                 return
             if _inside_functorch(output):
                 return  # a torch.func transform (e.g. PerExampleGrads) is running the model
-            if _exact_rule(module) is None and module_name not in self._warned:
+            tensors = tuple(t.detach() for t in inputs if isinstance(t, Tensor))
+            if not tensors:
+                raise UnsupportedLayerError(f"{type(module).__name__} '{module_name}' was called without a "
+                                            "positional tensor input: the ghost hooks cannot see its input; "
+                                            "pass it positionally or leave its parameters out with params=")
+            if rule_for(module) is None and module_name not in self._warned:
                 self._warned.add(module_name)
                 warnings.warn(f"ghost balancing has no exact rule for {type(module).__name__} "
-                              f"('{module_name}'): using torch.func per-example gradients for this module only",
-                              stacklevel=2)
-            record = _Record(self._forward_count, module, names,
-                             tuple(t.detach() for t in inputs if isinstance(t, torch.Tensor)), output)
+                              f"('{module_name}'): using torch.func per-example gradients for this module only "
+                              "(dataorder.register_ghost_rule adds one)", stacklevel=2)
+            record = _Record(self._forward_count, module_name, module, names, tensors, output)
             self._records.append(record)
             output.register_hook(record.add_grad)
         return hook
 
-    def pending_outputs(self) -> list[torch.Tensor]:
+    def pending_outputs(self) -> list[Tensor]:
         """Outputs of the recorded module calls still waiting for their gradient.
 
         ``torch.autograd.grad(loss, ghost.pending_outputs())`` fills the records without
@@ -184,6 +127,37 @@ class GhostGrads:
 
     def collect(self) -> list[GhostBatch]:
         """One :class:`GhostBatch` per model forward followed by a backward; clears the records."""
+        out = []
+        for batch_size, factors, names in self._groups():
+            shapes = {name: self.shapes[name] for name in names}
+            out.append(GhostBatch(factors, names, batch_size, shapes, scale=batch_size))
+        return out
+
+    def collect_sketch(self) -> list[Tensor]:
+        """Per-example sketch rows: one float32 ``(B_i, D)`` tensor per batch :meth:`collect` would give.
+
+        ``D`` is the sum over the balanced parameters, in ``names`` order, of at most
+        ``k × k`` values each (:func:`~dataorder.ghost.sketch.sketch_width`); with ``k`` at
+        least every side of every weight the rows are the exact per-example gradients.
+        Clears the records.
+
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> ghost = GhostGrads(model, sketch=4)
+        >>> model(torch.randn(5, 3)).square().mean().backward()
+        >>> [rows] = ghost.collect_sketch()
+        >>> [exact] = (ghost.model(torch.randn(5, 3)).square().mean().backward(), ghost.collect())[1]
+        >>> rows.shape[1] == exact.dim    # k = 4 covers every side: nothing is projected
+        True
+        """
+        if self._sketcher is None:
+            raise ValueError("collect_sketch() needs a sketch size: construct GhostGrads(model, sketch=k)")
+        out = []
+        for batch_size, factors, names in self._groups():
+            out.append(self._sketcher.rows(factors, self.shapes, names).mul_(batch_size))
+        return out
+
+    def _groups(self):
+        """``(batch size, factors, balanced names)`` per captured forward with a backward; clears the records."""
         records, self._records = self._records, []
         sizes, self._batch_sizes = self._batch_sizes, {}
         groups: dict[int, list[_Record]] = {}
@@ -191,29 +165,49 @@ class GhostGrads:
             record.output = None
             if record.grad is not None:  # a forward with no backward (e.g. evaluation) is skipped
                 groups.setdefault(record.forward, []).append(record)
-        return [self._batch(group, sizes.get(forward)) for forward, group in sorted(groups.items())]
+        out = []
+        for forward, group in sorted(groups.items()):
+            batch_size, rank = sizes.get(forward, (None, 0))
+            out.append(self._factors(group, batch_size or group[0].inputs[0].shape[0], rank))
+        return out
 
-    def _batch(self, group: list[_Record], batch_size: int | None) -> GhostBatch:
-        batch_size = batch_size or group[0].inputs[0].shape[0]
-        by_module: dict[int, list] = {}
+    def _factors(self, group: list[_Record], batch_size: int, input_rank: int):
         for record in group:
-            if record.inputs[0].dim() == 0 or record.inputs[0].shape[0] != batch_size:
-                raise ValueError(
-                    f"{type(record.module).__name__} got an input of shape {tuple(record.inputs[0].shape)} "
-                    f"without the batch ({batch_size}) as dim 0, e.g. positions arange(T) shared by every "
-                    "example: its per-example gradients cannot be separated. Expand the input to (B, ...), "
-                    "or pass per-example gradients to step(grads)")
-            delta = record.grad.float()  # per-example scale (batch_size) is applied by GhostBatch
-            floats = tuple(t.float() if t.is_floating_point() else t for t in record.inputs)
-            rule = _exact_rule(record.module) or _fallback_factors
-            by_module.setdefault(id(record.module), []).append(rule(record.module, record.names, floats, delta))
-        factors = [_merge_calls(calls) for calls in by_module.values()]
+            if record.module_name not in self._excluded and _shares_input(record, batch_size, input_rank):
+                self._excluded.add(record.module_name)
+                warnings.warn(
+                    f"{type(record.module).__name__} '{record.module_name}' got an input of shape "
+                    f"{tuple(record.inputs[0].shape)} shared by the whole batch (of {batch_size}), e.g. positions: "
+                    "it has no per-example gradient, so its parameters are left out of the balance", stacklevel=3)
+        left_out = {name for record in group if record.module_name in self._excluded
+                    for name in record.names.values()}
+        by_call: dict[tuple, list] = {}  # (module, parameters, part of the rule's output) -> one per call
+        for record in group:
+            if record.module_name in self._excluded:
+                continue
+            names = {local: full for local, full in record.names.items() if full not in left_out}
+            for subset in _split_tied(names, self.tied):
+                for part, made in enumerate(_apply_rule(record, subset)):
+                    key = (id(record.module), tuple(sorted(subset.values())), part)
+                    by_call.setdefault(key, []).append(made)
+        factors, tied_uses = [], {}
+        for (_, key_names, _), calls in by_call.items():
+            merged = _merge_calls(calls)
+            if len(key_names) == 1 and key_names[0] in self.tied:
+                tied_uses.setdefault(key_names[0], []).append(merged)
+            else:
+                factors.append(merged)
+        factors += [uses[0] if len(uses) == 1 else TiedFactors(name, uses) for name, uses in tied_uses.items()]
+        names = [name for name in self.names if name not in left_out]
         covered = {name for record in group for name in record.names.values()}
-        missing = [name for name in self.names if name not in covered]
+        missing = [name for name in names if name not in covered]
         if missing:
             raise RuntimeError(f"no gradient was captured for {missing}: was every selected parameter used "
                                "in the forward pass?")
-        return GhostBatch(factors, self.names, batch_size, self.shapes, scale=batch_size)
+        if not names:
+            raise ValueError("every selected parameter belongs to a module whose input is shared by the batch: "
+                             "nothing is left to balance; select other parameters with params=")
+        return batch_size, factors, names
 
     def remove(self) -> None:
         """Remove the hooks from the model."""
@@ -222,7 +216,70 @@ class GhostGrads:
         self._handles, self._records = [], []
 
 
-def _inside_functorch(tensor: torch.Tensor) -> bool:
+def _direct_owners(model: nn.Module, selected: dict[int, str]) -> dict[str, dict[str, str]]:
+    """``module name -> {local name: full name}`` of the selected parameters each module uses itself.
+
+    A parameter registered on a module and on one of its descendants (HF's
+    ``BertLMPredictionHead.bias``, also ``decoder.bias``) is used by the descendant: the
+    ancestor's registration is not a second use.
+    """
+    registered: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            if id(p) in selected:
+                registered.setdefault(id(p), []).append((module_name, local))
+    owners: dict[str, dict[str, str]] = {}
+    for key, places in registered.items():
+        modules = [name for name, _ in places]
+        for module_name, local in places:
+            prefix = f"{module_name}." if module_name else ""
+            if not any(other != module_name and other.startswith(prefix) for other in modules):
+                owners.setdefault(module_name, {})[local] = selected[key]
+    return owners
+
+
+def _check_sketch(sketch) -> int | None:
+    if sketch is None:
+        return None
+    if isinstance(sketch, bool) or not isinstance(sketch, numbers.Integral):
+        raise TypeError(f"sketch must be None (exact) or a positive int k (values per side), got {sketch!r}")
+    if sketch < 1:
+        raise ValueError(f"sketch must be a positive int k (values per side), got {sketch}")
+    return int(sketch)
+
+
+def _shares_input(record: _Record, batch_size: int, input_rank: int) -> bool:
+    """Whether the module's input is one tensor for the whole batch rather than one slice per example.
+
+    Detected: a leading dim other than the batch size (``(1, T)`` positions, ``arange(T)``
+    with ``T != B``), and an embedding indexed by a 1-D ``arange`` while the model's input has
+    a batch and a sequence dim (``arange(T)`` with ``T == B``). Not detectable from shapes: a
+    shared tensor of exactly the batch's shape, e.g. ``arange(B)`` fed to a ``Linear``.
+    """
+    x = record.inputs[0]
+    if x.dim() == 0 or x.shape[0] != batch_size:
+        return True
+    if isinstance(record.module, nn.Embedding) and x.dim() == 1 and input_rank >= 2 and batch_size > 1:
+        return bool(torch.equal(x, torch.arange(len(x), device=x.device, dtype=x.dtype)))
+    return False
+
+
+def _split_tied(names: dict[str, str], tied: set[str]) -> list[dict[str, str]]:
+    """The module's parameters as the rule is asked for them: each tied one alone, the rest together."""
+    rest = {local: full for local, full in names.items() if full not in tied}
+    alone = [{local: full} for local, full in names.items() if full in tied]
+    return ([rest] if rest else []) + alone
+
+
+def _apply_rule(record: _Record, names: dict[str, str]) -> list:
+    delta = record.grad.float()  # per-example scale (the batch size) is applied by the consumer
+    floats = tuple(t.float() if t.is_floating_point() else t for t in record.inputs)
+    rule = rule_for(record.module) or fallback_rule
+    made = rule(record.module, names, floats, delta)
+    return list(made) if isinstance(made, (list, tuple)) else [made]
+
+
+def _inside_functorch(tensor: Tensor) -> bool:
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(check and check(tensor))
 
@@ -230,17 +287,18 @@ def _inside_functorch(tensor: torch.Tensor) -> bool:
 class _Record:
     """One forward call of one module: its inputs and (after backward) its output gradient."""
 
-    def __init__(self, forward: int, module: nn.Module, names: dict[str, str], inputs: tuple,
-                 output: torch.Tensor) -> None:
-        self.forward, self.module, self.names, self.inputs, self.output = forward, module, names, inputs, output
-        self.grad: torch.Tensor | None = None
+    def __init__(self, forward: int, module_name: str, module: nn.Module, names: dict[str, str], inputs: tuple,
+                 output: Tensor) -> None:
+        self.forward, self.module_name, self.module, self.names = forward, module_name, module, names
+        self.inputs, self.output = inputs, output
+        self.grad: Tensor | None = None
 
-    def add_grad(self, grad: torch.Tensor) -> None:
+    def add_grad(self, grad: Tensor) -> None:
         self.grad = grad.detach() if self.grad is None else self.grad + grad.detach()
 
 
 def _merge_calls(calls: list):
-    """Factors of a module called several times in one forward: its gradient is the sum."""
+    """Factors of one rule output over several calls in one forward: its gradient is the sum."""
     if len(calls) == 1:
         return calls[0]
     first = calls[0]
@@ -250,7 +308,9 @@ def _merge_calls(calls: list):
     if isinstance(first, EmbeddingFactors):
         return EmbeddingFactors(first.weight, torch.cat([c.idx for c in calls], dim=1),
                                 torch.cat([c.d for c in calls], dim=1), first.num_embeddings)
-    return DenseFactors({name: sum(c.grads[name] for c in calls) for name in first.grads})
+    if isinstance(first, DenseFactors):
+        return DenseFactors({name: sum(c.grads[name] for c in calls) for name in first.grads})
+    return DenseFactors({name: sum(c.materialize()[name] for c in calls) for name in first.materialize()})
 
 
 def _select(model: nn.Module, params) -> set[str]:

@@ -111,14 +111,16 @@ class GraBSampler(GradientOrderSampler):
         self._buckets = np.zeros(0, dtype=np.int16)  # bucket of each stepped position, -1 pending
 
     # -- the ghost path -------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module, *, params: Any = None) -> GraBSampler:
+    def attach(self, model: torch.nn.Module, *, params: Any = None, sketch: int | None = None) -> GraBSampler:
         """Balance from an ordinary ``loss.backward()``: ghost products, no per-example gradients.
 
         Registers hooks on ``model`` (:class:`dataorder.ghost.GhostGrads`); afterwards call
         :meth:`step` with no argument after each backward. Each forward/backward since the
         last ``step()`` is balanced as one micro-batch, in order (gradient accumulation).
         The loss must be mean-reduced over the batch. ``params`` selects parameters as in
-        :class:`~dataorder.grads.PerExampleGrads`. Returns the sampler.
+        :class:`~dataorder.grads.PerExampleGrads`. ``sketch=k`` balances Kronecker sketches of
+        the per-example gradients (at most ``k × k`` values per weight,
+        :meth:`dataorder.ghost.GhostGrads.collect_sketch`) as dense rows. Returns the sampler.
 
         Under ``torch.distributed`` (e.g. ``model`` wrapped in DDP) each ``step()`` all-gathers
         the layers' captured inputs and output gradients and balances the global batch on
@@ -141,7 +143,7 @@ class GraBSampler(GradientOrderSampler):
         if self.sketch_dim is not None:
             raise ValueError("the ghost path never materialises gradients, so it needs no sketch: "
                              "construct the sampler with sketch_dim=None to attach a model")
-        ghost = GhostGrads(model, params=params)
+        ghost = GhostGrads(model, params=params, sketch=sketch, seed=self.seed)
         self.detach()
         self._ghost = ghost
         return self
@@ -164,6 +166,13 @@ class GraBSampler(GradientOrderSampler):
         if getattr(self, "_ghost", None) is None:
             raise ValueError("step() with no gradients needs sampler.attach(model) first; or pass "
                              "per-example gradients, e.g. sampler.step(PerExampleGrads(model, loss_fn)(x, y).grads)")
+        if self._ghost.sketch is not None:  # temporary: sketch rows balanced as dense rows
+            rows = self._ghost.collect_sketch()
+            if not rows:
+                raise ValueError("no backward pass since the last step(): call loss.backward() before sampler.step()")
+            for batch_rows in rows:
+                super().step(batch_rows)
+            return
         batches = self._ghost.collect()
         if not batches:
             raise ValueError("no backward pass since the last step(): call loss.backward() before sampler.step()")

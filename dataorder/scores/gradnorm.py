@@ -4,9 +4,9 @@ The norms are the diagonal of the per-example Gram matrix that
 :class:`dataorder.ghost.GhostGrads` computes from each layer's inputs and output gradients
 (the "ghost norm" identity of DP training: for a linear layer ``‖g_W‖² = ‖a_i‖² ‖δ_i‖²``;
 for sequences, convolutions and embeddings the cheaper of the ghost and the per-example
-form). Layers with no exact rule use ``torch.func`` for that layer only; a model whose
-parameters are tied across layers falls back to :class:`dataorder.grads.PerExampleGrads`.
-Every path is exact and leaves every ``.grad`` untouched.
+form). Layers with no exact rule use ``torch.func`` for that layer only; parameters tied
+across layers get the exact sum of their uses. Every path is exact and leaves every
+``.grad`` untouched.
 
 The model must treat examples independently (BatchNorm in eval mode), as for any
 per-example gradient.
@@ -43,13 +43,7 @@ def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     ``params`` lists parameter names (None: every trainable parameter). The model is used as
     it is (call ``model.eval()`` first for scoring).
     """
-    selection = None if params is None else list(params)
-    try:
-        ghost = GhostGrads(model, params=selection)
-    except ValueError as error:
-        if "tied" not in str(error):
-            raise
-        return _materialised_norms(model, x, y, selection)
+    ghost = GhostGrads(model, params=None if params is None else list(params))
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the torch.func fallback of a layer is exact, only slower
@@ -62,18 +56,3 @@ def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         ghost.remove()
     return norms.clamp_min(0).sqrt().to(logits.dtype), logits.detach()
 
-
-def _materialised_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                        params: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from dataorder.grads import PerExampleGrads
-    from dataorder.scores.functional import grand
-
-    saved = [(p, p.grad) for p in model.parameters()]
-    try:
-        for p, _ in saved:  # PerExampleGrads adds the batch mean into .grad in place
-            p.grad = None
-        out = PerExampleGrads(model, F.cross_entropy, params=params)(x, y)
-        return grand(out), out.outputs
-    finally:
-        for p, grad in saved:
-            p.grad = grad

@@ -1,0 +1,122 @@
+"""Cost of a sketched ghost GraB step against a plain step and the exact ghost step, same run.
+
+Per model, in the same process, timed round-robin (median over ``--repeats`` rounds of
+``--steps`` training steps each):
+
+* ``plain``: ``zero_grad``, forward, ``loss.backward()``, ``optimizer.step()`` on a hook-free
+  copy (what random reshuffling costs);
+* ``exact ghost``: the same with ``GraBSampler(...).attach(model)`` and ``sampler.step()``;
+* ``sketch k``: ``attach(model, sketch=k)`` for each ``k`` of ``--ks``.
+
+Models: the digits MLP (64-256-256-10, B = 64), LeNet on 3×32×32 (B = 64), a 2-layer
+byte-level transformer LM (vocab 256, d128, T = 128, B = ``--seq-batch``) and a small
+ResNet-style CNN (64/128 channels, GroupNorm, 32×32, B = 32); balance ``mean``.
+Targets (issue 12): sketched step ≤ 1.10× plain on the LM and the CNN, ≤ 1.3× on LeNet and the MLP.
+
+    python benchmarks/sketch_overhead.py [--ks 8 16] [--threads 1] [--steps 5] [--repeats 7] [--only LM]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from _common import machine, print_table
+from ghost_models import SmallResNetGN, TinyLM, lm_loss
+from dataorder.models import LeNet, mlp
+from dataorder.samplers.grab import GraBSampler
+
+TARGETS = {"MLP": 1.3, "LeNet": 1.3, "LM": 1.10, "ResNet": 1.10}
+
+
+def workloads(seq_batch: int) -> dict[str, tuple]:
+    """name -> (model, (x, y), loss)."""
+    ce = nn.functional.cross_entropy
+    generator = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 256, (seq_batch, 129), generator=generator)
+    return {
+        "MLP": (mlp(64, 10), (torch.randn(64, 64, generator=generator), torch.randint(0, 10, (64,))), ce),
+        "LeNet": (LeNet(3, 10, size=32), (torch.randn(64, 3, 32, 32, generator=generator),
+                                          torch.randint(0, 10, (64,))), ce),
+        "LM": (TinyLM(vocab=256, seq_len=128), (seq[:, :-1].contiguous(), seq[:, 1:].contiguous()), lm_loss),
+        "ResNet": (SmallResNetGN(64), (torch.randn(32, 3, 32, 32, generator=generator),
+                                       torch.randint(0, 10, (32,))), ce),
+    }
+
+
+def timed_variants(model: nn.Module, batch: tuple, loss_fn: Callable, ks: list[int], steps: int,
+                   positions: int) -> dict[str, Callable]:
+    x, y = batch
+
+    def variant(sketch: int | None, attach: bool) -> Callable:
+        net = copy.deepcopy(model)  # same weights; hooks on one copy never touch another
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        sampler = GraBSampler(positions, balance="mean").attach(net, sketch=sketch) if attach else None
+
+        def run():
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(net(x), y).backward()
+                if sampler is not None:
+                    if sampler.steps_position + len(x) > positions:
+                        sampler.set_epoch(sampler.epoch + 1)
+                    sampler.step()
+                opt.step()
+        if sampler is not None:
+            sampler.set_epoch(0)
+        return run
+
+    out = {"plain": variant(None, False), "exact ghost": variant(None, True)}
+    out.update({f"sketch k={k}": variant(k, True) for k in ks})
+    return out
+
+
+def interleaved(variants: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each variant, timed round-robin so that load drifts hit all alike."""
+    for run in variants.values():  # warm-up
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--seq-batch", type=int, default=16)
+    parser.add_argument("--only", nargs="+", choices=sorted(TARGETS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"# sketched ghost step vs plain step -- {machine()}")
+    rows = []
+    for name, (model, batch, loss_fn) in workloads(args.seq_batch).items():
+        if args.only and name not in args.only:
+            continue
+        positions = len(batch[0]) * args.steps * (args.repeats + 2)
+        times = interleaved(timed_variants(model, batch, loss_fn, args.ks, args.steps, positions), args.repeats)
+        base = times["plain"]
+        d = sum(p.numel() for p in model.parameters())
+        for variant, seconds in times.items():
+            ratio = seconds / base
+            verdict = "" if variant in ("plain", "exact ghost") else ("meets" if ratio <= TARGETS[name] else "misses")
+            rows.append((name, d, len(batch[0]), variant, f"{1e3 * seconds / args.steps:.2f}", f"{ratio:.2f}",
+                         f"{verdict} ≤{TARGETS[name]}" if verdict else ""))
+    print_table(rows, ("model", "d", "B", "step", "ms/step", "× plain", "target"))
+
+
+if __name__ == "__main__":
+    main()

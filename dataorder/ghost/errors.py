@@ -1,0 +1,35 @@
+"""The ghost path's typed errors, and the one check that refuses layers mixing examples."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["UnsupportedLayerError", "check_no_batch_statistics"]
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer whose per-example gradients the ghost path cannot give (e.g. BatchNorm in train mode).
+
+    A ``ValueError``, so code catching that keeps working; catch this type to tell the case apart.
+
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    >>> try:
+    ...     check_no_batch_statistics(model)
+    ... except UnsupportedLayerError as error:
+    ...     print(str(error).split(":")[0])
+    BatchNorm1d '1' uses batch statistics, which mix examples
+    """
+
+
+def check_no_batch_statistics(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` for a BatchNorm of ``model`` that uses batch statistics.
+
+    >>> check_no_batch_statistics(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).eval())
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+            raise UnsupportedLayerError(
+                f"{type(module).__name__} {name!r} uses batch statistics, which mix examples: per-example "
+                "gradients need BatchNorm in eval mode with running stats (model.eval() or "
+                "module.eval()), or replace it with GroupNorm")

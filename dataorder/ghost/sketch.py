@@ -1,0 +1,279 @@
+"""Kronecker sketches of per-example gradients, built from the captured layer factors.
+
+For a weight used as ``out = a W^T`` the per-example gradient is ``g_j = sum_t d_jt a_jt^T``
+(``O × I``). With seeded random maps ``R_out`` (``k_out × O``) and ``R_in`` (``k_in × I``),
+``E[R^T R] = I``, the sketch
+
+    ``R_out g_j R_in^T = sum_t (R_out d_jt)(R_in a_jt)^T``   (``k_out × k_in``)
+
+has inner products that estimate the true ones without bias, and costs only the projection
+of the factors: ``k_in / O + k_out / I`` of one forward product. A side of size ``≤ k`` is
+kept exact (the identity), and a parameter with at most ``k²`` values is kept exact as a
+whole, so a large enough ``k`` reproduces the exact per-example gradients bit for bit in
+the parameter's own flat layout. A vector parameter (bias, norm affine) with more than
+``k²`` values is projected to ``k²``.
+
+Each projection is a pure function of ``(seed, parameter name, shape, axis)``
+(:func:`projection`): regenerated on demand, identical on every rank, never part of a
+state. A side longer than :data:`DENSE_SIDE_MAX` uses a CountSketch (a seeded hash and sign
+per coordinate, O(n) memory) instead of a Gaussian matrix -- a vocabulary, for instance.
+The input side of an embedding is then the hash of the token id (a CountSketch of the
+one-hot row); of a convolution, a convolution with ``k_in`` output channels.
+
+A tied parameter's sketch is the sum of the sketches of its uses, made with the same maps
+(the map depends on the parameter, not on the module): exact in expectation.
+
+>>> import torch
+>>> from dataorder.ghost.factors import LinearFactors
+>>> a, d = torch.randn(5, 1, 40), torch.randn(5, 1, 30)
+>>> factors = LinearFactors("w", None, a, d, torch.Size([30, 40]))
+>>> rows = Sketcher(k=8, seed=0).rows([factors], {"w": torch.Size([30, 40])})
+>>> rows.shape                                   # 8 × 8 values per example instead of 30 × 40
+torch.Size([5, 64])
+>>> exact = Sketcher(k=40, seed=0).rows([factors], {"w": torch.Size([30, 40])})
+>>> torch.allclose(exact, factors.materialize()["w"].reshape(5, -1))
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors, LinearFactors
+from dataorder.ghost.tied import TiedFactors
+
+__all__ = ["DENSE_SIDE_MAX", "Projection", "Sketcher", "block_is_cheaper", "projection", "sketch_width"]
+
+#: Longest side projected by a dense Gaussian matrix; longer sides use a CountSketch.
+DENSE_SIDE_MAX = 4096
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A seeded linear map ``R: R^size -> R^width`` with ``E[R^T R] = I`` (identity when ``size ≤ width``).
+
+    Exactly one of ``matrix`` (Gaussian, entries ``N(0, 1/width)``) and ``buckets``/``signs``
+    (CountSketch) is set, or neither (identity).
+
+    >>> p = projection(seed=0, name="w", shape=(3, 100), axis="cols", width=4)
+    >>> p.apply(torch.ones(2, 100)).shape, p.columns(torch.tensor([5, 7])).shape
+    (torch.Size([2, 4]), torch.Size([2, 4]))
+    >>> torch.allclose(p.apply(torch.eye(100)).T, p.dense())
+    True
+    """
+
+    size: int
+    width: int
+    matrix: Tensor | None = None  # (width, size)
+    buckets: Tensor | None = None  # (size,) long
+    signs: Tensor | None = None  # (size,) ±1
+
+    @property
+    def identity(self) -> bool:
+        return self.matrix is None and self.buckets is None
+
+    def to(self, device: torch.device) -> Projection:
+        move = (lambda t: None if t is None else t.to(device))
+        return Projection(self.size, self.width, move(self.matrix), move(self.buckets), move(self.signs))
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``(..., size) -> (..., width)``: ``R`` applied to the last dim."""
+        if self.matrix is not None:
+            return x @ self.matrix.T
+        if self.buckets is not None:
+            return x.new_zeros(*x.shape[:-1], self.width).index_add_(-1, self.buckets, x * self.signs)
+        return x
+
+    def columns(self, idx: Tensor) -> Tensor:
+        """``(...) -> (..., width)``: ``R e_i`` for each index ``i`` (the image of a one-hot row)."""
+        if self.matrix is not None:
+            return self.matrix.T[idx]
+        if self.buckets is not None:
+            return F.one_hot(self.buckets[idx], self.width).float() * self.signs[idx].unsqueeze(-1)
+        return F.one_hot(idx, self.size).float()
+
+    def dense(self) -> Tensor:
+        """``(width, size)`` matrix of the map."""
+        if self.matrix is not None:
+            return self.matrix
+        return self.columns(torch.arange(self.size, device=self._device())).T
+
+    def _device(self) -> torch.device:
+        held = self.matrix if self.matrix is not None else self.buckets
+        return held.device if held is not None else torch.device("cpu")
+
+
+def _stream_seed(seed: int, name: str, shape: tuple, axis: str) -> int:
+    digest = hashlib.sha256(f"{int(seed)}|{name}|{tuple(shape)}|{axis}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def projection(*, seed: int, name: str, shape: tuple, axis: str, width: int) -> Projection:
+    """The map for one ``axis`` (``"rows"``, ``"cols"`` or ``"flat"``) of parameter ``name``: a pure function.
+
+    Size of the axis: ``shape[0]`` (rows), ``prod(shape[1:])`` (cols), ``prod(shape)`` (flat).
+    Generated on the CPU from a SHA-256 of the arguments, so every process gets the same.
+
+    >>> a = projection(seed=1, name="w", shape=(64, 8), axis="rows", width=4)
+    >>> b = projection(seed=1, name="w", shape=(64, 8), axis="rows", width=4)
+    >>> torch.equal(a.matrix, b.matrix), projection(seed=1, name="w", shape=(64, 8), axis="cols", width=8).identity
+    (True, True)
+    """
+    shape = tuple(int(s) for s in shape)
+    size = {"rows": shape[0], "cols": math.prod(shape[1:]), "flat": math.prod(shape)}[axis]
+    if size <= width:
+        return Projection(size, size)
+    generator = torch.Generator().manual_seed(_stream_seed(seed, name, shape, axis))
+    if size <= DENSE_SIDE_MAX:
+        return Projection(size, width, matrix=torch.randn(width, size, generator=generator) / math.sqrt(width))
+    buckets = torch.randint(0, width, (size,), generator=generator)
+    signs = torch.randint(0, 2, (size,), generator=generator).float().mul_(2).sub_(1)
+    return Projection(size, width, buckets=buckets, signs=signs)
+
+
+def _form(shape: tuple, k: int) -> str:
+    """How a parameter is sketched: ``exact`` (≤ k² values), ``kron`` (a matrix), ``flat`` (a long vector)."""
+    if math.prod(shape) <= k * k:
+        return "exact"
+    return "kron" if len(shape) >= 2 else "flat"
+
+
+def sketch_width(shape: tuple, k: int) -> int:
+    """Values per example a parameter of ``shape`` contributes to a sketch row.
+
+    >>> sketch_width((30, 40), 8), sketch_width((5, 40), 8), sketch_width((10,), 8), sketch_width((1000,), 8)
+    (64, 40, 10, 64)
+    """
+    form = _form(shape, k)
+    if form == "exact":
+        return math.prod(shape)
+    if form == "flat":
+        return k * k
+    return min(shape[0], k) * min(math.prod(shape[1:]), k)
+
+
+def block_is_cheaper(steps: int, inputs: int, outputs: int, k_in: int, k_out: int) -> bool:
+    """Whether materialising an ``O × I`` weight's per-example gradient, then projecting it, beats
+    projecting the factors (multiply-adds per example; ``steps`` rows per example).
+
+    Projecting the factors: ``T·(I·k_in + O·k_out + k_out·k_in)`` (no ``O·k_out`` term when the
+    output side is kept). Materialising: ``T·O·I`` and the projection of the ``O × I`` block.
+    LeNet's first convolution (``I`` = 75, ``O`` = 6, ``T`` = 784) is cheaper materialised;
+    an MLP layer (``T`` = 1) never is.
+
+    >>> block_is_cheaper(784, 75, 6, 16, 6), block_is_cheaper(1, 256, 256, 16, 16)
+    (True, False)
+    """
+    out_cost = 0 if k_out == outputs else outputs * k_out
+    factored = steps * (inputs * k_in + out_cost + k_out * k_in)
+    in_cost = 0 if k_in == inputs else outputs * inputs * k_in
+    materialised = steps * outputs * inputs + in_cost + (0 if k_out == outputs else k_in * outputs * k_out)
+    return materialised < factored
+
+
+class Sketcher:
+    """Turns layer factors into ``(B, D)`` sketch rows for a fixed ``k`` and ``seed``.
+
+    Caches its projections per device (they are regenerated, never saved). ``D`` is the sum
+    of :func:`sketch_width` over the parameters, in the order given to :meth:`rows`.
+    """
+
+    def __init__(self, k: int, seed: int = 0) -> None:
+        self.k, self.seed = int(k), int(seed)
+        self._cache: dict[tuple, Projection] = {}
+
+    def project(self, name: str, shape: tuple, axis: str, device: torch.device) -> Projection:
+        key = (name, tuple(shape), axis, str(device))
+        if key not in self._cache:
+            width = self.k * self.k if axis == "flat" else self.k
+            self._cache[key] = projection(seed=self.seed, name=name, shape=shape, axis=axis,
+                                          width=width).to(device)
+        return self._cache[key]
+
+    def rows(self, factors: list, shapes: Mapping[str, torch.Size], names: list[str] | None = None) -> Tensor:
+        """``(B, D)`` float32 sketch rows of ``factors`` over ``names`` (default: ``shapes``' order)."""
+        parts: dict[str, Tensor] = {}
+        for factor in factors:
+            for name, block in self.sketch(factor, shapes).items():
+                parts[name] = parts[name] + block if name in parts else block
+        order = list(shapes) if names is None else names
+        return torch.cat([parts[name].reshape(len(parts[name]), -1) for name in order], dim=1)
+
+    # -- one factor object -> {name: (B, width)} -----------------------------------------------
+    def sketch(self, factor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
+        if isinstance(factor, TiedFactors):
+            total = None
+            for use in factor.uses:
+                block = self.sketch(use, shapes)[factor.name]
+                total = block if total is None else total + block
+            return {factor.name: total}
+        if isinstance(factor, LinearFactors):  # ConvFactors too
+            out = {}
+            if factor.weight:
+                out[factor.weight] = self._linear_weight(factor, tuple(shapes[factor.weight]))
+            if factor.bias:
+                out[factor.bias] = self.block(factor.bias, tuple(shapes[factor.bias]), factor._bias_rows())
+            return out
+        if isinstance(factor, EmbeddingFactors):
+            return {factor.weight: self._embedding(factor, tuple(shapes[factor.weight]))}
+        grads = factor.grads if isinstance(factor, DenseFactors) else factor.materialize()
+        return {name: self.block(name, tuple(shapes[name]), g) for name, g in grads.items()}
+
+    def block(self, name: str, shape: tuple, per_example: Tensor) -> Tensor:
+        """Sketch of materialised per-example gradients ``(B, *shape)`` (or ``(B, prod(shape))``)."""
+        batch, form, device = len(per_example), _form(shape, self.k), per_example.device
+        if form == "exact":
+            return per_example.reshape(batch, -1)
+        if form == "flat":
+            return self.project(name, shape, "flat", device).apply(per_example.reshape(batch, -1))
+        rows, cols = self.project(name, shape, "rows", device), self.project(name, shape, "cols", device)
+        matrices = cols.apply(per_example.reshape(batch, shape[0], -1))  # (B, R, kc)
+        return rows.apply(matrices.transpose(1, 2)).transpose(1, 2).reshape(batch, -1)  # (B, kr·kc)
+
+    def _linear_weight(self, factor: LinearFactors, shape: tuple) -> Tensor:
+        batch, device = len(factor.d), factor.d.device
+        if _form(shape, self.k) == "exact":
+            return factor._weight_block()
+        rows, cols = self.project(factor.weight, shape, "rows", device), self.project(factor.weight, shape, "cols", device)
+        if block_is_cheaper(factor.d.shape[1], cols.size, rows.size, cols.width, rows.width):
+            return self.block(factor.weight, shape, factor._weight_block())
+        if isinstance(factor, ConvFactors):
+            return self._conv_weight(factor, rows, cols)
+        out_side = rows.apply(factor.d)  # (B, T, ko)
+        in_side = cols.apply(factor.a)  # (B, T, ki)
+        if out_side.shape[1] == 1:
+            return (out_side[:, 0, :, None] * in_side[:, 0, None, :]).reshape(batch, -1)
+        return torch.bmm(out_side.transpose(1, 2), in_side).reshape(batch, -1)
+
+    def _conv_weight(self, factor: ConvFactors, rows: Projection, cols: Projection) -> Tensor:
+        """``sum_l (R_out δ_l)(R_in p_l)^T`` with channels-first tensors throughout (no transposed copies).
+
+        The projected patches ``R_in p_l`` are a convolution of the input with ``k_in``
+        output channels whose kernel is ``R_in``; the projected output gradient is one
+        ``(k_out, O) @ (O, L)`` product per example.
+        """
+        batch = len(factor.x)
+        delta = factor.delta.flatten(2)  # (B, O, L)
+        out_side = delta if rows.identity else torch.matmul(rows.dense(), delta)  # (B, ko, L)
+        if cols.identity:
+            in_side = factor.a.transpose(1, 2)  # (B, I, L) patches
+        else:
+            kernel, dilation, padding, stride = factor.geometry
+            weight = cols.dense().reshape(cols.width, factor.x.shape[1], *kernel)
+            in_side = F.conv2d(factor.x, weight, stride=stride, padding=padding, dilation=dilation).flatten(2)
+        return torch.bmm(out_side, in_side.transpose(1, 2)).reshape(batch, -1)
+
+    def _embedding(self, factor: EmbeddingFactors, shape: tuple) -> Tensor:
+        batch, device = len(factor.idx), factor.d.device
+        if _form(shape, self.k) == "exact":
+            return factor.blocks()[factor.weight]
+        rows, cols = self.project(factor.weight, shape, "rows", device), self.project(factor.weight, shape, "cols", device)
+        hashed = rows.columns(factor.idx)  # (B, T, kr): R e_token
+        return torch.bmm(hashed.transpose(1, 2), cols.apply(factor.d)).reshape(batch, -1)
