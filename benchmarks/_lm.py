@@ -26,6 +26,7 @@ class Corpus:
     train: dict[str, torch.Tensor]  # domain -> (n, CONTEXT + 1) uint8 windows
     validation: dict[str, torch.Tensor]
     fingerprint: str
+    text: object = None  # the TextCorpus the windows come from
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -48,7 +49,7 @@ def load(validation_per_domain: int = 512, seed: int = 0) -> Corpus:
         held = byte_windows(corpus.select(split="validation", domain=domain), CONTEXT).tokens.to(torch.uint8)
         pick = rng.choice(len(held), size=min(validation_per_domain, len(held)), replace=False)
         validation[domain] = held[np.sort(pick)]
-    return Corpus(train, validation, corpus.fingerprint)
+    return Corpus(train, validation, corpus.fingerprint, corpus)
 
 
 def model(seed: int) -> ByteLM:
