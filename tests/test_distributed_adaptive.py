@@ -10,10 +10,20 @@ CRASH_AT = 7  # global batches trained before the crash
 
 
 def _rank_run(rank, world_size, rule):
-    from samplers.test_adaptive import drive, make
+    from samplers.test_adaptive import drive, losses_at, make, same_state
+
+    import math
 
     sampler = make(rule)
     assert (sampler.rank, sampler.world_size) == (rank, world_size)
+    before = sampler.state_dict()
+    bad = losses_at(0, rank) | ({"prose": math.nan} if rank == 1 else {})
+    try:  # a NaN on one rank is refused on every rank (after the collective, so no rank hangs)
+        sampler.observe(0, bad)
+        refused = False
+    except ValueError:
+        refused = True
+    assert refused and same_state(before, sampler.state_dict())
     full = drive(sampler)  # each rank reports its own losses (losses_at has a rank offset)
     revived = make(rule)
     head = drive(revived, batches=CRASH_AT)

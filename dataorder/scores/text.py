@@ -188,7 +188,8 @@ class TextTask:
     >>> from dataorder.scores.runner import ScoreConfig, score_dataset
     >>> task = TextTask.build(["def f(x):\\n    return x\\n", "a short sentence.\\n"] * 8, context=8)
     >>> config = ScoreConfig(model="lm-tiny", scores=("loss",), runs=1, epochs=1, score_epoch=1)
-    >>> result = score_dataset(task.x, task.y, task.vocab, config, tempfile.mkdtemp(), progress=False, task=task)
+    >>> result = score_dataset(task.x, task.y, task.vocab, config, tempfile.mkdtemp(), progress=False, plot=False,
+    ...                        task=task)
     >>> result.columns
     ['loss']
     """
