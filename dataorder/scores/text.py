@@ -75,7 +75,7 @@ def tokenize(documents: Sequence[str], tokenizer: Callable[[str], Sequence[int]]
     out = []
     for row, text in enumerate(documents):
         if tokenizer is None:
-            ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+            ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         else:
             try:
                 ids = np.asarray(tokenizer(text), dtype=np.int64)
@@ -95,7 +95,11 @@ def tokenize(documents: Sequence[str], tokenizer: Callable[[str], Sequence[int]]
 
 @dataclass(frozen=True)
 class Windows:
-    """``tokens`` ``(W, context + 1)`` int64, ``mask`` ``(W, context)`` of real targets, ``document`` ``(W,)``."""
+    """``tokens`` ``(W, context + 1)``, ``mask`` ``(W, context)`` of real targets, ``document`` ``(W,)``.
+
+    Tokens are stored as uint8 when every id is below 256 (bytes), else int32: one byte per
+    byte token; batches are widened to int64 on their way to the model.
+    """
 
     tokens: torch.Tensor
     mask: torch.Tensor
@@ -114,11 +118,13 @@ def make_windows(token_lists: Sequence[np.ndarray], context: int, mode: str = "s
         raise TextInputError(f"--context must be a positive int, got {context!r}")
     if mode not in WINDOW_MODES:
         raise TextInputError(f"--windows must be one of {WINDOW_MODES}, got {mode!r}")
+    top = max((int(ids.max()) for ids in token_lists if len(ids)), default=0)
+    dtype = np.uint8 if top < 256 else np.int32
     rows, masks, owners = [], [], []
     for d, ids in enumerate(token_lists):
         targets = len(ids) - 1
         count = 1 if mode == "truncate" else -(-targets // context)
-        padded = np.full(count * context + 1, _PAD, dtype=np.int64)
+        padded = np.full(count * context + 1, _PAD, dtype=dtype)
         padded[:min(len(ids), padded.size)] = ids[:padded.size]
         starts = np.arange(count) * context
         rows.append(padded[starts[:, None] + np.arange(context + 1)])
@@ -165,7 +171,7 @@ def document_scores(model: torch.nn.Module, windows: Windows, batch_size: int = 
     try:
         with torch.no_grad():
             for start in range(0, len(windows.document), batch_size):
-                tokens = windows.tokens[start:start + batch_size].to(device)
+                tokens = windows.tokens[start:start + batch_size].to(device).long()
                 mask = windows.mask[start:start + batch_size].to(device)
                 owner = windows.document[start:start + batch_size].numpy()
                 loss, el2n = _token_losses(model(tokens[:, :-1]), tokens[:, 1:])
@@ -236,7 +242,7 @@ class TextTask:
         try:
             model = build_model(config.model, (self.context,), self.vocab)
             with torch.no_grad():
-                shape = tuple(model.eval()(self.windows.tokens[:2, :-1]).shape)
+                shape = tuple(model.eval()(self.windows.tokens[:2, :-1].long()).shape)
         except Exception as error:  # a user's factory may fail in any way: report it in one line
             raise ScoreSetupError(f"--model {config.model}: {type(error).__name__}: {error}") from error
         want = (min(2, len(self.windows.document)), self.context, self.vocab)
@@ -263,7 +269,7 @@ class TextTask:
             order = torch.from_numpy(train[epoch_rng(seed, epoch).permutation(len(train))]).to(x.device)
             for start in range(0, len(order), config.batch_size):
                 index = order[start:start + config.batch_size]
-                tokens, mask = x[index], self.windows.mask[index.cpu()].to(x.device)
+                tokens, mask = x[index].long(), self.windows.mask[index.cpu()].to(x.device)
                 loss, _ = _token_losses(model(tokens[:, :-1]), tokens[:, 1:])
                 loss = (loss * mask).sum() / mask.sum()
                 optimizer.zero_grad(set_to_none=True)

@@ -59,7 +59,7 @@ def test_document_scores_are_the_mean_token_loss():
     tokens, _ = tokenize(["hello world", "abc"])
     windows = make_windows(tokens, context=4)
     scores = document_scores(model, windows, batch_size=1)
-    ids = torch.as_tensor(tokens[0])
+    ids = torch.tensor(tokens[0], dtype=torch.long)
     losses = []
     torch.set_grad_enabled(False)
     for start in range(0, len(ids) - 1, 4):
