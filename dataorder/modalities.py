@@ -64,7 +64,10 @@ class Table:
 
 
 def read_table(path: str | os.PathLike, label_column: str = "label") -> Table:
-    """The columns of a ``save_to_disk`` directory or a ``.parquet`` file (other files: ``FileNotFoundError``/``ModalityError``)."""
+    """The columns of a ``save_to_disk`` directory or a ``.parquet`` file.
+
+    A missing path raises ``FileNotFoundError``; another kind of file :class:`ModalityError`.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data not found: {path!r}")
@@ -75,7 +78,8 @@ def read_table(path: str | os.PathLike, label_column: str = "label") -> Table:
         try:
             dataset = datasets.load_from_disk(path)
         except FileNotFoundError as error:
-            raise ModalityError(f"{path!r} is a directory but not one written by datasets' save_to_disk: {error}") from None
+            raise ModalityError(f"{path!r} is a directory but not one written by datasets' save_to_disk: "
+                                f"{error}") from None
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
         images = {key for key, feature in dataset.features.items() if isinstance(feature, datasets.Image)}
@@ -122,7 +126,8 @@ def _image_bytes(table: Table, column: str) -> list[tuple[bytes | None, str | No
     return [(row.get("bytes"), row.get("path")) if row is not None else (None, None) for row in values.to_pylist()]
 
 
-def decode_images(raw: list[tuple[bytes | None, str | None]], image_size: int | None, column: str = "image") -> torch.Tensor:
+def decode_images(raw: list[tuple[bytes | None, str | None]], image_size: int | None,
+                  column: str = "image") -> torch.Tensor:
     """Decode ``(bytes, path)`` pairs with Pillow to float32 ``(N, C, H, W)`` in [0, 1].
 
     >>> from PIL import Image
@@ -183,7 +188,8 @@ def load_image_split(path: str | os.PathLike, *, label_column: str = "label", nu
                        y_test=torch.zeros(0, dtype=torch.int64), num_classes=classes, name=table.name)
 
 
-def load_texts(path: str | os.PathLike, *, text_column: str = "text", label_column: str = "label") -> tuple[str, list[str]]:
+def load_texts(path: str | os.PathLike, *, text_column: str = "text",
+               label_column: str = "label") -> tuple[str, list[str]]:
     """``(name, documents)``: the text column of a dataset, in row order; empty or missing texts are refused."""
     table = read_table(path, label_column)
     if detect(table, label_column, text_column) != "text":

@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = runner.ScoreConfig(
-            model=args.model or "mlp", scores=tuple(s.strip() for s in (args.scores or _DEFAULT).split(",") if s.strip()),
-            runs=args.runs,
+            model=args.model or "mlp",
+            scores=tuple(s.strip() for s in (args.scores or _DEFAULT).split(",") if s.strip()), runs=args.runs,
             epochs=args.epochs, score_epoch=args.score_epoch, batch_size=args.batch_size,
             score_batch_size=args.score_batch_size, lr=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, seed=args.seed, grand_params=args.grand_params, device=args.device)

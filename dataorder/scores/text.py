@@ -260,7 +260,8 @@ class TextTask:
         model = build_model(config.model, (self.context,), self.vocab).to(x.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
-        train = np.arange(len(y)) if self.reference is None else np.flatnonzero(np.isin(y.cpu().numpy(), self.reference))
+        owners = y.cpu().numpy()
+        train = np.arange(len(y)) if self.reference is None else np.flatnonzero(np.isin(owners, self.reference))
         model.train()
         for epoch in range(config.score_epoch):
             if progress is not None:
@@ -278,7 +279,8 @@ class TextTask:
                 if progress is not None:
                     progress.update(len(index))
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"run {run} diverged (loss {loss.item()}) in epoch {epoch}; lower the learning rate")
+                raise FloatingPointError(f"run {run} diverged (loss {loss.item()}) in epoch {epoch}; "
+                                         "lower the learning rate")
         scores = document_scores(model, Windows(x, self.windows.mask.to(x.device), self.windows.document,
                                                 self.windows.documents), config.score_batch_size)
         if progress is not None:
