@@ -32,9 +32,10 @@ import _lm  # noqa: E402
 from _common import machine  # noqa: E402
 
 from dataorder.corpus import DOMAINS  # noqa: E402
-from dataorder.samplers.adaptive import AdaptiveMixtureSampler  # noqa: E402
+from dataorder.samplers.adaptive import AdaptiveMixtureSampler, plot_weights  # noqa: E402
 from dataorder.samplers.mixture import MixtureSampler  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parent / "results"
 GRID = [(0.6, 0.2, 0.2), (0.2, 0.6, 0.2), (0.2, 0.2, 0.6), (0.4, 0.2, 0.4)]
 ADAPTIVE = {
     "exp3": dict(rule="exp3", rate=50.0, smoothing=0.9, floor=0.05, warmup=20),
@@ -68,6 +69,8 @@ def run_adaptive(corpus, rule, seed, steps, reference):
     net = _lm.train(_lm.batches_of(sampler), corpus.tokens(), corpus.domain_of(), steps, seed,
                     observe=lambda step, losses: sampler.observe(step, losses) if step + 1 < steps else None)
     final = sampler.weights_at(steps - 1)
+    if seed == 0:  # the weights over the run, as `dataorder schedule plot` draws a schedule
+        plot_weights(sampler, RESULTS / f"adaptive_mixture_{rule}_seed0.png", title="stdlib corpus, seed 0")
     return _lm.evaluate(net, corpus), sampler.source_counts(), final
 
 
