@@ -533,7 +533,8 @@ def reference_losses(scores: Any, sampler: MixtureSampler, column: str = "loss")
 
     ``scores`` is a ``dataorder score`` output (file or folder, read with
     :func:`dataorder.scores.io.load_scores`) or an array with one score per global index of
-    the concatenated sources.
+    the concatenated sources. NaN rows (e.g. the reference documents of a
+    ``--reference-split`` run) are left out of the means.
 
     >>> s = AdaptiveMixtureSampler({"a": 2, "b": 2}, {"a": 1, "b": 1}, num_samples=4, batch_size=2)
     >>> reference_losses(np.array([1.0, 3.0, 0.5, 0.5]), s)
@@ -548,8 +549,13 @@ def reference_losses(scores: Any, sampler: MixtureSampler, column: str = "loss")
     if scores.shape != (total,):
         raise ValueError(f"scores must hold one value per example of the concatenated sources ({total}), "
                          f"got shape {scores.shape}")
-    return {name: float(scores[sampler.offsets[name]:sampler.offsets[name] + n].mean())
-            for name, n in sampler.sizes.items()}
+    out = {}
+    for name, n in sampler.sizes.items():
+        values = scores[sampler.offsets[name]:sampler.offsets[name] + n]
+        if not np.isfinite(values).any():
+            raise ValueError(f"scores of domain {name!r} are all NaN or infinite; score some of its examples")
+        out[name] = float(np.mean(values[np.isfinite(values)]))
+    return out
 
 
 def plot_weights(sampler: AdaptiveMixtureSampler, out: str | os.PathLike, *, title: str = "") -> None:

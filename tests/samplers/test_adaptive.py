@@ -13,6 +13,7 @@ from dataorder.samplers.adaptive import (AdaptiveMixtureSampler, LateObservation
                                          exp3_weights, floor_mix, plot_weights, reference_losses)
 from dataorder.samplers.allocation import largest_remainder
 from dataorder.schedules import BatchCounts, Schedule
+from dataorder.scores.io import write_scores
 
 SIZES = {"code": 23, "tests": 11, "prose": 17}
 BASE = {"code": 0.5, "tests": 0.3, "prose": 0.2}
@@ -310,6 +311,11 @@ def test_reference_losses_and_plot(tmp_path):
     scores = np.arange(sum(SIZES.values()), dtype=float)
     ref = reference_losses(scores, s)
     assert ref == {n: float(scores[s.offsets[n]:s.offsets[n] + k].mean()) for n, k in SIZES.items()}
+    scores[s.offsets["tests"]] = np.nan  # e.g. a reference document of a --reference-split run
+    write_scores(tmp_path / "scores.parquet", {"loss": scores[None]}, {})
+    from_file = reference_losses(tmp_path, s)
+    assert from_file["tests"] == float(np.mean(scores[s.offsets["tests"] + 1:s.offsets["tests"] + 11]))
+    assert from_file["code"] == ref["code"]
     drive(s)
     out = tmp_path / "w.png"
     plot_weights(s, out)
