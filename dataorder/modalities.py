@@ -67,6 +67,12 @@ def read_table(path: str | os.PathLike, label_column: str = "label") -> Table:
     """The columns of a ``save_to_disk`` directory or a ``.parquet`` file.
 
     A missing path raises ``FileNotFoundError``; another kind of file :class:`ModalityError`.
+
+    >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.parquet")
+    >>> pq.write_table(pa.table({"text": ["a b"], "label": [0]}), path)
+    >>> sorted(read_table(path).columns)
+    ['label', 'text']
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -171,7 +177,18 @@ def decode_images(raw: list[tuple[bytes | None, str | None]], image_size: int | 
 
 def load_image_split(path: str | os.PathLike, *, label_column: str = "label", num_classes: int | None = None,
                      image_size: int | None = None):
-    """An image dataset as a :class:`dataorder.data.TensorSplit` (``x_train`` float32 ``(N, C, H, W)``)."""
+    """An image dataset as a :class:`dataorder.data.TensorSplit` (``x_train`` float32 ``(N, C, H, W)``).
+
+    >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
+    >>> from PIL import Image
+    >>> buffer = io.BytesIO(); Image.new("L", (6, 6), 128).save(buffer, format="PNG")
+    >>> images = pa.array([{"bytes": buffer.getvalue(), "path": None}] * 2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "pics.parquet")
+    >>> pq.write_table(pa.table({"image": images, "label": [0, 1]}), path)
+    >>> split = load_image_split(path, image_size=4)
+    >>> tuple(split.x_train.shape), split.num_classes
+    ((2, 1, 4, 4), 2)
+    """
     from dataorder.data import TensorSplit, _check_labels
 
     table = read_table(path, label_column)
@@ -190,7 +207,14 @@ def load_image_split(path: str | os.PathLike, *, label_column: str = "label", nu
 
 def load_texts(path: str | os.PathLike, *, text_column: str = "text",
                label_column: str = "label") -> tuple[str, list[str]]:
-    """``(name, documents)``: the text column of a dataset, in row order; empty or missing texts are refused."""
+    """``(name, documents)``: the text column of a dataset, in row order; empty or missing texts are refused.
+
+    >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
+    >>> path = os.path.join(tempfile.mkdtemp(), "docs.parquet")
+    >>> pq.write_table(pa.table({"text": ["one", "two"]}), path)
+    >>> load_texts(path)
+    ('docs.parquet', ['one', 'two'])
+    """
     table = read_table(path, label_column)
     if detect(table, label_column, text_column) != "text":
         raise ModalityError(f"{table.name} has no text column {text_column!r}")
