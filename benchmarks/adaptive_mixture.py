@@ -40,6 +40,8 @@ GRID = [(0.6, 0.2, 0.2), (0.2, 0.6, 0.2), (0.2, 0.2, 0.6), (0.4, 0.2, 0.4)]
 ADAPTIVE = {
     "exp3": dict(rule="exp3", rate=50.0, smoothing=0.9, floor=0.05, warmup=20),
     "doremi": dict(rule="doremi", rate=1.0, smoothing=0.9, floor=0.05, warmup=20),
+    # added after the first run showed exp3's weights jumping every step (its reward is noisy)
+    "exp3-smooth": dict(rule="exp3", rate=50.0, smoothing=0.99, floor=0.05, warmup=20),
 }
 
 
@@ -60,9 +62,9 @@ def reference_losses(corpus, steps, seed=1000, per_domain=2048):
             for d, w in corpus.train.items()}
 
 
-def run_adaptive(corpus, rule, seed, steps, reference):
-    options = dict(ADAPTIVE[rule])
-    if rule == "doremi":
+def run_adaptive(corpus, name, seed, steps, reference):
+    options = dict(ADAPTIVE[name])
+    if options["rule"] == "doremi":
         options["reference"] = reference
     sampler = AdaptiveMixtureSampler(corpus.sizes, dict.fromkeys(DOMAINS, 1.0), num_samples=steps * _lm.BATCH,
                                      batch_size=_lm.BATCH, seed=seed, **options)
@@ -70,7 +72,7 @@ def run_adaptive(corpus, rule, seed, steps, reference):
                     observe=lambda step, losses: sampler.observe(step, losses) if step + 1 < steps else None)
     final = sampler.weights_at(steps - 1)
     if seed == 0:  # the weights over the run, as `dataorder schedule plot` draws a schedule
-        plot_weights(sampler, RESULTS / f"adaptive_mixture_{rule}_seed0.png", title="stdlib corpus, seed 0")
+        plot_weights(sampler, RESULTS / f"adaptive_mixture_{name}_seed0.png", title="stdlib corpus, seed 0")
     return _lm.evaluate(net, corpus), sampler.source_counts(), final
 
 
