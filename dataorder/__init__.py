@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "CurriculumSampler": "dataorder.samplers.curriculum",
     "prune": "dataorder.samplers.curriculum",
     "MixtureSampler": "dataorder.samplers.mixture",
+    "AdaptiveMixtureSampler": "dataorder.samplers.adaptive",
     "QMCAugment": "dataorder.samplers.qmc",
     # gradients, schedules, scores
     "PerExampleGrads": "dataorder.grads",

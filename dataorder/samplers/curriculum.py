@@ -26,7 +26,7 @@ from dataorder.schedules import pacing_function
 
 __all__ = ["CurriculumSampler", "difficulty", "prune", "read_scores"]
 
-STRATEGIES = ("hardest", "easiest", "random")
+STRATEGIES = ("hardest", "easiest", "random", "middle")
 ORDERS = ("easy_first", "hard_first")
 
 
@@ -118,8 +118,10 @@ def prune(
 
     ``keep`` is a fraction of the dataset in (0, 1] or a count. First the
     ``drop_hardest`` fraction of hardest examples is removed (likely label noise); from the
-    rest ``strategy`` keeps the hardest, the easiest, or a random subset (``seed``). Ties
-    in score go to the lower index. Fractions are rounded to the nearest count.
+    rest ``strategy`` keeps the hardest, the easiest, a random subset (``seed``), or the
+    ``middle`` band of the score distribution (perplexity pruning, Ankner et al. 2024: the
+    examples ranked ``(m - keep) // 2`` to ``(m + keep) // 2`` from the easiest, of the ``m``
+    remaining). Ties in score go to the lower index. Fractions are rounded to the nearest count.
 
     Example::
 
@@ -130,6 +132,8 @@ def prune(
         [2, 3]
         >>> prune(scores, 0.4, strategy="easiest").tolist()
         [1, 4]
+        >>> prune(scores, 3, strategy="middle").tolist()     # drop the easiest and the hardest
+        [2, 3, 4]
     """
     hardness = difficulty(scores, column=column, higher_is_easier=higher_is_easier)
     n = hardness.size
@@ -150,6 +154,10 @@ def prune(
         allowed[hardest[:dropped]] = False
         easiest = _easiest_first(hardness)
         kept = easiest[allowed[easiest]][:count]
+    elif strategy == "middle":
+        middle = remaining[np.lexsort((remaining, hardness[remaining]))]  # easiest first, ties by index
+        start = (middle.size - count) // 2
+        kept = middle[start:start + count]
     else:
         kept = epoch_rng(check_seed(seed)).choice(remaining, size=count, replace=False)
     return np.sort(kept).astype(np.int64)

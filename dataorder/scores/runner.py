@@ -576,13 +576,16 @@ def _device(name: str, world: int) -> torch.device:
 
 
 def score_dataset(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreConfig, out: str | os.PathLike,
-                  *, name: str = "data", progress: bool = True, plot: bool = True) -> ScoreResult:
+                  *, name: str = "data", progress: bool = True, plot: bool = True, task: Any = None) -> ScoreResult:
     """Score every example of ``(x, y)`` over ``config.runs`` runs and write the results to ``out``.
 
     See the module docstring for the files written. Finished runs found in ``out`` are
     reused; the result is identical to an uninterrupted job. ``plot=False`` skips
     ``scores.png`` (matplotlib takes seconds). Raises :class:`ScoreSetupError`
     before writing anything if the model does not build or ``out`` holds other results.
+    ``task`` (e.g. :class:`dataorder.scores.text.TextTask`) replaces the classification
+    model check and run with its ``check(config)`` and ``train_and_score``, and adds its
+    ``info`` to the manifest's dataset entry.
     """
     import torch.distributed as dist
 
@@ -590,14 +593,20 @@ def score_dataset(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Sc
     check_inputs(x, y, num_classes)
     rank, world, owned = _distributed()
     try:
-        check_model(config.model, tuple(x.shape[1:]), num_classes,
-                    config.grand_params if "grand" in config.scores else "all")
+        if task is None:
+            check_model(config.model, tuple(x.shape[1:]), num_classes,
+                        config.grand_params if "grand" in config.scores else "all")
+        else:
+            task.check(config)
         manifest = _manifest(x, y, num_classes, config, name)
+        if task is not None:
+            manifest["dataset"].update(task.info)
         _prepare_out_on_rank0(out, manifest, rank, world)
         device = _device(config.device, world)
         result = ScoreResult(out=out, columns=score_columns(config.scores))
         runs = _score_runs(x.to(device), y.to(device), num_classes, config, manifest, result,
-                           list(range(rank, config.runs, world)), progress=progress and rank == 0)
+                           list(range(rank, config.runs, world)), progress=progress and rank == 0,
+                           scorer=train_and_score if task is None else task.train_and_score)
         if world > 1:
             runs = _gather_on_rank0(runs, result, rank, world)
         if rank == 0:
@@ -634,7 +643,8 @@ def _prepare_out_on_rank0(out: Path, manifest: dict[str, Any], rank: int, world:
 
 
 def _score_runs(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreConfig, manifest: dict[str, Any],
-                result: ScoreResult, mine: list[int], progress: bool) -> dict[int, dict[str, np.ndarray]]:
+                result: ScoreResult, mine: list[int], progress: bool,
+                scorer: Callable[..., dict[str, np.ndarray]] = train_and_score) -> dict[int, dict[str, np.ndarray]]:
     """This rank's runs: loaded when finished before, else trained, scored and saved at once."""
     tqdm = require("tqdm.auto", extra="cli", feature="the scoring progress bar").tqdm
 
@@ -647,7 +657,7 @@ def _score_runs(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Scor
             key = _run_key(manifest, run)
             scores = _load_run(result.out, run, key, result.columns, len(y))
             if scores is None:
-                scores = train_and_score(x, y, num_classes, config, run, progress=bar)
+                scores = scorer(x, y, num_classes, config, run, progress=bar)
                 _save_run(result.out, run, key, scores)
                 result.computed.append(run)
             else:

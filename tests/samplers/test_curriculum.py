@@ -159,7 +159,7 @@ def test_prune_errors():
     with pytest.raises(TypeError, match="keep must be"):
         prune(KNOWN, True)
     with pytest.raises(ValueError, match="strategy must be"):
-        prune(KNOWN, 3, strategy="middle")
+        prune(KNOWN, 3, strategy="median")
     with pytest.raises(ValueError, match="drop_hardest"):
         prune(KNOWN, 3, drop_hardest=1.0)
 

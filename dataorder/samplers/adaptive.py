@@ -1,0 +1,587 @@
+"""AdaptiveMixtureSampler: mixture weights that the training loop updates from per-domain losses.
+
+The loop reports each domain's loss with :meth:`AdaptiveMixtureSampler.observe`; an update
+rule turns the (all-gathered, smoothed) losses into new weights:
+
+- ``rule="exp3"`` (Online Data Mixing, Albalak et al. 2023): the reward of a domain is its
+  loss improvement since its previous observation; weights are the base schedule's weights
+  tilted by ``exp(rate * smoothed reward)``.
+- ``rule="doremi"`` (Xie et al. 2023): the signal is the excess loss over a reference,
+  ``max(loss - reference, 0)``; weights follow multiplicative weights,
+  ``w <- normalise(w * exp(rate * smoothed excess))``.
+
+Both then mix in the floors, ``w <- floor + (1 - sum(floor)) * w``. Every global batch holds
+exactly the largest-remainder counts of the weights in force (:class:`WeightHistory`, the
+drop-in for :class:`~dataorder.schedules.BatchCounts` that the mixture kernel reads), so the
+stream is a pure function of the seed and the weight history, which is part of the state.
+
+The math is in the small pure functions at the top; the sampler does the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Iterator, Mapping, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataorder.samplers.allocation import largest_remainder
+from dataorder.samplers.base import check_seed
+from dataorder.samplers.mixture import MixtureSampler
+from dataorder.samplers.run import _check_same, fingerprint
+from dataorder.schedules import BatchCounts, Schedule
+
+__all__ = ["RULES", "AdaptiveMixtureSampler", "LateObservationError", "WeightHistory", "doremi_weights",
+           "exp3_weights", "floor_mix", "plot_weights", "reference_losses", "smooth"]
+
+RULES = ("exp3", "doremi")
+
+
+class LateObservationError(ValueError):
+    """``observe`` came after this rank's iterator had already produced a batch the update would change.
+
+    Raise ``delay`` to at least the number of batches the DataLoader prefetches
+    (``num_workers * prefetch_factor``).
+
+    >>> s = AdaptiveMixtureSampler({"a": 4, "b": 4}, {"a": 1, "b": 1}, num_samples=8, batch_size=2)
+    >>> _ = list(s)  # every batch produced: no update can apply any more
+    >>> try:
+    ...     s.observe(0, {"a": 1.0})
+    ... except LateObservationError:
+    ...     print("raise delay")
+    raise delay
+    """
+
+
+# -- the update rules: pure functions on (S,) float64 arrays --------------------------------------
+def smooth(previous: np.ndarray, signal: np.ndarray, smoothing: float) -> np.ndarray:
+    """Exponential moving average: ``smoothing * previous + (1 - smoothing) * signal``.
+
+    >>> smooth(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.75).tolist()
+    [0.75, 0.25]
+    """
+    return smoothing * previous + (1.0 - smoothing) * signal
+
+
+def _tilt(weights: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """``normalise(weights * exp(exponent))``, computed without overflow."""
+    tilted = weights * np.exp(exponent - exponent.max())
+    return tilted / tilted.sum()
+
+
+def exp3_weights(prior: np.ndarray, reward: np.ndarray, rate: float) -> np.ndarray:
+    """EXP3/Hedge weights: ``prior`` tilted by ``exp(rate * reward)``, normalised.
+
+    >>> exp3_weights(np.array([0.5, 0.5]), np.array([math.log(3), 0.0]), 1.0).tolist()
+    [0.75, 0.25]
+    """
+    return _tilt(prior, rate * reward)
+
+
+def doremi_weights(previous: np.ndarray, excess: np.ndarray, rate: float) -> np.ndarray:
+    """DoReMi's multiplicative-weights step: ``normalise(previous * exp(rate * excess))``.
+
+    >>> doremi_weights(np.array([0.25, 0.75]), np.array([math.log(3), 0.0]), 1.0).tolist()
+    [0.5, 0.5]
+    """
+    return _tilt(previous, rate * excess)
+
+
+def floor_mix(weights: np.ndarray, floors: np.ndarray) -> np.ndarray:
+    """``floors + (1 - sum(floors)) * weights``: every domain keeps at least its floor.
+
+    >>> floor_mix(np.array([1.0, 0.0]), np.array([0.1, 0.1])).tolist()
+    [0.9, 0.1]
+    """
+    return floors + (1.0 - floors.sum()) * weights
+
+
+# -- the per-batch counts of a run whose weights change at updates --------------------------------
+class WeightHistory:
+    """Per-source counts of every global batch: the base schedule until the first update, then
+    the weights of the latest update (constant until the next one).
+
+    Has the interface of :class:`~dataorder.schedules.BatchCounts` (``batch``, ``cumulative``,
+    ``weights``, ``total``, ``full_batches``, ``last_size``, ``num_batches``), so the mixture
+    kernel reads it unchanged. Memory: one batch index and one row of weights per update
+    (the state), plus derived int64 counts; ``cumulative`` is a binary search.
+
+    >>> history = WeightHistory(BatchCounts(Schedule.constant({"a": 1, "b": 1}), 40, 4))
+    >>> history.append(3, np.array([0.75, 0.25]))
+    >>> history.batch(np.arange(2, 5)).tolist(), history.cumulative(5).tolist()
+    ([[2, 2], [3, 1], [3, 1]], [12, 8])
+    """
+
+    def __init__(self, base: BatchCounts) -> None:
+        self.base = base
+        self.batch_size, self.num_samples = base.batch_size, base.num_samples
+        self.full_batches, self.last_size, self.num_batches = base.full_batches, base.last_size, base.num_batches
+        columns = len(base.schedule.names)
+        self.starts = np.empty(0, dtype=np.int64)  # first batch of each update
+        self.rows = np.empty((0, columns))  # the weights of each update
+        self._full = np.empty((0, columns), dtype=np.int64)  # counts of a full batch under each update
+        self._before = np.empty((0, columns), dtype=np.int64)  # counts of all batches before each start
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def append(self, start: int, weights: np.ndarray) -> None:
+        """Weights ``weights`` from global batch ``start`` on (after every earlier update)."""
+        if len(self.starts) and start <= self.starts[-1] or not 0 <= start < self.num_batches:
+            raise ValueError(f"an update must start after the last one and before batch {self.num_batches}, "
+                             f"got start={start}")
+        full = largest_remainder(self.batch_size * weights, self.batch_size)
+        before = self.cumulative(start)
+        self.starts = np.append(self.starts, np.int64(start))
+        self.rows = np.vstack([self.rows, weights])
+        self._full = np.vstack([self._full, full])
+        self._before = np.vstack([self._before, before])
+
+    def load(self, starts: np.ndarray, rows: np.ndarray) -> None:
+        """Replace the history by ``starts``/``rows`` (checked by the caller)."""
+        fresh = WeightHistory(self.base)
+        for start, weights in zip(starts.tolist(), rows):
+            fresh.append(start, weights)
+        self.__dict__.update(fresh.__dict__)
+
+    def _update_of(self, b: np.ndarray) -> np.ndarray:
+        """Index of the update in force at each batch ``b`` (-1: the base schedule)."""
+        return np.searchsorted(self.starts, b, side="right") - 1
+
+    def weights(self, b: np.ndarray | int) -> np.ndarray:
+        """Weights in force at batch(es) ``b``: ``(S,)`` or ``(m, S)``."""
+        b = np.asarray(b, dtype=np.int64)
+        k = self._update_of(b)
+        if not len(self.starts):
+            return self.base.weights(b)
+        return np.where((k >= 0)[..., None], self.rows[np.maximum(k, 0)], self.base.weights(b))
+
+    def batch(self, b: np.ndarray | int) -> np.ndarray:
+        """Counts of batch(es) ``b``: ``(S,)`` or ``(m, S)``."""
+        b = np.asarray(b, dtype=np.int64)
+        counts = self.base.batch(b)
+        if not len(self.starts):
+            return counts
+        k = self._update_of(b)
+        counts = np.where((k >= 0)[..., None], self._full[np.maximum(k, 0)], counts)
+        last = int(self._update_of(self.full_batches))
+        if self.last_size and last >= 0 and np.any(b == self.full_batches):
+            partial = largest_remainder(self.last_size * self.rows[last], self.last_size)
+            counts = np.where((b == self.full_batches)[..., None], partial, counts)
+        return counts
+
+    def cumulative(self, b: int) -> np.ndarray:
+        """Counts of all batches before batch ``b`` (``0 <= b <= num_batches``)."""
+        if not 0 <= b <= self.num_batches:
+            raise ValueError(f"batch index must be in [0, {self.num_batches}], got {b}")
+        if b > self.full_batches:
+            return self.cumulative(self.full_batches) + self.batch(self.full_batches)
+        k = int(self._update_of(b - 1)) if b else -1  # the update in force at the last batch before b
+        if k < 0:
+            return self.base.cumulative(b)
+        return self._before[k] + (b - int(self.starts[k])) * self._full[k]
+
+    def total(self) -> np.ndarray:
+        """Counts over the whole run."""
+        return self.cumulative(self.num_batches)
+
+
+# -- the sampler ---------------------------------------------------------------------------------
+class AdaptiveMixtureSampler(MixtureSampler):
+    """A :class:`~dataorder.samplers.mixture.MixtureSampler` whose weights follow the domains' losses.
+
+    ``sources``, ``schedule``, ``num_samples``, ``batch_size`` (the *global* batch) and the
+    protocol arguments are as for ``MixtureSampler``; the schedule is the *base*: it holds
+    for the first ``warmup`` global batches and is the prior of the ``exp3`` rule.
+
+    After training on global batch ``step``, call ``observe(step, losses)`` on every rank
+    with this rank's mean loss of each domain (a domain absent from the rank's share may be
+    left out). The ranks' losses are all-gathered and averaged in rank order, so every rank
+    computes the same update; the new weights hold from batch ``step + 1 + delay`` until the
+    next update. ``delay`` must cover the batches the DataLoader has already drawn from the
+    sampler (0 without workers; ``num_workers * prefetch_factor`` with them), else
+    :class:`LateObservationError`.
+
+    Rules (see the module doc): ``rule="exp3"`` (reward: loss improvement) or
+    ``rule="doremi"`` (excess loss over ``reference``, a dict of per-domain losses, e.g.
+    from :func:`reference_losses` on a ``dataorder score`` table). ``rate`` is the step size
+    (in 1/nats), ``smoothing`` the moving-average factor of the signal (0: none), ``floor``
+    the least weight of every domain (a number or a dict).
+
+    ``order`` optionally gives per-domain difficulty scores: such a domain's draws follow
+    ascending score order (easy first, ties by index) on every pass instead of a fresh
+    random permutation per pass; a global batch takes the next draws in that order (inside
+    the batch, the mixture layout spreads them over the slots).
+
+    State: ``state_dict()`` adds the weight history (one int64 batch index and ``S``
+    float64 weights per update, i.e. ``8 * (S + 1)`` bytes: 32 MB after 10⁶ updates with
+    3 domains) and the rule's O(S) signal; resuming is bit-exact at any world size that
+    divides the position.
+
+    Example::
+
+        >>> sampler = AdaptiveMixtureSampler({"web": 60, "code": 40}, {"web": 0.5, "code": 0.5},
+        ...                                  rule="doremi", reference={"web": 2.0, "code": 1.0},
+        ...                                  rate=1.0, smoothing=0.0, floor=0.1, num_samples=40, batch_size=10)
+        >>> first = [next(it) for it in [iter(sampler)] for _ in range(10)]
+        >>> sampler.observe(0, {"web": 2.0, "code": 1.0 + math.log(3)})
+        {'web': 0.3, 'code': 0.7}
+        >>> sampler.counts_at(1)
+        {'web': 3, 'code': 7}
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, int | Sized],
+        schedule: Schedule | Mapping[str, float] | str | os.PathLike,
+        *,
+        rule: str = "exp3",
+        rate: float = 1.0,
+        smoothing: float = 0.9,
+        floor: float | Mapping[str, float] = 0.01,
+        warmup: int = 0,
+        delay: int = 0,
+        reference: Mapping[str, float] | None = None,
+        order: Mapping[str, Any] | None = None,
+        num_samples: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        exhaustion: str = "restart",
+        drop_last: bool = False,
+    ) -> None:
+        if exhaustion != "restart":
+            raise ValueError("exhaustion must be 'restart' for an adaptive mixture: where a source runs out "
+                             "depends on weights not chosen yet")
+        super().__init__(sources, schedule, num_samples=num_samples, batch_size=batch_size, seed=seed, rank=rank,
+                         world_size=world_size, exhaustion=exhaustion, drop_last=drop_last)
+        names = self.schedule.names
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self.rule = rule
+        self.rate = _positive(rate, "rate")
+        self.smoothing = _fraction(smoothing, "smoothing", closed=False)
+        self.floors = _per_source(floor, names, "floor")
+        if self.floors.sum() >= 1.0:
+            raise ValueError(f"floor must leave room to adapt: the floors sum to {self.floors.sum():g}, need < 1")
+        self.warmup = check_seed(warmup, "warmup")
+        self.delay = check_seed(delay, "delay")
+        if rule == "doremi":
+            if reference is None:
+                raise ValueError("rule='doremi' needs reference={domain: loss}, e.g. reference_losses(scores, sampler)")
+            self.reference = _per_source(reference, names, "reference", lower=-math.inf)
+        elif reference is not None:
+            raise ValueError("reference is used only by rule='doremi'; leave it out for rule='exp3'")
+        else:
+            self.reference = None
+        self._orders = _within_orders(order, self.sizes)
+        self.counts = WeightHistory(self.counts)
+        columns = len(names)
+        self._signal = np.zeros(columns)  # smoothed reward (exp3) or excess loss (doremi)
+        self._last_loss = np.full(columns, np.nan)  # exp3: each domain's previous loss
+        self._last_step = -1
+        self._made = 0  # global batches whose indices this rank has produced
+
+    # -- the loop's report ------------------------------------------------------------------
+    def observe(self, step: int, losses: Mapping[str, float]) -> dict[str, float] | None:
+        """Report the mean loss of each domain on global batch ``step``; update the weights.
+
+        Call on every rank (a collective when ``torch.distributed`` is initialised), with
+        steps in increasing order. Returns the new weights, or ``None`` when they do not
+        change yet (warm-up) or no batch is left to change. Non-finite losses raise
+        ``ValueError`` on every rank and change nothing.
+        """
+        step = check_seed(step, "step")
+        if step <= self._last_step or step >= self.counts.num_batches:
+            raise ValueError(f"step must be a global batch after the last observed one ({self._last_step}) and "
+                             f"below {self.counts.num_batches}, got {step}")
+        local = self._loss_row(losses)
+        mean = _rank_mean(local)
+        start = step + 1 + self.delay
+        if start < self._made:
+            raise LateObservationError(
+                f"observe(step={step}) would change batch {start}, but this rank already produced batches up to "
+                f"{self._made - 1}; set delay >= {self._made - step - 1} (the DataLoader's prefetched batches)")
+        signal, last_loss = self._next_signal(mean)
+        applies = self.warmup <= start < self.counts.num_batches
+        weights = self._next_weights(start, signal) if applies else None
+        if weights is not None:
+            self.counts.append(start, weights)
+            self._carry = {}  # cached cumulative counts may cover batches the update changed
+        self._signal, self._last_loss, self._last_step = signal, last_loss, step
+        return None if weights is None else self._named(weights)
+
+    def _loss_row(self, losses: Mapping[str, float]) -> np.ndarray:
+        """This rank's losses in schedule order, NaN where a domain was not reported."""
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"losses must be a dict {{domain: mean loss}}, got {type(losses).__name__}")
+        unknown = [name for name in losses if name not in self.sizes]
+        if unknown:
+            raise ValueError(f"losses has unknown domain(s) {unknown}; domains are {list(self.schedule.names)}")
+        row = np.full(len(self.schedule.names), np.nan)
+        for column, name in enumerate(self.schedule.names):
+            if name in losses:
+                value = losses[name]
+                value = value.item() if isinstance(value, torch.Tensor) else value
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise TypeError(f"losses[{name!r}] must be a number, got {value!r}")
+                row[column] = math.inf if math.isnan(float(value)) else float(value)  # NaN marks "absent"
+        return row
+
+    def _next_signal(self, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if np.isinf(mean).any():
+            bad = [name for name, v in zip(self.schedule.names, mean) if np.isinf(v)]
+            raise ValueError(f"losses of {bad} are not finite (NaN or inf) on some rank; nothing was updated — "
+                             "skip the report for this step or fix the loss")
+        seen = ~np.isnan(mean)
+        if self.rule == "exp3":
+            raw = self._last_loss - mean  # improvement; NaN where either loss is missing
+            last_loss = np.where(seen, mean, self._last_loss)
+        else:
+            raw = np.maximum(mean - self.reference, 0.0)
+            last_loss = self._last_loss
+        has = ~np.isnan(raw)
+        signal = np.where(has, smooth(self._signal, np.where(has, raw, 0.0), self.smoothing), self._signal)
+        return signal, last_loss
+
+    def _next_weights(self, start: int, signal: np.ndarray) -> np.ndarray:
+        if self.rule == "exp3":
+            tilted = exp3_weights(self.counts.base.weights(start), signal, self.rate)
+        else:
+            tilted = doremi_weights(self.counts.weights(start), signal, self.rate)
+        return floor_mix(tilted, self.floors)
+
+    # -- logging ----------------------------------------------------------------------------
+    def weights_history(self) -> list[dict[str, Any]]:
+        """One entry per update: the first batch it holds for, its weights and its batch counts.
+
+        >>> s = AdaptiveMixtureSampler({"a": 8, "b": 8}, {"a": 1, "b": 1}, num_samples=16, batch_size=4,
+        ...                            smoothing=0.0, floor=0.0)
+        >>> s.observe(0, {"a": 1.0, "b": 1.0}), s.observe(1, {"a": 1.0, "b": 1.0 - math.log(3)})
+        ({'a': 0.5, 'b': 0.5}, {'a': 0.25, 'b': 0.75})
+        >>> s.weights_history()[1]
+        {'batch': 2, 'weights': {'a': 0.25, 'b': 0.75}, 'counts': {'a': 1, 'b': 3}}
+        """
+        history = self.counts
+        return [{"batch": int(start), "weights": self._named(row),
+                 "counts": dict(zip(self.schedule.names, history.batch(int(start)).tolist()))}
+                for start, row in zip(history.starts, history.rows)]
+
+    def _named(self, weights: np.ndarray) -> dict[str, float]:
+        return {name: round(float(w), 12) for name, w in zip(self.schedule.names, weights)}
+
+    # -- the stream -------------------------------------------------------------------------
+    def _cumulative(self, b: int) -> np.ndarray:
+        return self.counts.cumulative(b)
+
+    def _indices_at(self, positions: np.ndarray) -> np.ndarray:
+        column, draw, out = self._map(positions)
+        for c, order in self._orders.items():
+            mine = column == c
+            out[mine] = self._offset[c] + order[draw[mine] % self._n[c]]
+        return out
+
+    def _generate(self, start: int) -> Iterator[int]:
+        """One global batch's share at a time, so that unproduced batches can still change."""
+        share = self.batch_size // self.world_size
+        total, first = len(self), start
+        while first < total:
+            self._made = max(self._made, first // share + 1)
+            block = self._rank_indices(first, min(total, (first // share + 1) * share)).tolist()
+            iterator = iter(block)
+            self._pass = (first, len(block), iterator)
+            yield from iterator
+            first += len(block)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``MixtureSampler``'s state plus ``"adaptive"``: the settings, the weight history and the signal."""
+        state = super().state_dict()
+        state["adaptive"] = {
+            "settings": self._settings(),
+            "starts": torch.from_numpy(self.counts.starts.copy()),
+            "weights": torch.from_numpy(self.counts.rows.copy()),
+            "signal": torch.from_numpy(self._signal.copy()),
+            "last_loss": torch.from_numpy(self._last_loss.copy()),
+            "last_step": self._last_step,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the run, weight history included; raises ``ValueError`` and changes nothing if it does not fit."""
+        adaptive = self._checked_adaptive(state)
+        super().load_state_dict(state)
+        starts, rows, signal, last_loss, last_step = adaptive
+        self.counts.load(starts, rows)
+        self._carry = {}
+        self._signal, self._last_loss, self._last_step = signal, last_loss, last_step
+        self._made = 0
+
+    def _settings(self) -> dict[str, Any]:
+        return {"rule": self.rule, "rate": self.rate, "smoothing": self.smoothing, "floor": self.floors.tolist(),
+                "warmup": self.warmup, "delay": self.delay,
+                "reference": None if self.reference is None else self.reference.tolist(),
+                "order": fingerprint({str(c): order.tolist() for c, order in self._orders.items()})}
+
+    def _checked_adaptive(self, state: Any) -> tuple:
+        if not isinstance(state, dict) or not isinstance(state.get("adaptive"), dict):
+            raise ValueError("state has no 'adaptive' entry; pass a dict from AdaptiveMixtureSampler.state_dict()")
+        adaptive = state["adaptive"]
+        _check_same(adaptive, "settings", self._settings())
+        columns = len(self.schedule.names)
+        arrays = {}
+        for key, dtype, shape in (("starts", torch.int64, (-1,)), ("weights", torch.float64, (-1, columns)),
+                                  ("signal", torch.float64, (columns,)), ("last_loss", torch.float64, (columns,))):
+            value = adaptive.get(key)
+            if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.dim() != len(shape) or any(
+                    want not in (-1, got) for want, got in zip(shape, value.shape)):
+                raise ValueError(f"state['adaptive'][{key!r}] must be a {dtype} tensor of shape {shape}")
+            arrays[key] = value.numpy().copy()
+        starts, rows = arrays["starts"], arrays["weights"]
+        if len(starts) != len(rows) or np.any(np.diff(starts) <= 0) or (len(starts) and (
+                starts[0] < 0 or starts[-1] >= self.counts.num_batches)):
+            raise ValueError("state['adaptive']['starts'] must be increasing batch indices within the run, "
+                             "one per row of 'weights'")
+        if not np.all(np.isfinite(rows)) or np.any(rows < self.floors - 1e-12) or np.any(
+                np.abs(rows.sum(axis=1) - 1.0) > 1e-9):
+            raise ValueError("state['adaptive']['weights'] must be rows of finite weights >= the floors summing to 1")
+        last_step = adaptive.get("last_step")
+        if isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < -1:
+            raise ValueError(f"state['adaptive']['last_step'] must be an int >= -1, got {last_step!r}")
+        return starts, rows, arrays["signal"], arrays["last_loss"], last_step
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveMixtureSampler(sources={self.sizes}, rule={self.rule!r}, rate={self.rate}, "
+                f"smoothing={self.smoothing}, num_samples={self.num_samples}, batch_size={self.batch_size}, "
+                f"seed={self.seed}, rank={self.rank}, world_size={self.world_size})")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _rank_mean(local: np.ndarray) -> np.ndarray:
+    """Per-domain mean over the ranks that reported it, in rank order (bitwise the same on every rank).
+
+    Infinite marks a non-finite report (so it survives the mean); NaN marks no report.
+    """
+    from dataorder.distributed import active_world, gather_global_batch
+
+    if active_world() == 1:
+        return local
+    rows = gather_global_batch(torch.from_numpy(local).reshape(1, -1)).numpy()  # (W, S), rank order
+    seen = ~np.isnan(rows)
+    total = np.zeros(rows.shape[1])
+    for row, mask in zip(rows, seen):
+        total = total + np.where(mask, row, 0.0)
+    count = seen.sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _fraction(value: Any, name: str, *, closed: bool) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        0 <= float(value) <= 1 if closed else 0 <= float(value) < 1)
+    if not ok:
+        raise ValueError(f"{name} must be a number in [0, 1{']' if closed else ')'}, got {value!r}")
+    return float(value)
+
+
+def _per_source(value: Any, names: tuple[str, ...], name: str, *, lower: float = 0.0) -> np.ndarray:
+    """A number (the same for every source) or a dict with every source, as an (S,) array."""
+    if isinstance(value, Mapping):
+        if set(value) != set(names):
+            raise ValueError(f"{name} must give every domain {list(names)} and no other, got {sorted(value)}")
+        values = [value[n] for n in names]
+    else:
+        values = [value] * len(names)
+    for n, v in zip(names, values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lower <= float(v) < math.inf:
+            raise ValueError(f"{name} of {n!r} must be a finite number >= {lower:g}, got {v!r}")
+    return np.array(values, dtype=np.float64)
+
+
+def _within_orders(order: Mapping[str, Any] | None, sizes: dict[str, int]) -> dict[int, np.ndarray]:
+    """Schedule column -> the domain's draw order (argsort of its scores, easy first)."""
+    if order is None:
+        return {}
+    if not isinstance(order, Mapping):
+        raise TypeError("order must be a dict {domain: per-example scores}")
+    names = list(sizes)
+    out = {}
+    for name, scores in order.items():
+        if name not in sizes:
+            raise ValueError(f"order has unknown domain {name!r}; domains are {names}")
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != (sizes[name],) or not np.all(np.isfinite(scores)):
+            raise ValueError(f"order[{name!r}] must be {sizes[name]} finite scores (one per example of {name!r})")
+        out[names.index(name)] = np.argsort(scores, kind="stable").astype(np.int64)
+    return out
+
+
+def reference_losses(scores: Any, sampler: MixtureSampler, column: str = "loss") -> dict[str, float]:
+    """Per-domain mean of a score table's ``column``, for ``rule="doremi"``'s ``reference``.
+
+    ``scores`` is a ``dataorder score`` output (file or folder, read with
+    :func:`dataorder.scores.io.load_scores`) or an array with one score per global index of
+    the concatenated sources. NaN rows (e.g. the reference documents of a
+    ``--reference-split`` run) are left out of the means.
+
+    >>> s = AdaptiveMixtureSampler({"a": 2, "b": 2}, {"a": 1, "b": 1}, num_samples=4, batch_size=2)
+    >>> reference_losses(np.array([1.0, 3.0, 0.5, 0.5]), s)
+    {'a': 2.0, 'b': 0.5}
+    """
+    if isinstance(scores, (str, os.PathLike)):
+        from dataorder.scores.io import load_scores
+
+        scores = load_scores(Path(scores), column)
+    scores = np.asarray(scores, dtype=np.float64)
+    total = sum(sampler.sizes.values())
+    if scores.shape != (total,):
+        raise ValueError(f"scores must hold one value per example of the concatenated sources ({total}), "
+                         f"got shape {scores.shape}")
+    out = {}
+    for name, n in sampler.sizes.items():
+        values = scores[sampler.offsets[name]:sampler.offsets[name] + n]
+        if not np.isfinite(values).any():
+            raise ValueError(f"scores of domain {name!r} are all NaN or infinite; score some of its examples")
+        out[name] = float(np.mean(values[np.isfinite(values)]))
+    return out
+
+
+def plot_weights(sampler: AdaptiveMixtureSampler, out: str | os.PathLike, *, title: str = "") -> None:
+    """Stacked-area PNG of the weights in force at every global batch (``dataorder schedule plot`` style).
+
+    Needs matplotlib (the ``[plot]`` extra), imported only here.
+
+    >>> import tempfile
+    >>> s = AdaptiveMixtureSampler({"a": 4, "b": 4}, {"a": 1, "b": 1}, num_samples=8, batch_size=2)
+    >>> plot_weights(s, Path(tempfile.mkdtemp()) / "mixture.png")
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(sampler.counts.num_batches)
+    weights = sampler.counts.weights(steps)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.stackplot(steps, weights.T, labels=sampler.schedule.names, step="post")
+    ax.set_xlim(0, max(1, steps[-1]))
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step (global batch)")
+    ax.set_ylabel("share of each batch")
+    ax.set_title(f"adaptive mixture ({sampler.rule}) {title}".strip())
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
