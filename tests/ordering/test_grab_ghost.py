@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dataorder.samplers.grab import GraBSampler
+from dataorder.ordering import GraBSampler
 from reference_grads import per_example_grads
 
 
