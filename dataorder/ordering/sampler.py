@@ -14,7 +14,6 @@ has got. See ``docs/grab-resume.md`` for ``StatefulDataLoader`` with workers.
 
 from __future__ import annotations
 
-import copy
 import numbers
 import warnings
 from collections.abc import Mapping, Sized
@@ -28,11 +27,10 @@ from dataorder.distributed import active_world, check_same_on_all_ranks, gather_
 from dataorder.ordering.sources import DenseRows, check_device, dense_rows, grads_width
 from dataorder.samplers.base import IndexSampler, check_epoch, epoch_rng, shard_length
 
-__all__ = ["GradientOrderSampler", "SKIPPED"]
+__all__ = ["GradientOrderSampler"]
 
-#: Bucket of a position that was yielded but never stepped (a resume from a state taken while
-#: a loader had prefetched it): it is left out of the balancing and follows the balanced ones.
-SKIPPED = -2
+#: How many states taken ahead of step() are completed at most (a prefetching loader holds a few).
+MAX_AWAITING = 256
 
 
 class GradientOrderSampler(IndexSampler):
@@ -83,6 +81,9 @@ class GradientOrderSampler(IndexSampler):
         self._dtype: torch.dtype | None = None  # accumulation dtype: float32, or float64
         self._sketch = None
         self._source = None  # where step() with no argument takes its rows (see GraBSampler.attach)
+        self._loaded_at_end = False  # a state loaded after the epoch's last index: iterating yields nothing
+        self._awaiting: list[tuple[int, dict]] = []  # states taken ahead of step(): (position they await, state)
+        self._order_tensor: Tensor | None = None  # this epoch's order as saved (cached: it is fixed per epoch)
 
     # -- epochs: the one place the order advances --------------------------------------------
     def _first_order(self, epoch: int) -> np.ndarray:
@@ -109,15 +110,15 @@ class GradientOrderSampler(IndexSampler):
             self.rule.end_epoch(self._visited)
         self._visited = 0
         self._buckets[:] = 0
+        self._awaiting.clear()
+        self._order_tensor = None
+        self._loaded_at_end = False
         super().set_epoch(epoch)
 
     def _next_order(self) -> np.ndarray:
         visited, order = self._visited, self._order
-        buckets = self._buckets[:visited]
-        positions = np.flatnonzero(buckets != SKIPPED)
-        skipped = np.flatnonzero(buckets == SKIPPED)
-        head = self.rule.next_order(positions, order[positions], buckets[positions])
-        return np.concatenate([head, order[skipped], order[visited:]]).astype(np.int64)
+        head = self.rule.next_order(np.arange(visited), order[:visited], self._buckets[:visited])
+        return np.concatenate([head, order[visited:]]).astype(np.int64)
 
     def _global_order(self, epoch: int) -> np.ndarray:
         if epoch == self.epoch:
@@ -129,6 +130,11 @@ class GradientOrderSampler(IndexSampler):
             f"before, so only the current epoch's ({self.epoch}) order is known, not epoch {epoch}'s; "
             "call set_epoch first"
         )
+
+    def __iter__(self):
+        if self._loaded_at_end:  # resumed after the epoch's last index: nothing remains (not a replay)
+            return iter(())
+        return super().__iter__()
 
     # -- step -------------------------------------------------------------------------------
     @property
@@ -232,6 +238,8 @@ class GradientOrderSampler(IndexSampler):
             raise
         self._dim = dim
         self._dtype = self._dtype or batches[0].dtype
+        if self._awaiting:
+            self._complete_awaiting()
 
     def _check_ranks_agree(self, batch: int, dim: int) -> None:
         """Once, at the first step: seeds, settings, batch sizes and widths must match on all ranks."""
@@ -250,61 +258,46 @@ class GradientOrderSampler(IndexSampler):
             self._sketch = CountSketch(dim, self.sketch_dim, seed=self.seed, device=device)
         return self._sketch
 
-    # -- StatefulDataLoader -----------------------------------------------------------------
-    def loader_state_dict(self, loader: Any) -> dict[str, Any]:
-        """``loader.state_dict()`` with this sampler's part taken now, at the training loop's step boundary.
-
-        A ``torchdata`` ``StatefulDataLoader`` with workers snapshots its sampler when it
-        *prefetches* a batch, before the loop has stepped the batches in flight, so its own
-        ``state_dict()`` holds balancing state that lags the loop. This returns the loader's
-        state with every snapshot of this sampler replaced by :meth:`state_dict` (keeping
-        the position the loader had reached), so ``loader.load_state_dict(...)`` resumes bit
-        for bit. The loader's own state is not modified.
-
-        Example::
-
-            >>> from torchdata.stateful_dataloader import StatefulDataLoader
-            >>> from dataorder import GraBSampler
-            >>> sampler = GraBSampler(8)
-            >>> loader = StatefulDataLoader(range(8), batch_size=4, sampler=sampler)
-            >>> batch = next(iter(loader))
-            >>> sampler.step(torch.randn(4, 3))
-            >>> state = sampler.loader_state_dict(loader)
-            >>> fresh = GraBSampler(8)
-            >>> resumed = StatefulDataLoader(range(8), batch_size=4, sampler=fresh)
-            >>> resumed.load_state_dict(state)
-            >>> [int(i) for i in next(iter(resumed))] == sampler.global_order()[4:].tolist()
-            True
-        """
-        state = loader.state_dict()
-        fresh = self.state_dict()
-        found = []
-
-        def replace(node: Any) -> Any:
-            if isinstance(node, dict):
-                if node.get("sampler") == fresh["sampler"] and node.get("n") == self.n and node.get("seed") == self.seed:
-                    found.append(node)
-                    if node.get("epoch") != fresh["epoch"]:
-                        return copy.copy(node)  # a snapshot of another epoch than the loop's: kept as it is
-                    return {**fresh, "position": node["position"]}
-                return {key: replace(value) for key, value in node.items()}
-            if isinstance(node, list):
-                return [replace(value) for value in node]
-            return node
-
-        replaced = replace(state)
-        if not found:
-            raise ValueError(f"loader.state_dict() holds no state of this {type(self).__name__}: pass the "
-                             "StatefulDataLoader that iterates this sampler")
-        return replaced
-
     # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly here: plain Python types and tensors.
+
+        The state is defined by the positions *stepped*. If this rank's iterator has yielded
+        positions that :meth:`step` has not consumed yet (a loader prefetching batches, e.g.
+        ``StatefulDataLoader`` with workers, which snapshots its sampler when it prefetches),
+        the returned dict describes the moment the loop has stepped up to the iterator's
+        position: the ``step`` that reaches it completes the dict in place. So the loader's
+        own ``state_dict()``, taken after ``step()``, resumes bit for bit. Copy the dict
+        (``copy.deepcopy``, ``torch.save``) to freeze it earlier.
+        """
+        state = super().state_dict()
+        yielded = min(state["position"] * self.world_size, self._global_length())
+        if yielded > self._visited:
+            self._awaiting.append((yielded, state))
+            del self._awaiting[:-MAX_AWAITING]
+        return state
+
+    def _complete_awaiting(self) -> None:
+        """Fill in the states that awaited exactly this position; drop those a step went past."""
+        fresh, waiting = None, []
+        for yielded, state in self._awaiting:
+            if yielded == self._visited:
+                fresh = fresh or super().state_dict()
+                position = state["position"]
+                state.clear()
+                state.update({**fresh, "position": position})
+            elif yielded > self._visited:
+                waiting.append((yielded, state))
+        self._awaiting = waiting
+
     def _extra_state(self) -> dict[str, Any]:
         visited = self._visited
+        if self._order_tensor is None and self._dim is not None:
+            self._order_tensor = torch.from_numpy(self._order.astype(np.int64))
         state = {
             "sketch_dim": self.sketch_dim,
             "sketch_auto": self._sketch_auto and self.sketch_dim is not None,
-            "order": None if self._dim is None else torch.from_numpy(self._order.astype(np.int64)),
+            "order": None if self._dim is None else self._order_tensor,
             "visited": visited,
             "buckets": torch.from_numpy(self._buckets[:visited].copy()),
             "dim": self._dim,
@@ -371,9 +364,9 @@ class GradientOrderSampler(IndexSampler):
         if not isinstance(buckets, Tensor) or buckets.dtype != torch.int16 or buckets.shape != (visited,):
             raise ValueError(f"state's buckets must be an int16 tensor of shape ({visited},), one per visited position")
         values = buckets.cpu().numpy()
-        if len(values) and (values.min() < SKIPPED or values.max() >= 2 ** (self.rule.depth + 1)):
-            raise ValueError(f"state's buckets hold values outside [{SKIPPED}, {2 ** (self.rule.depth + 1)}); it is corrupt")
-        if dim is None and (values != SKIPPED).any():
+        if len(values) and (values.min() < -1 or values.max() >= 2 ** (self.rule.depth + 1)):
+            raise ValueError(f"state's buckets hold values outside [-1, {2 ** (self.rule.depth + 1)}); it is corrupt")
+        if dim is None and visited:
             raise ValueError("state has stepped positions but no gradient width (dim); it is corrupt")
         sketch_dim = state["sketch_dim"] if adopted else self.sketch_dim
         width = None if dim is None else (sketch_dim or dim)
@@ -394,21 +387,21 @@ class GradientOrderSampler(IndexSampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; on any mismatch raise and change nothing.
 
-        Positions this rank's iterator had yielded but :meth:`step` had not consumed (a state
-        taken while a loader had batches in flight) are left out of the balancing, with a
-        warning: the next ``step`` balances the next position the iterator yields.
+        The next :meth:`step` balances the first position not stepped when the state was
+        taken. If the iterator had run further (the state was taken between a batch and its
+        ``step``, and never completed), a warning says so: the loop must then feed the
+        positions from the stepped one on.
         """
         super().load_state_dict(state)
+        self._awaiting, self._order_tensor = [], None
+        self._loaded_at_end = self.position >= len(self)
         yielded = min(self.position * self.world_size, self._global_length())
-        if yielded > self._visited:
-            if self._dim is not None:
-                warnings.warn(
-                    f"{type(self).__name__}: the state was taken after {yielded - self._visited} positions were "
-                    f"yielded but not stepped (e.g. StatefulDataLoader.state_dict() with workers prefetching): "
-                    "they are left out of this epoch's balancing; save sampler.loader_state_dict(loader) "
-                    "for a bit-exact resume", stacklevel=2)
-            self._buckets[self._visited:yielded] = SKIPPED
-            self._visited = yielded
+        if yielded > self._visited and self._dim is not None:
+            warnings.warn(
+                f"{type(self).__name__}: this state was taken {yielded - self._visited} positions after the last "
+                f"step() (position {self.position} yielded, {self._visited} stepped): the next step() balances "
+                f"position {self._visited}; take states after step() for a loader that resumes where it had yielded",
+                stacklevel=2)
 
 
 def _check_sketch_dim(sketch_dim: Any) -> int | None:
