@@ -267,19 +267,22 @@ class GhostRows:
         # with each other, and the Gram; host (float64): centring and assembly, on small arrays
         dense = ([self.mean[None]] if self.mean is not None else []) + [sums, self.prefix]
         vectors = _stack_rows([v.to(self.device, torch.float32) for v in dense if len(v)])
-        dots, gram, pairs = self.batch.dots(vectors), self.batch.gram(), vectors @ vectors.T
-        packed = torch.cat([dots.reshape(-1), gram.reshape(-1), pairs.reshape(-1)]).to("cpu", torch.float64)
         size, total = self.batch.batch_size, len(vectors)
-        dots, gram, pairs = np.split(packed.numpy(), [total * size, total * size + size * size])
-        dots, gram, pairs = dots.reshape(total, size), gram.reshape(size, size), pairs.reshape(total, total)
+        packed = torch.cat([self.batch.dots(vectors).reshape(-1), self.batch.gram().reshape(-1),
+                            (vectors @ vectors.T).reshape(-1)]).to("cpu", torch.float64).numpy()  # one transfer
+        dots = packed[:total * size].reshape(total, size)
+        gram = packed[total * size:(total + size) * size].reshape(size, size)
+        pairs = packed[(total + size) * size:].reshape(total, total)
         if self.mean is not None:  # <v, g - m> = <v, g> - <v, m>; <g_i - m, g_j - m> likewise
             with_mean = dots[0]
             gram = gram - with_mean[:, None] - with_mean[None, :] + pairs[0, 0]
             dots, pairs = dots[1:] - pairs[1:, :1], pairs[1:, 1:]
-        count = len(sums)
-        top = np.hstack([pairs[:count, count:], dots[:count]])  # <S_v, row> for the prefix rows, then the ghost rows
-        prefix_rows = np.hstack([pairs[count:, count:], dots[count:]])
-        return np.vstack([top, prefix_rows, np.hstack([dots[count:].T, gram])])
+        count, width = len(sums), len(self.prefix)
+        out = np.empty((count + width + size, width + size))  # [sums; prefix; ghost rows] x [prefix; ghost rows]
+        out[:count, :width], out[:count, width:] = pairs[:count, count:], dots[:count]
+        out[count:count + width, :width], out[count:count + width, width:] = pairs[count:, count:], dots[count:]
+        out[count + width:, :width], out[count + width:, width:] = dots[count:].T, gram
+        return out
 
     def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
         """``targets += weights @ rows`` in place, without forming the rows (``targets`` float32)."""
