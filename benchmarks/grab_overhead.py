@@ -361,7 +361,7 @@ def run_step_cost(args: argparse.Namespace) -> None:
 
     rows = []
     for balance in ("mean", "pair", "recursive"):
-        for label, make, needs_backward in ((f"dense rows, fused CPU kernels", lambda: dense(balance, True), False),
+        for label, make, needs_backward in (("dense rows, fused CPU kernels", lambda: dense(balance, True), False),
                                             ("dense rows, Gram path", lambda: dense(balance, False), False),
                                             ("exact ghost", lambda: ghost(balance), True)):
             call = make()
