@@ -175,7 +175,7 @@ def _stack_rows(blocks: list[Tensor]) -> Tensor:
             and block.storage_offset() == offset
         offset += block.numel()
     if consecutive:
-        return first.as_strided((sum(len(b) for b in blocks), width), (width, 1))
+        return first.as_strided((sum(b.shape[0] for b in blocks), width), (width, 1))
     return torch.cat(blocks)
 
 
@@ -243,7 +243,7 @@ class GhostRows:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (len(self.prefix) + self.batch.batch_size, self.batch.dim)
+        return (self.prefix.shape[0] + self.batch.batch_size, self.batch.dim)
 
     @property
     def device(self) -> torch.device:
@@ -251,7 +251,7 @@ class GhostRows:
 
     def head(self, count: int) -> GhostRows:
         """The first ``count`` examples (the global batch without the sharding's padded duplicates)."""
-        if self.mean is not None or len(self.prefix):
+        if self.mean is not None or self.prefix.shape[0]:
             raise ValueError("GhostRows are cut before they are centred or prefixed")
         return self if count >= self.batch.batch_size else GhostRows(self.batch.select(list(range(count))))
 
@@ -266,8 +266,8 @@ class GhostRows:
         # device: the products of every dense vector (mean, sums, prefix) with the ghost rows and
         # with each other, and the Gram; host (float64): centring and assembly, on small arrays
         dense = ([self.mean[None]] if self.mean is not None else []) + [sums, self.prefix]
-        vectors = _stack_rows([v.to(self.device, torch.float32) for v in dense if len(v)])
-        size, total = self.batch.batch_size, len(vectors)
+        vectors = _stack_rows([v.to(self.device, torch.float32) for v in dense if v.shape[0]])
+        size, total = self.batch.batch_size, vectors.shape[0]
         packed = torch.cat([self.batch.dots(vectors).reshape(-1), self.batch.gram().reshape(-1),
                             (vectors @ vectors.T).reshape(-1)]).to("cpu", torch.float64).numpy()  # one transfer
         dots = packed[:total * size].reshape(total, size)
@@ -277,7 +277,7 @@ class GhostRows:
             with_mean = dots[0]
             gram = gram - with_mean[:, None] - with_mean[None, :] + pairs[0, 0]
             dots, pairs = dots[1:] - pairs[1:, :1], pairs[1:, 1:]
-        count, width = len(sums), len(self.prefix)
+        count, width = sums.shape[0], self.prefix.shape[0]
         out = np.empty((count + width + size, width + size))  # [sums; prefix; ghost rows] x [prefix; ghost rows]
         out[:count, :width], out[:count, width:] = pairs[:count, count:], dots[:count]
         out[count:count + width, :width], out[count:count + width, width:] = pairs[count:, count:], dots[count:]
@@ -287,7 +287,7 @@ class GhostRows:
     def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
         """``targets += weights @ rows`` in place, without forming the rows (``targets`` float32)."""
         weights = np.asarray(weights, dtype=np.float32)
-        width = len(self.prefix)
+        width = self.prefix.shape[0]
         self.batch.add_weighted_(targets, weights[:, width:])  # uploads the ghost rows' weights once
 
         def upload(host: np.ndarray) -> Tensor:
@@ -299,12 +299,12 @@ class GhostRows:
             targets.addr_(upload(weights[:, width:].sum(1)), self.mean.to(self.device, torch.float32), alpha=-1.0)
 
     def centred(self, mean: Tensor) -> GhostRows:
-        if self.mean is not None or len(self.prefix):
+        if self.mean is not None or self.prefix.shape[0]:
             raise ValueError("GhostRows are centred once, before any prefix is added")
         return GhostRows(self.batch, mean.to(self.device), self.prefix)
 
     def tail(self, start: int) -> Tensor:
-        width = len(self.prefix)
+        width = self.prefix.shape[0]
         dense = [self.prefix[start:]] if start < width else []
         first = max(0, start - width)
         if first < self.batch.batch_size:
