@@ -9,10 +9,16 @@ into signs and holds its tensors (:mod:`~dataorder.ordering.rules`, math in
 >>> from dataorder.ordering import GraBSampler
 >>> GraBSampler(10, balance="pair").balance
 'pair'
+
+A step refused for NaN/inf or an overflow raises :class:`NonFiniteError`, one on a device
+without data :class:`UnsupportedDeviceError` (both ``ValueError``), and changes nothing.
 """
 
 from dataorder.ordering.grab import BALANCES, GraBSampler
 from dataorder.ordering.herding import HerdingSampler
+from dataorder.ordering.rules import NonFiniteError
 from dataorder.ordering.sampler import GradientOrderSampler
+from dataorder.ordering.sources import UnsupportedDeviceError
 
-__all__ = ["BALANCES", "GraBSampler", "GradientOrderSampler", "HerdingSampler"]
+__all__ = ["BALANCES", "GraBSampler", "GradientOrderSampler", "HerdingSampler", "NonFiniteError",
+           "UnsupportedDeviceError"]

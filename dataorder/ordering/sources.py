@@ -30,7 +30,8 @@ from torch import Tensor
 from dataorder.distributed import gather_global_batch, gather_global_batches
 from dataorder.ordering.kernels import apply_signs, balance_products
 
-__all__ = ["DenseRows", "GhostRows", "GhostSource", "SketchSource", "check_device", "dense_rows", "grads_width"]
+__all__ = ["DenseRows", "GhostRows", "GhostSource", "SketchSource", "UnsupportedDeviceError", "check_device",
+           "dense_rows", "grads_width"]
 
 
 class UnsupportedDeviceError(ValueError):
