@@ -42,8 +42,8 @@ def mean_std(values: list[float]) -> str:
 def discrepancy_table(passes: int = 5) -> None:
     import numpy as np
 
-    from dataorder.samplers.grab import GraBSampler
-    from dataorder.samplers.herding import HerdingSampler
+    from dataorder.ordering import GraBSampler
+    from dataorder.ordering import HerdingSampler
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((1024, 32))

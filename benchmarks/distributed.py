@@ -97,7 +97,7 @@ def build_variants(rank: int, world: int) -> tuple[dict, int]:
     from dataorder.distributed import gather_global_batch
     from dataorder.grads import PerExampleGrads
     from dataorder.models import mlp
-    from dataorder.samplers.grab import GraBSampler
+    from dataorder.ordering import GraBSampler
     from dataorder.samplers.shuffle import RandomReshuffling
 
     split = load_digits_split()

@@ -31,7 +31,7 @@ def peak_rss_mib() -> float:
 
 
 def one(n: int, dim: int, batch: int, steps: int, kind: str) -> dict:
-    from dataorder.samplers.grab import GraBSampler
+    from dataorder.ordering import GraBSampler
     from dataorder.samplers.shuffle import RandomReshuffling
 
     grads = torch.randn(batch, dim)

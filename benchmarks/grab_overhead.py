@@ -53,7 +53,7 @@ from _common import best_of, machine, print_table
 from ghost_models import BlockStack, ResNet18GN, TinyLM, lm_loss
 from dataorder.grads import PerExampleGrads
 from dataorder.models import LeNet, mlp
-from dataorder.samplers.grab import GraBSampler
+from dataorder import GraBSampler
 
 GHOST_CPU_TARGET, GHOST_GPU_TARGET, GHOST_VS_VMAP_TARGET = 1.5, 1.2, 5.0
 
@@ -329,6 +329,60 @@ def run_grouping(args: argparse.Namespace, repeats: int) -> None:
     print_table(rows, ("model", "B", "balance", "weighted sums", "ms/step", "vs one per row"))
 
 
+def run_step_cost(args: argparse.Namespace) -> None:
+    """``sampler.step()`` alone on the issue's 40-100-100-10 MLP at B=32: µs per step and Python calls.
+
+    Dense rows (``step(grads)`` on precomputed per-example gradients, on the fused CPU kernels
+    and on the Gram path) and the exact ghost path (a fresh backward before each step, not timed).
+    """
+    import cProfile
+    import pstats
+
+    torch.manual_seed(0)
+    size, steps = 32, 200
+    model = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+    x, y = torch.randn(size, 40), torch.randint(0, 10, (size,))
+    grads = PerExampleGrads(model, nn.functional.cross_entropy)(x, y).grads
+    n = size * steps * 4
+
+    def dense(balance: str, fused: bool) -> Callable:
+        sampler = GraBSampler(n, balance=balance)
+        sampler.fused_cpu = fused
+        return lambda: sampler.step(grads)
+
+    def ghost(balance: str) -> Callable:
+        net = copy.deepcopy(model)
+        sampler = GraBSampler(n, balance=balance).attach(net)
+
+        def run():
+            nn.functional.cross_entropy(net(x), y).backward()
+            return sampler.step
+        return run
+
+    rows = []
+    for balance in ("mean", "pair", "recursive"):
+        for label, make, needs_backward in (("dense rows, fused CPU kernels", lambda: dense(balance, True), False),
+                                            ("dense rows, Gram path", lambda: dense(balance, False), False),
+                                            ("exact ghost", lambda: ghost(balance), True)):
+            call = make()
+            times, calls = [], 0
+            for i in range(steps):
+                step = call() if needs_backward else call
+                if i == steps - 1:  # count Python calls on one warm step
+                    profile = cProfile.Profile()
+                    profile.enable()
+                    step()
+                    profile.disable()
+                    calls = pstats.Stats(profile).total_calls
+                    continue
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            rows.append((balance, label, f"{1e6 * statistics.median(times[10:]):.0f}", calls))
+    print("\nsampler.step() alone, MLP 40-100-100-10, B=32, CPU (median of 190 steps after 10 warm-up)")
+    print_table(rows, ("balance", "rows", "us/step", "Python calls/step"))
+
+
 def interleaved(variants: dict, repeats: int) -> dict[str, float]:
     """Median time of each variant, timed round-robin so that load drifts hit all alike."""
     for run in variants.values():  # warm-up
@@ -355,6 +409,8 @@ def main() -> None:
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
                         help="add the ResNet-18-size CNN and the GPT-2-small-size block stack (default: on with cuda)")
     parser.add_argument("--grouping", action="store_true", help="also time the grouped update on a wide MLP")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="only time sampler.step() alone on the 40-100-100-10 MLP (us/step, Python calls)")
     parser.add_argument("--grouping-batch", type=int, default=256, help="batch of the --grouping MLP")
     args = parser.parse_args()
     if args.large is None:
@@ -368,6 +424,9 @@ def main() -> None:
         args.seq_len = min(args.seq_len, 32)
     print(f"machine: {machine()}\ndevice: {args.device}, batch {args.batch}, {steps} steps per run "
           f"(transformer: {seq_steps}), median of {repeats}")
+    if args.step_cost:
+        run_step_cost(args)
+        return
     if args.only != "ghost":
         rows = []
         for name, (model, shape) in models().items():

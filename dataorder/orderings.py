@@ -71,10 +71,10 @@ class GradientOrdering(Ordering):
 
     def make_sampler(self, n: int, seed: int) -> Sampler[int]:
         if self.balance is None:
-            from dataorder.samplers.herding import HerdingSampler
+            from dataorder.ordering import HerdingSampler
 
             return HerdingSampler(n, seed=seed)
-        from dataorder.samplers.grab import GraBSampler
+        from dataorder.ordering import GraBSampler
 
         return GraBSampler(n, balance=self.balance, depth=self.depth, seed=seed)
 

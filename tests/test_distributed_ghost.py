@@ -39,7 +39,7 @@ def _setup(model_name):
 def _train(rank, world_size, balance, model_name):
     from torch.nn.parallel import DistributedDataParallel
 
-    from dataorder.samplers.grab import GraBSampler
+    from dataorder.ordering import GraBSampler
 
     model, x, y = _setup(model_name)
     wrapped = DistributedDataParallel(model)

@@ -16,8 +16,8 @@ def _vectors():
 
 
 def _make(kind, **kwargs):
-    from dataorder.samplers.grab import GraBSampler
-    from dataorder.samplers.herding import HerdingSampler
+    from dataorder.ordering import GraBSampler
+    from dataorder.ordering import HerdingSampler
 
     if kind == "herding":
         return HerdingSampler(N, seed=4, **kwargs)
@@ -79,7 +79,7 @@ def test_cd_grab_resumes_after_a_crash_mid_epoch(kind, tmp_path):
 
 
 def _mismatched_seed(rank, world_size):
-    from dataorder.samplers.grab import GraBSampler
+    from dataorder.ordering import GraBSampler
 
     sampler = GraBSampler(N, seed=rank)
     sampler.set_epoch(0)
@@ -92,7 +92,7 @@ def _mismatched_seed(rank, world_size):
 
 
 def _mismatched_batch(rank, world_size):
-    from dataorder.samplers.grab import GraBSampler
+    from dataorder.ordering import GraBSampler
 
     sampler = GraBSampler(N, seed=0)
     sampler.set_epoch(0)
@@ -134,7 +134,7 @@ def test_global_batch_gathered_by_the_caller_gives_the_same_order(tmp_path):
 def _auto_sketch(rank, world_size):
     import warnings
 
-    from dataorder.samplers.grab import GraBSampler
+    from dataorder.ordering import GraBSampler
 
     GraBSampler.AUTO_SKETCH_ABOVE, GraBSampler.AUTO_SKETCH_DIM = 4, 3  # a "large" model here: d=6 > 4
     vectors = _vectors()
@@ -156,7 +156,7 @@ def _auto_sketch(rank, world_size):
 
 
 def test_large_models_are_gathered_as_sketches_by_default(tmp_path):
-    from dataorder.samplers.grab import GraBSampler
+    from dataorder.ordering import GraBSampler
 
     results = run_distributed(_auto_sketch, 2, tmp_path)
     assert all(sketch == 3 for sketch, _, _ in results)

@@ -1,12 +1,13 @@
 """GraB's ghost path (attach + step()) equals the materialised path (step(grads))."""
 
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from dataorder.samplers.grab import GraBSampler
+from dataorder.ordering import GraBSampler
 from reference_grads import per_example_grads
 
 
@@ -171,3 +172,40 @@ def test_ghost_errors_are_clear_and_leave_state_alone():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nn.functional.cross_entropy(model(x), y).backward()  # no hooks left
+
+
+def _has_sketch():
+    from dataorder.ghost import GhostGrads
+
+    return hasattr(GhostGrads, "collect_sketch")
+
+
+@pytest.mark.skipif(not _has_sketch(), reason="GhostGrads(sketch=...) is not merged yet (branch sketch)")
+@pytest.mark.parametrize("balance", ["mean", "pair"])
+def test_a_sketch_wider_than_every_layer_balances_like_the_exact_path(balance):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(12, 4), torch.randint(0, 2, (12,))
+    orders = []
+    for sketch in (None, 64):
+        net = copy.deepcopy(model)
+        sampler = GraBSampler(12, balance=balance, seed=3).attach(net, sketch=sketch)
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            order = sampler.global_order()
+            for start in range(0, 12, 4):
+                batch = order[start:start + 4]
+                nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+                sampler.step()
+                net.zero_grad()
+        sampler.set_epoch(2)
+        orders.append(sampler.global_order().tolist())
+    assert orders[0] == orders[1]
+
+
+def test_attach_checks_the_sketch_argument():
+    with pytest.raises(ValueError, match="sketch must be None"):
+        GraBSampler(4).attach(nn.Linear(2, 2), sketch=0)
+    if not _has_sketch():
+        with pytest.raises(NotImplementedError, match="collect_sketch"):
+            GraBSampler(4).attach(nn.Linear(2, 2), sketch=4)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dataorder.samplers.base import epoch_rng
-from dataorder.samplers.grab import GraBSampler
-from dataorder.samplers.herding import HerdingSampler, herding_order
+from dataorder.ordering import GraBSampler
+from dataorder.ordering.herding import HerdingSampler, herding_order
 
 
 def reference_herding(vectors):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from dataorder.ghost import GhostGrads
-from dataorder.samplers.rows import DenseRows, GhostRows
+from dataorder.ordering.sources import DenseRows, GhostRows
 
 
 def ghost_and_dense(seed=0, batch=6):

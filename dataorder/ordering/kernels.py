@@ -17,7 +17,8 @@ the same deterministic host recursion on every rank):
    with the running sums updated implicitly through the Gram matrix;
 3. device update -- :func:`apply_signs`: ``S += W @ C`` in one matrix product;
 
-plus the pure order bookkeeping :func:`reorder`. No layer issues device work per example.
+plus the pure order bookkeeping :func:`reorder` and the offline herding order
+:func:`herding_order`. No layer issues device work per example.
 
 On the CPU there is no device to keep busy, and the Gram matrix costs ``B²k`` flops against
 ``2Bk`` for visiting the rows once: :func:`tree_balance_rows` and :func:`pair_balance_rows`
@@ -45,6 +46,7 @@ from torch import Tensor
 __all__ = [
     "apply_signs",
     "balance_products",
+    "herding_order",
     "mean_balance_signs",
     "pair_balance_rows",
     "pair_balance_signs",
@@ -320,3 +322,42 @@ def reorder(visited: np.ndarray, buckets: np.ndarray, unvisited: np.ndarray | No
     if unvisited is None:
         return ordered
     return np.concatenate([ordered, np.asarray(unvisited, dtype=np.int64)])
+
+
+@numba.njit(cache=True)
+def herding_order(vectors: np.ndarray) -> np.ndarray:  # pragma: no cover - numba
+    """Greedy herding order of ``vectors`` ``(n, k)``: each pick minimises ``‖s + v‖``, then ``s += v``.
+
+    ``vectors`` should be centred (mean zero) by the caller. Ties go to the lowest index.
+    O(n²·k) time, O(n) extra memory.
+
+    >>> import numpy as np
+    >>> herding_order(np.array([[3.0], [-1.0], [-2.0]])).tolist()
+    [1, 0, 2]
+    """
+    n, k = vectors.shape
+    norms = np.empty(n, dtype=np.float64)
+    for j in range(n):
+        acc = 0.0
+        for c in range(k):
+            acc += vectors[j, c] * vectors[j, c]
+        norms[j] = acc
+    dots = np.zeros(n, dtype=np.float64)  # <s, v_j>
+    taken = np.zeros(n, dtype=np.bool_)
+    order = np.empty(n, dtype=np.int64)
+    for t in range(n):
+        best, best_value = -1, np.inf
+        for j in range(n):
+            if not taken[j]:
+                value = 2.0 * dots[j] + norms[j]  # ‖s + v_j‖² - ‖s‖²
+                if value < best_value:
+                    best, best_value = j, value
+        order[t] = best
+        taken[best] = True
+        for j in range(n):
+            if not taken[j]:
+                acc = 0.0
+                for c in range(k):
+                    acc += vectors[best, c] * vectors[j, c]
+                dots[j] += acc
+    return order

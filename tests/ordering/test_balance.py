@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataorder.samplers.balance import (
+from dataorder.ordering.kernels import (
     apply_signs,
     balance_products,
     mean_balance_signs,

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dataorder.grads import CountSketch
 from dataorder.samplers.base import epoch_rng
-from dataorder.samplers.grab import GraBSampler
+from dataorder.ordering import GraBSampler
 
 
 # -- a straightforward GraB, one example at a time (Lu, Guo, De Sa 2022, Algorithm 4) --------------
@@ -124,11 +124,28 @@ def test_cut_short_epoch_keeps_unvisited_in_relative_order(grads):
     assert sorted(sampler.global_order()[:20].tolist()) == sorted(order[:20].tolist())
 
 
-def test_epoch_without_steps_keeps_the_order():
-    sampler = GraBSampler(10, seed=0)
-    first = sampler.global_order().tolist()
+def test_epoch_without_steps_keeps_the_order(grads):
+    sampler = GraBSampler(len(grads), seed=0)
+    sampler.step(grads[sampler.global_order()[:4]])
     sampler.set_epoch(1)
-    assert sampler.global_order().tolist() == first
+    balanced = sampler.global_order().tolist()
+    sampler.set_epoch(2)  # no step in epoch 1: its order carries over
+    assert sampler.global_order().tolist() == balanced
+
+
+def test_orders_before_the_first_step_are_seeded_permutations_and_reading_changes_nothing():
+    from dataorder.samplers.base import epoch_rng
+
+    sampler = GraBSampler(10, seed=3)
+    state = sampler.state_dict()
+    assert sampler.global_order(2).tolist() == epoch_rng(3, 2).permutation(10).tolist()
+    list(sampler)
+    sampler.set_epoch(1)
+    assert sampler.global_order().tolist() == epoch_rng(3, 1).permutation(10).tolist()
+    sampler.set_epoch(0)  # nothing balanced yet: any epoch may be selected
+    after = sampler.state_dict()
+    assert after.pop("buckets").numel() == state.pop("buckets").numel() == 0
+    assert {k: v for k, v in after.items() if k != "position"} == {k: v for k, v in state.items() if k != "position"}
 
 
 @pytest.mark.parametrize("balance", ["mean", "pair", "recursive"])
@@ -279,7 +296,7 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
 def test_epochs_move_forward_only(grads):
     sampler = GraBSampler(len(grads))
     sampler.set_epoch(2)
-    sampler.global_order()
+    sampler.step(grads[sampler.global_order()[:2]])
     with pytest.raises(ValueError, match="cannot go back"):
         sampler.set_epoch(1)
     with pytest.raises(ValueError, match="only the current epoch"):

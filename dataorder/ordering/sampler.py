@@ -1,0 +1,414 @@
+"""GradientOrderSampler: the order bookkeeping of samplers whose next order comes from gradients.
+
+During epoch ``t`` the training loop feeds each batch's per-example gradients to ``step``;
+the sampler's *rule* (:mod:`dataorder.ordering.rules`) turns them into the order of epoch
+``t + 1``. A step flows one way: a source's rows (:mod:`dataorder.ordering.sources`) → the
+rule's plan (signs and its new tensors) → the positions stepped here. The epoch advances in
+one place, :meth:`GradientOrderSampler.set_epoch`; the first epoch is a seeded random
+permutation.
+
+Resumption is defined by the positions *stepped*: ``state_dict()`` holds the rule's tensors
+after the last ``step``, where each stepped position went, and how far this rank's iterator
+has got. See ``docs/grab-resume.md`` for ``StatefulDataLoader`` with workers.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Mapping, Sized
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dataorder.distributed import active_world, check_same_on_all_ranks, gather_global_batch
+from dataorder.ordering.sources import DenseRows, check_device, dense_rows, grads_width
+from dataorder.samplers.base import IndexSampler, check_epoch, epoch_rng, shard_length
+
+__all__ = ["GradientOrderSampler"]
+
+#: How many states taken ahead of step() are completed at most (a prefetching loader holds a few).
+MAX_AWAITING = 256
+
+
+class GradientOrderSampler(IndexSampler):
+    """Order bookkeeping for a gradient-driven ``rule``: positions stepped, epochs, CD-GraB, state.
+
+    ``rule`` is a :class:`~dataorder.ordering.rules.MeanRule`, ``PairRule``, ``HerdingRule``
+    or any object with their methods. The order of an epoch is only known once the epoch
+    before it has been stepped through, so epochs cannot go back once a step was taken.
+
+    Example (herding, fed the whole epoch at once)::
+
+        >>> from dataorder.ordering.rules import HerdingRule
+        >>> sampler = GradientOrderSampler(3, rule=HerdingRule(3))
+        >>> grads = torch.tensor([[3.0], [-1.0], [-2.0]])
+        >>> sampler.step(grads[sampler.global_order()])
+        >>> sampler.set_epoch(1)
+        >>> sampler.global_order().tolist()
+        [1, 0, 2]
+    """
+
+    world_size_independent = True
+    #: Under torch.distributed with ``sketch_dim=None``, gradients wider than this are
+    #: all-gathered as CountSketches of width :attr:`AUTO_SKETCH_DIM` (O(B·k) per rank).
+    AUTO_SKETCH_ABOVE = 1_000_000
+    AUTO_SKETCH_DIM = 4096
+    #: Balance CPU rows with the fused one-pass kernels (else the Gram path).
+    fused_cpu: bool = True
+
+    def __init__(
+        self,
+        data: Sized | int,
+        *,
+        rule: Any,
+        sketch_dim: int | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(data, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        self.rule = rule
+        self.sketch_dim = _check_sketch_dim(sketch_dim)
+        self._sketch_auto = sketch_dim is None  # may pick AUTO_SKETCH_DIM for a large model under DDP
+        self._order = self._first_order(self.epoch)  # this epoch's global order
+        self._visited = 0  # positions of that order already stepped (the next step starts here)
+        self._buckets = np.zeros(self.n, dtype=np.int16)  # where each stepped position goes
+        self._dim: int | None = None  # width of the gradients fed to step (before sketching); None: never stepped
+        self._dtype: torch.dtype | None = None  # accumulation dtype: float32, or float64
+        self._sketch = None
+        self._source = None  # where step() with no argument takes its rows (see GraBSampler.attach)
+        self._loaded_at_end = False  # a state loaded after the epoch's last index: iterating yields nothing
+        self._awaiting: list[tuple[int, dict]] = []  # states taken ahead of step(): (position they await, state)
+        self._order_tensor: Tensor | None = None  # this epoch's order as saved (cached: it is fixed per epoch)
+
+    # -- epochs: the one place the order advances --------------------------------------------
+    def _first_order(self, epoch: int) -> np.ndarray:
+        return epoch_rng(self.seed, epoch).permutation(self.n)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate. Moving forward turns this epoch's steps into the next order.
+
+        Once a step was taken the epoch may only move forward (its orders depend on the
+        gradients of earlier epochs); load an older ``state_dict`` to go back.
+        """
+        epoch = check_epoch(epoch)
+        if epoch == self.epoch:
+            return super().set_epoch(epoch)
+        if self._dim is None:  # never balanced: every epoch's order is its seeded permutation
+            self._order = self._first_order(epoch)
+        elif epoch < self.epoch:
+            raise ValueError(
+                f"{type(self).__name__} cannot go back to epoch {epoch}: its orders depend on the "
+                f"gradients of earlier epochs and it is at epoch {self.epoch}; load an older state_dict"
+            )
+        else:
+            self._order = self._next_order()
+            self.rule.end_epoch(self._visited)
+        self._visited = 0
+        self._buckets[:] = 0
+        self._awaiting.clear()
+        self._order_tensor = None
+        self._loaded_at_end = False
+        super().set_epoch(epoch)
+
+    def _next_order(self) -> np.ndarray:
+        visited, order = self._visited, self._order
+        head = self.rule.next_order(np.arange(visited), order[:visited], self._buckets[:visited])
+        return np.concatenate([head, order[visited:]]).astype(np.int64)
+
+    def _global_order(self, epoch: int) -> np.ndarray:
+        if epoch == self.epoch:
+            return self._order
+        if self._dim is None:
+            return self._first_order(epoch)
+        raise ValueError(
+            f"{type(self).__name__} decides each epoch's order from the gradients of the epoch "
+            f"before, so only the current epoch's ({self.epoch}) order is known, not epoch {epoch}'s; "
+            "call set_epoch first"
+        )
+
+    def __iter__(self):
+        if self._loaded_at_end:  # resumed after the epoch's last index: nothing remains (not a replay)
+            return iter(())
+        return super().__iter__()
+
+    # -- step -------------------------------------------------------------------------------
+    @property
+    def steps_position(self) -> int:
+        """How many positions of the current epoch's global order :meth:`step` has consumed."""
+        return self._visited
+
+    def _distributed(self) -> int:
+        """The process group's size when this sampler balances across ranks (CD-GraB), else 1."""
+        return active_world() if self.world_size > 1 else 1
+
+    @torch.no_grad()
+    def step(self, grads: Tensor | Mapping[str, Tensor] | None = None, *, global_batch: bool = False) -> None:
+        """Feed the per-example gradients of the next ``B`` positions of this epoch's order.
+
+        ``grads`` is a ``(B, d)`` tensor (e.g. ``PerExampleGrads(...)(x, y).grads``) or
+        torch.func's dict ``{name: (B, *shape)}``. Half-precision gradients are accumulated in
+        float32. A step either completes with finite state or raises (``ValueError`` for a
+        wrong batch size, a changed ``d``, NaN/inf or an overflow, ``TypeError`` for a wrong
+        type) and leaves the sampler exactly as it was.
+
+        Under ``torch.distributed`` (``world_size > 1``) each rank passes its local batch and
+        the rows are all-gathered into global-batch order (CD-GraB): every rank then runs the
+        same balancing. Pass ``global_batch=True`` when ``grads`` already hold the whole
+        global batch, e.g. from :func:`dataorder.distributed.gather_global_batch`.
+        """
+        if grads is None:
+            return self._step_source()
+        world = self._distributed()
+        if world > 1 and self._sketch_auto and self._dim is None and self.sketch_dim is None:
+            width = grads_width(grads)
+            if width > self.AUTO_SKETCH_ABOVE:
+                self.sketch_dim = self.AUTO_SKETCH_DIM
+                warnings.warn(f"{type(self).__name__}: d={width} > {self.AUTO_SKETCH_ABOVE:,}, so per-example "
+                              f"gradients are all-gathered as CountSketches of width {self.sketch_dim}; pass "
+                              "sketch_dim explicitly to choose", stacklevel=2)
+        rows = dense_rows(grads, self._dim, self._dtype)
+        dim = int(rows.shape[1])
+        if self.sketch_dim is not None:
+            rows = self._get_sketch(dim, rows.device)(rows)
+        if world > 1 and self._dim is None:
+            self._check_ranks_agree(rows.shape[0], dim)
+        if world > 1 and not global_batch:
+            rows = gather_global_batch(rows)  # CD-GraB: every rank balances the same global batch
+        rows = DenseRows(rows)
+        if world > 1 or global_batch:
+            rows = rows.head(self._global_length() - self._visited)  # drop the padding's duplicates
+        self._advance([rows], dim)
+
+    def _step_source(self) -> None:
+        if self._source is None:
+            raise ValueError("step() with no gradients needs sampler.attach(model) first; or pass "
+                             "per-example gradients, e.g. sampler.step(PerExampleGrads(model, loss_fn)(x, y).grads)")
+        batches = self._source.collect()
+        if not batches:
+            raise ValueError("no backward pass since the last step(): call loss.backward() before sampler.step()")
+        world = self._distributed()
+        if world > 1:
+            if self._dim is None:
+                self._check_ranks_agree(batches[0].shape[0], batches[0].shape[1])
+            batches = self._source.globalise(batches, world)
+            position, cut = self._visited, []
+            for rows in batches:  # drop the padding's duplicates at the epoch's end
+                rows = rows.head(max(self._global_length() - position, 0))
+                position += rows.shape[0]
+                cut.append(rows)
+            batches = [rows for rows in cut if rows.shape[0]] or cut[:1]
+        self._advance(batches, batches[0].shape[1])
+
+    def _advance(self, batches: list, dim: int) -> None:
+        """Balance ``batches`` (one per micro-batch, in order) as consecutive positions: all or none."""
+        start = self._visited
+        total = sum(rows.shape[0] for rows in batches)
+        remaining = self._global_length() - start
+        if total > remaining:
+            raise ValueError(
+                f"step got {total} gradients but only {remaining} positions of epoch {self.epoch} "
+                f"remain ({start} stepped of {self._global_length()}); feed each batch once, in loader order, "
+                "and call set_epoch at the start of each epoch"
+            )
+        if self._dim is not None and dim != self._dim:
+            raise ValueError(f"this step's gradients have d={dim} but earlier steps had d={self._dim}; feed the "
+                             "same parameters every step")
+        for rows in batches:
+            check_device(rows.device)
+        undo = self.rule.undo_point()  # the rule's tensors are replaced, never changed in place
+        first = max(start - 1, 0)  # a pair carried over rewrites the bucket before ``start``
+        saved = self._buckets[first:start + total].copy()
+        fused = self.fused_cpu
+        try:
+            for rows in batches:
+                plan = self.rule.plan(rows, fused=fused)
+                self.rule.commit(plan, self._visited)
+                written = self._visited - plan.carried
+                self._buckets[written:written + len(plan.buckets)] = plan.buckets
+                self._visited += rows.shape[0]
+        except BaseException:
+            self.rule.restore(undo)
+            self._buckets[first:start + total] = saved
+            self._visited = start
+            raise
+        self._dim = dim
+        self._dtype = self._dtype or batches[0].dtype
+        if self._awaiting:
+            self._complete_awaiting()
+
+    def _check_ranks_agree(self, batch: int, dim: int) -> None:
+        """Once, at the first step: seeds, settings, batch sizes and widths must match on all ranks."""
+        settings = {"drop_last": self.drop_last, "sketch_dim": self.sketch_dim, **self._settings()}
+        check_same_on_all_ranks(type(self).__name__, seed=self.seed, n=self.n, settings=settings,
+                                epoch=self.epoch, batch_size=batch, grad_dim=dim)
+
+    def _settings(self) -> dict[str, Any]:
+        """Constructor settings that a state and every rank must share (the subclass's)."""
+        return {}
+
+    def _get_sketch(self, dim: int, device: torch.device):
+        from dataorder.grads import CountSketch
+
+        if self._sketch is None or self._sketch.dim_in != dim:
+            self._sketch = CountSketch(dim, self.sketch_dim, seed=self.seed, device=device)
+        return self._sketch
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly here: plain Python types and tensors.
+
+        The state is defined by the positions *stepped*. If this rank's iterator has yielded
+        positions that :meth:`step` has not consumed yet (a loader prefetching batches, e.g.
+        ``StatefulDataLoader`` with workers, which snapshots its sampler when it prefetches),
+        the returned dict describes the moment the loop has stepped up to the iterator's
+        position: the ``step`` that reaches it completes the dict in place. So the loader's
+        own ``state_dict()``, taken after ``step()``, resumes bit for bit. Copy the dict
+        (``copy.deepcopy``, ``torch.save``) to freeze it earlier.
+        """
+        state = super().state_dict()
+        yielded = min(state["position"] * self.world_size, self._global_length())
+        if yielded > self._visited:
+            self._awaiting.append((yielded, state))
+            del self._awaiting[:-MAX_AWAITING]
+        return state
+
+    def _complete_awaiting(self) -> None:
+        """Fill in the states that awaited exactly this position; drop those a step went past."""
+        fresh, waiting = None, []
+        for yielded, state in self._awaiting:
+            if yielded == self._visited:
+                fresh = fresh or super().state_dict()
+                position = state["position"]
+                state.clear()
+                state.update({**fresh, "position": position})
+            elif yielded > self._visited:
+                waiting.append((yielded, state))
+        self._awaiting = waiting
+
+    def _extra_state(self) -> dict[str, Any]:
+        visited = self._visited
+        if self._order_tensor is None and self._dim is not None:
+            self._order_tensor = torch.from_numpy(self._order.astype(np.int64))
+        state = {
+            "sketch_dim": self.sketch_dim,
+            "sketch_auto": self._sketch_auto and self.sketch_dim is not None,
+            "order": None if self._dim is None else self._order_tensor,
+            "visited": visited,
+            "buckets": torch.from_numpy(self._buckets[:visited].copy()),
+            "dim": self._dim,
+            "dtype": None if self._dtype is None else str(self._dtype).removeprefix("torch."),
+            **self._settings(),
+        }
+        state.update(self.rule.state_dict(visited))
+        return state
+
+    def _check_state(self, state: Any) -> int:
+        """Refuse any field ``state_dict()`` could not have produced, before the shared checks."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        for key in ("n", "seed", "epoch", "position", "world_size", "visited"):
+            if key in state and (isinstance(state[key], bool) or not isinstance(state[key], numbers.Integral)):
+                raise TypeError(f"state's {key} must be an int, got {state[key]!r}")
+        if "world_size" in state and state["world_size"] < 1:
+            raise ValueError(f"state's world_size must be >= 1, got {state['world_size']}")
+        if "drop_last" in state and not isinstance(state["drop_last"], (bool, np.bool_)):
+            raise TypeError(f"state's drop_last must be True or False, got {state['drop_last']!r}")
+        if "sampler" in state and not isinstance(state["sampler"], str):
+            raise TypeError(f"state's sampler must be a class name, got {state['sampler']!r}")
+        if {"position", "world_size"} <= set(state):
+            most = shard_length(self._global_length(), state["world_size"], self.drop_last)
+            if not 0 <= state["position"] <= most:
+                raise ValueError(f"state's position={state['position']} is not in [0, {most}], the epoch's length "
+                                 f"at world_size={state['world_size']}; it is corrupt")
+        return super()._check_state(state)
+
+    def _check_extra_state(self, state: dict[str, Any]) -> None:
+        name = type(self).__name__
+        missing = {"sketch_dim", "order", "visited", "buckets", "dim", "dtype", *self._settings()} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}; pass a dict from {name}.state_dict()")
+        for key, value in self._settings().items():
+            if state[key] != value:
+                raise ValueError(f"state was saved with {key}={state[key]!r}; construct the sampler with it")
+        adopted = self._sketch_auto and state.get("sketch_auto", False) is True  # chosen at a first distributed step
+        if state["sketch_dim"] != self.sketch_dim and not adopted:
+            raise ValueError(f"state was saved with sketch_dim={state['sketch_dim']}; construct the sampler with it")
+        if adopted:
+            _check_sketch_dim(state["sketch_dim"])
+        dim = state["dim"]
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1):
+            raise ValueError(f"state's dim must be None or a positive int, got {dim!r}")
+        if state["dtype"] not in (None, "float32", "float64"):
+            raise ValueError(f"state's dtype={state['dtype']!r} is not float32 or float64")
+        visited = state["visited"]
+        if not 0 <= visited <= self._global_length():
+            raise ValueError(f"state's visited={visited} is not in [0, {self._global_length()}]")
+        order = state["order"]
+        if order is None:
+            if dim is not None:
+                raise ValueError("state has balanced steps (dim) but no order; it is corrupt")
+        else:
+            if not isinstance(order, Tensor) or order.dtype != torch.int64 or order.device.type == "meta":
+                raise TypeError("state's order must be an int64 tensor on a real device")
+            array = order.cpu().numpy()
+            if array.shape != (self.n,) or not np.array_equal(np.sort(array), np.arange(self.n)):
+                raise ValueError(f"state's order is not a permutation of {self.n} examples; it is corrupt")
+            if dim is None:
+                raise ValueError("state holds an order but no gradient width (dim); it is corrupt")
+        buckets = state["buckets"]
+        if not isinstance(buckets, Tensor) or buckets.dtype != torch.int16 or buckets.shape != (visited,):
+            raise ValueError(f"state's buckets must be an int16 tensor of shape ({visited},), one per visited position")
+        values = buckets.cpu().numpy()
+        if len(values) and (values.min() < -1 or values.max() >= 2 ** (self.rule.depth + 1)):
+            raise ValueError(f"state's buckets hold values outside [-1, {2 ** (self.rule.depth + 1)}); it is corrupt")
+        if dim is None and visited:
+            raise ValueError("state has stepped positions but no gradient width (dim); it is corrupt")
+        sketch_dim = state["sketch_dim"] if adopted else self.sketch_dim
+        width = None if dim is None else (sketch_dim or dim)
+        self.rule.check_state(state, width, visited)
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("sketch_auto", False):
+            self.sketch_dim = state["sketch_dim"]
+        self._dim = None if state["dim"] is None else int(state["dim"])
+        self._dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
+        order = state["order"]
+        self._order = self._first_order(int(state["epoch"])) if order is None else order.cpu().numpy().astype(np.int64)
+        self._visited = int(state["visited"])
+        self._buckets = np.zeros(self.n, dtype=np.int16)
+        self._buckets[:self._visited] = state["buckets"].cpu().numpy()
+        self.rule.load_state_dict(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; on any mismatch raise and change nothing.
+
+        The next :meth:`step` balances the first position not stepped when the state was
+        taken. If the iterator had run further (the state was taken between a batch and its
+        ``step``, and never completed), a warning says so: the loop must then feed the
+        positions from the stepped one on.
+        """
+        super().load_state_dict(state)
+        self._awaiting, self._order_tensor = [], None
+        self._loaded_at_end = self.position >= len(self)
+        yielded = min(self.position * self.world_size, self._global_length())
+        if yielded > self._visited and self._dim is not None:
+            warnings.warn(
+                f"{type(self).__name__}: this state was taken {yielded - self._visited} positions after the last "
+                f"step() (position {self.position} yielded, {self._visited} stepped): the next step() balances "
+                f"position {self._visited}; take states after step() for a loader that resumes where it had yielded",
+                stacklevel=2)
+
+
+def _check_sketch_dim(sketch_dim: Any) -> int | None:
+    if sketch_dim is None:
+        return None
+    if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, numbers.Integral):
+        raise TypeError(f"sketch_dim must be None or a positive int, got {sketch_dim!r}")
+    if sketch_dim < 1:
+        raise ValueError(f"sketch_dim must be a positive int (e.g. 1024), got {sketch_dim}")
+    return int(sketch_dim)

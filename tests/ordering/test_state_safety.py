@@ -1,0 +1,176 @@
+"""A step completes with finite state or raises and changes nothing; a load refuses any state
+``state_dict()`` could not have produced, names the field, and changes nothing (issue 13)."""
+
+import pytest
+import torch
+from torch import nn
+
+from dataorder.ordering import GraBSampler, HerdingSampler
+from dataorder.ordering.rules import NonFiniteError
+from dataorder.ordering.sources import UnsupportedDeviceError
+
+
+def same_state(a, b):
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def stepped(balance="mean", fused=True, n=12, steps=1, batch=3, width=4):
+    sampler = GraBSampler(n, balance=balance, seed=1) if balance != "herding" else HerdingSampler(n, seed=1)
+    sampler.fused_cpu = fused
+    grads = torch.randn(n, width, generator=torch.Generator().manual_seed(0))
+    order = sampler.global_order()
+    for i in range(steps):
+        sampler.step(grads[order[i * batch:(i + 1) * batch]])
+    return sampler
+
+
+def assert_step_refused(sampler, grads, error=ValueError, match=None):
+    before = sampler.state_dict()
+    with pytest.raises(error, match=match):
+        sampler.step(grads)
+    assert same_state(sampler.state_dict(), before)
+
+
+# -- steps ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_pair_balance_refuses_a_non_finite_unpaired_last_row(fused, bad):
+    sampler = stepped("pair", fused)  # 3 rows stepped: one pending
+    grads = torch.randn(4, 4)
+    grads[-1, 1] = bad  # [pending; 4 rows]: pairs (pending, 0), (1, 2); row 3 is left unpaired
+    assert_step_refused(sampler, grads, NonFiniteError)
+    fresh = stepped("pair", fused, steps=0)
+    odd = torch.randn(3, 4)
+    odd[-1, 0] = bad  # rows 0, 1 paired; row 2 (the unpaired last) is not finite
+    assert_step_refused(fresh, odd, NonFiniteError)
+    fresh.step(torch.randn(3, 4))  # and the sampler still works
+    assert torch.isfinite(fresh.state_dict()["tensors"]["pending"]).all()
+
+
+@pytest.mark.parametrize("balance", ["mean", "recursive"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradients_that_would_overflow_the_running_sums_are_refused(balance, fused):
+    sampler = stepped(balance, fused)
+    huge = torch.full((6, 4), 1e38)  # finite float32, but six of them sum past float32's max
+    assert_step_refused(sampler, huge, NonFiniteError, match="overflow")
+    sampler.step(torch.randn(6, 4))
+    state = sampler.state_dict()["tensors"]
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_pair_differences_that_overflow_are_refused(fused):
+    sampler = stepped("pair", fused, steps=2)  # 6 rows stepped: nothing pending
+    rows = torch.tensor([[3e38, 0.0, 0.0, 0.0], [-3e38, 0.0, 0.0, 0.0]])  # the difference is inf in float32
+    assert_step_refused(sampler, rows, NonFiniteError)
+
+
+@pytest.mark.parametrize("balance", ["mean", "pair", "recursive", "herding"])
+def test_gradients_on_the_meta_device_leave_the_state_where_it_was(balance):
+    sampler = stepped(balance)
+    assert_step_refused(sampler, torch.zeros(3, 4, device="meta"), UnsupportedDeviceError, match="meta")
+    sampler.step(torch.randn(3, 4))
+
+
+def test_ghost_rows_on_the_meta_device_are_refused_before_any_change():
+    model = nn.Linear(3, 2).to("meta")
+    sampler = GraBSampler(8).attach(model)
+    model(torch.zeros(4, 3, device="meta")).sum().backward()
+    before = sampler.state_dict()
+    with pytest.raises(UnsupportedDeviceError):
+        sampler.step()
+    assert same_state(sampler.state_dict(), before)
+
+
+def test_a_gradient_dict_holding_a_list_is_a_type_error_naming_the_key():
+    sampler = stepped("mean", steps=0)
+    with pytest.raises(TypeError, match=r"grads\['w'\] must be a \(B, \*shape\) tensor"):
+        sampler.step({"w": [[1.0, 2.0]], "b": torch.zeros(1, 2)})
+
+
+def test_a_failed_micro_batch_undoes_the_whole_accumulated_step():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    sampler = GraBSampler(12, balance="pair").attach(model)
+    x = torch.randn(12, 3)
+    nn.functional.cross_entropy(model(x[:3]), torch.zeros(3, dtype=torch.long)).backward()
+    sampler.step()
+    before = sampler.state_dict()
+    nn.functional.cross_entropy(model(x[3:6]), torch.zeros(3, dtype=torch.long)).backward()
+    bad = x[6:9].clone()
+    bad[0, 0] = float("nan")
+    nn.functional.cross_entropy(model(bad), torch.zeros(3, dtype=torch.long)).backward()
+    with pytest.raises(NonFiniteError):
+        sampler.step()  # the first micro-batch was balanced, the second is not finite: neither stays
+    assert same_state(sampler.state_dict(), before)
+
+
+# -- loads ---------------------------------------------------------------------------------
+def _nan(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+def _inf(t):
+    t = t.clone()
+    t.view(-1)[-1] = float("inf")
+    return t
+
+
+TAMPERED = [
+    ("mean", lambda s: s["tensors"].update(mean=_nan(s["tensors"]["mean"])), ValueError, r"tensors\['mean'\].*NaN"),
+    ("mean", lambda s: s["tensors"].update(sums=_inf(s["tensors"]["sums"])), ValueError, r"tensors\['sums'\].*inf"),
+    ("mean", lambda s: s["tensors"].update(sums=s["tensors"]["sums"].to(torch.complex64)), TypeError,
+     r"tensors\['sums'\].*complex"),
+    ("mean", lambda s: s["tensors"].update(next_sum=s["tensors"]["next_sum"].to("meta")), ValueError,
+     r"tensors\['next_sum'\].*meta"),
+    ("mean", lambda s: s["tensors"].update(sums=torch.zeros(2, 4)), ValueError, r"tensors\['sums'\] has shape"),
+    ("pair", lambda s: s["tensors"].update(pending=_nan(s["tensors"]["pending"])), ValueError,
+     r"tensors\['pending'\].*NaN"),
+    ("pair", lambda s: s["tensors"].update(pending=torch.zeros(0, 4)), ValueError, r"pending'\] holds 0 rows"),
+    ("herding", lambda s: s.update(stored=_nan(s["stored"])), ValueError, r"stored.*NaN"),
+    ("herding", lambda s: s.update(stored=s["stored"].to(torch.complex128)), TypeError, r"stored.*complex"),
+    ("mean", lambda s: s.update(position=99), ValueError, r"position=99 is not in \[0, 12\]"),
+    ("mean", lambda s: s.update(position=-1), ValueError, r"position"),
+    ("mean", lambda s: s.update(visited=13), ValueError, r"visited=13"),
+    ("mean", lambda s: s.update(visited="3"), TypeError, r"visited must be an int"),
+    ("mean", lambda s: s.update(world_size=0), ValueError, r"world_size must be >= 1"),
+    ("mean", lambda s: s.update(world_size=-2), ValueError, r"world_size must be >= 1"),
+    ("mean", lambda s: s.update(world_size="2"), TypeError, r"world_size must be an int"),
+    ("mean", lambda s: s.update(world_size=1.0), TypeError, r"world_size must be an int"),
+    ("mean", lambda s: s.update(epoch="0"), TypeError, r"epoch must be an int"),
+    ("mean", lambda s: s.update(seed="1"), TypeError, r"seed must be an int"),
+    ("mean", lambda s: s.update(drop_last="no"), TypeError, r"drop_last must be True or False"),
+    ("mean", lambda s: s.update(dim="4"), ValueError, r"dim must be None or a positive int"),
+    ("mean", lambda s: s.update(dtype=5), ValueError, r"dtype=5"),
+    ("mean", lambda s: s.update(buckets=s["buckets"].float()), ValueError, r"buckets must be an int16"),
+    ("mean", lambda s: s.update(buckets=s["buckets"] + 7), ValueError, r"buckets hold values outside"),
+    ("mean", lambda s: s.update(order=torch.zeros(12, dtype=torch.int64)), ValueError, r"order is not a permutation"),
+    ("mean", lambda s: s.update(order=s["order"].float()), TypeError, r"order must be an int64"),
+    ("mean", lambda s: s.update(balance="pair"), ValueError, r"balance='pair'"),
+]
+
+
+@pytest.mark.parametrize("balance, tamper, error, match", TAMPERED)
+def test_load_refuses_a_state_state_dict_could_not_produce_and_changes_nothing(balance, tamper, error, match):
+    saved = stepped(balance, steps=3).state_dict()
+    tamper(saved)
+    target = stepped(balance, steps=1, batch=5)  # a sampler with a state of its own
+    before = target.state_dict()
+    with pytest.raises(error, match=match):
+        target.load_state_dict(saved)
+    assert same_state(target.state_dict(), before)
+
+
+@pytest.mark.parametrize("balance", ["mean", "pair", "recursive", "herding"])
+def test_untampered_states_round_trip_through_torch_save(balance, tmp_path):
+    sampler = stepped(balance, steps=3)
+    torch.save(sampler.state_dict(), tmp_path / "state.pt")
+    other = stepped(balance, steps=0)
+    other.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert same_state(other.state_dict(), sampler.state_dict())
