@@ -153,7 +153,7 @@ class GhostGrads:
             raise ValueError("collect_sketch() needs a sketch size: construct GhostGrads(model, sketch=k)")
         out = []
         for batch_size, factors, names in self._groups():
-            out.append(self._sketcher.rows(factors, self.shapes, names).mul_(batch_size))
+            out.append(self._sketcher.rows(factors, self.shapes, names, scale=batch_size))
         return out
 
     def _groups(self):

@@ -188,6 +188,7 @@ class Sketcher:
     def __init__(self, k: int, seed: int = 0) -> None:
         self.k, self.seed = int(k), int(seed)
         self._cache: dict[tuple, Projection] = {}
+        self._plans: dict[tuple, tuple] = {}  # (name, shape, rows per example, device) -> how to sketch it
 
     def project(self, name: str, shape: tuple, axis: str, device: torch.device) -> Projection:
         key = (name, tuple(shape), axis, str(device))
@@ -197,14 +198,18 @@ class Sketcher:
                                           width=width).to(device)
         return self._cache[key]
 
-    def rows(self, factors: list, shapes: Mapping[str, torch.Size], names: list[str] | None = None) -> Tensor:
-        """``(B, D)`` float32 sketch rows of ``factors`` over ``names`` (default: ``shapes``' order)."""
+    def rows(self, factors: list, shapes: Mapping[str, torch.Size], names: list[str] | None = None,
+             scale: float = 1.0) -> Tensor:
+        """``(B, D)`` float32 sketch rows of ``factors`` over ``names`` (default: ``shapes``' order), times ``scale``.
+
+        """
+        order = list(shapes) if names is None else names
         parts: dict[str, Tensor] = {}
         for factor in factors:
             for name, block in self.sketch(factor, shapes).items():
                 parts[name] = parts[name] + block if name in parts else block
-        order = list(shapes) if names is None else names
-        return torch.cat([parts[name].reshape(len(parts[name]), -1) for name in order], dim=1)
+        out = torch.cat([parts[name].reshape(len(parts[name]), -1) for name in order], dim=1)
+        return out.mul_(scale) if scale != 1.0 else out
 
     # -- one factor object -> {name: (B, width)} -----------------------------------------------
     def sketch(self, factor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
@@ -237,19 +242,43 @@ class Sketcher:
         matrices = cols.apply(per_example.reshape(batch, shape[0], -1))  # (B, R, kc)
         return rows.apply(matrices.transpose(1, 2)).transpose(1, 2).reshape(batch, -1)  # (B, kr·kc)
 
+    def _weight_plan(self, name: str, shape: tuple, steps: int, device: torch.device, conv: bool) -> tuple:
+        """``(form, rows map, cols map)`` of a linear layer's weight, chosen once per name, shape and ``steps``.
+
+        ``form``: ``exact`` (kept whole), ``block`` (materialise, then project), ``conv`` (a
+        convolution's projected patches), ``outer`` (one row per example: an outer product),
+        ``bmm`` (a sum over the rows of each example).
+        """
+        key = (name, shape, steps, str(device), conv)
+        plan = self._plans.get(key)
+        if plan is None:
+            if _form(shape, self.k) == "exact":
+                plan = ("exact", None, None)
+            else:
+                rows, cols = self.project(name, shape, "rows", device), self.project(name, shape, "cols", device)
+                if block_is_cheaper(steps, cols.size, rows.size, cols.width, rows.width):
+                    form = "block"
+                else:
+                    form = "conv" if conv else ("outer" if steps == 1 else "bmm")
+                plan = (form, rows, cols)
+            self._plans[key] = plan
+        return plan
+
     def _linear_weight(self, factor: LinearFactors, shape: tuple) -> Tensor:
-        batch, device = len(factor.d), factor.d.device
-        if _form(shape, self.k) == "exact":
+        conv = isinstance(factor, ConvFactors)
+        form, rows, cols = self._weight_plan(factor.weight, shape, factor.d.shape[1], factor.d.device, conv)
+        if form == "exact":
             return factor._weight_block()
-        rows, cols = self.project(factor.weight, shape, "rows", device), self.project(factor.weight, shape, "cols", device)
-        if block_is_cheaper(factor.d.shape[1], cols.size, rows.size, cols.width, rows.width):
+        if form == "block":
             return self.block(factor.weight, shape, factor._weight_block())
-        if isinstance(factor, ConvFactors):
+        if form == "conv":
             return self._conv_weight(factor, rows, cols)
+        batch = len(factor.d)
+        if form == "outer":
+            out_side, in_side = rows.apply(factor.d[:, 0]), cols.apply(factor.a[:, 0])  # (B, ko), (B, ki)
+            return (out_side[:, :, None] * in_side[:, None, :]).reshape(batch, -1)
         out_side = rows.apply(factor.d)  # (B, T, ko)
         in_side = cols.apply(factor.a)  # (B, T, ki)
-        if out_side.shape[1] == 1:
-            return (out_side[:, 0, :, None] * in_side[:, 0, None, :]).reshape(batch, -1)
         return torch.bmm(out_side.transpose(1, 2), in_side).reshape(batch, -1)
 
     def _conv_weight(self, factor: ConvFactors, rows: Projection, cols: Projection) -> Tensor:

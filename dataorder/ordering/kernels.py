@@ -230,7 +230,9 @@ def tree_balance_rows(rows, mean, sums, next_sum, depth):  # pragma: no cover - 
     ``(tree_size(depth), k)`` as :func:`recursive_balance_signs` does, updating ``sums`` and
     ``next_sum`` **in place** (pass copies to keep the originals). Dots accumulate in float64.
     Returns ``(paths, ok)``: int8 ``(B, depth + 1)`` signs, and ``False`` as soon as a dot is
-    not finite (a NaN or inf in ``rows``), leaving the outputs partly updated.
+    not finite (a NaN or inf in ``rows``), leaving the outputs partly updated, or when
+    ``sums`` or ``next_sum`` end holding a NaN or inf (an overflow): ``ok`` then means the
+    outputs are finite, and the caller needs no check of its own.
 
     >>> import numpy as np
     >>> sums, next_sum = np.zeros((1, 2)), np.zeros(2)
@@ -262,7 +264,16 @@ def tree_balance_rows(rows, mean, sums, next_sum, depth):  # pragma: no cover - 
             for t in range(width):
                 sums[node, t] += sign * centred[t]
             node = 2 * node + (1 if sign > 0 else 2)
-    return paths, True
+    return paths, _all_finite(sums) and _all_finite(next_sum)
+
+
+@numba.njit(cache=True, fastmath=_SIMD)
+def _all_finite(values):  # pragma: no cover - numba
+    """Whether every entry is finite: their float64 sum is NaN or inf iff some entry is (one SIMD pass)."""
+    total = 0.0
+    for value in values.ravel():
+        total += np.float64(value) * 0.0  # inf * 0 and NaN * 0 are NaN; finite * 0 is 0: no overflow
+    return total == 0.0
 
 
 @numba.njit(cache=True, fastmath=_SIMD)
@@ -270,7 +281,8 @@ def pair_balance_rows(carried, rows, s):  # pragma: no cover - numba
     """Pair balance straight over CPU rows: pairs of ``[carried; rows]``, ``s`` updated in place.
 
     ``carried`` is ``(0, k)`` or ``(1, k)`` (the first of a pair split across batches). Returns
-    ``(signs, ok)`` as :func:`pair_balance_signs` would give, ``ok=False`` on a non-finite dot.
+    ``(signs, ok)`` as :func:`pair_balance_signs` would give, ``ok=False`` on a non-finite dot
+    or when ``s`` ends holding a NaN or inf (an overflow).
 
     >>> import numpy as np
     >>> s = np.zeros(1)
@@ -297,7 +309,7 @@ def pair_balance_rows(carried, rows, s):  # pragma: no cover - numba
         signs[p] = sign
         for t in range(width):
             s[t] += sign * diff[t]
-    return signs, True
+    return signs, _all_finite(s)
 
 
 # -- order bookkeeping ----------------------------------------------------------------------

@@ -151,7 +151,7 @@ class MeanRule:
             # the last row of weights adds the centred rows' plain sum into the next epoch's sum
             centred.add_weighted_to(acc[1:], np.vstack([weights, np.ones((1, size))]))
             acc[-1].add_(acc[0], alpha=size)  # sum of g = sum of (g - mean) + size * mean
-        _finite_tensor(acc)
+            _finite_tensor(acc)  # the fused kernel checks its own outputs
         return Plan(np.asarray(buckets, dtype=np.int16), 0, {"acc": acc})
 
     def commit(self, plan: Plan, start: int = 0) -> None:
@@ -238,7 +238,8 @@ class PairRule:
             joined.add_weighted_to(sums, pair_row_weights(signs, total)[None, :])
             tail = joined.tail(2 * (total // 2))
         tail = tail.to(sums.dtype)
-        _finite_tensor(sums, tail)  # an unpaired last row is checked here, before it is kept
+        # an unpaired last row is checked here, before it is kept; the fused kernel checked its sums
+        _finite_tensor(*((tail,) if dense is not None else (sums, tail)))
         return Plan(_pair_buckets(signs, total), carried, {"sums": sums, "pending": tail})
 
     def commit(self, plan: Plan, start: int = 0) -> None:
