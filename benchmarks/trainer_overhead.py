@@ -5,8 +5,9 @@ Same process, same tiny GPT-2 from config (2 layers, d=64, vocab 256, untied), s
 * optimizer-step time (``on_step_begin`` -> ``on_step_end`` of a timer registered after
   every other callback: forward, backward, optimizer, and for GraB the callback's ``step()``) for the plain ``Trainer`` (its own
   RandomSampler), ``DataOrderTrainer`` + ``RandomReshuffling`` and ``DataOrderTrainer`` +
-  ``GraBSampler(balance="mean")`` attached to the transformer blocks (what the ghost path
-  takes of GPT-2 today). Runs alternate (plain, RR, GraB, plain, ...); each row is the
+  ``GraBSampler(balance="mean")`` attached to the whole model on the exact ghost path, and
+  the same with ``attach(model, sketch=16)`` (tied ``wte``/``lm_head`` summed, the
+  shared position embedding left out). Runs alternate (plain, RR, GraB, plain, ...); each row is the
   median step over all its runs after the first steps of each run; ratios are to the plain
   Trainer's median;
 * resume: loading a sampler state from a checkpoint folder (``DataOrderCallback.load``:
@@ -54,7 +55,7 @@ class StepTimer(TrainerCallback):
 
 def model(seed: int = 0) -> GPT2LMHeadModel:
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, tie_word_embeddings=False)
+                        eos_token_id=0)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 
@@ -69,9 +70,9 @@ def run(kind: str, data, args) -> list[float]:
     if kind == "Trainer (its RandomSampler)":
         trainer = Trainer(model=net, args=args, train_dataset=data)
     else:
-        if kind.endswith("GraB (mean)"):
-            sampler = GraBSampler(data, balance="mean")
-            sampler.attach(net, params=[name for name, _ in net.named_parameters() if name.startswith("transformer.h.")])
+        if "GraB" in kind:
+            sketch = 16 if kind.endswith("sketch 16") else None
+            sampler = GraBSampler(data, balance="mean").attach(net, sketch=sketch)
         else:
             sampler = RandomReshuffling(data)
         trainer = DataOrderTrainer(model=net, args=args, train_dataset=data, train_sampler=sampler)
@@ -82,7 +83,8 @@ def run(kind: str, data, args) -> list[float]:
 
 def step_rows(options) -> list[tuple]:
     data = dataset(options.n, options.length)
-    kinds = ["Trainer (its RandomSampler)", "DataOrderTrainer + RR", "DataOrderTrainer + GraB (mean)"]
+    kinds = ["Trainer (its RandomSampler)", "DataOrderTrainer + RR", "DataOrderTrainer + GraB (mean)",
+             "DataOrderTrainer + GraB (mean), sketch 16"]
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(out, per_device_train_batch_size=options.batch, num_train_epochs=1,

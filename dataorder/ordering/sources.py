@@ -146,9 +146,6 @@ class SketchSource:
     def __init__(self, model: torch.nn.Module, params: Any, sketch: int, seed: int) -> None:
         from dataorder.ghost import GhostGrads
 
-        if not hasattr(GhostGrads, "collect_sketch"):
-            raise NotImplementedError("this dataorder.ghost has no sketched path (GhostGrads.collect_sketch); "
-                                      "use attach(model, sketch=None)")
         self.ghost = GhostGrads(model, params=params, sketch=sketch, seed=seed)
 
     def collect(self) -> list[DenseRows]:

@@ -14,7 +14,7 @@ def fit_rank(rank: int, world_size: int, out: str, sampler_name: str, ckpt_path:
     from dataorder import GraBSampler, RandomReshuffling
     from dataorder.integrations.lightning import DataOrderCallback
     from tests.integrations.test_lightning import TinyLM
-    from tests.integrations.tiny import block_params, token_dataset
+    from tests.integrations.tiny import token_dataset
 
     # what torchrun would set: Lightning's TorchElasticEnvironment reads the group from it
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(world_size),
@@ -22,7 +22,7 @@ def fit_rank(rank: int, world_size: int, out: str, sampler_name: str, ckpt_path:
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     data, module = token_dataset(), TinyLM()
     if sampler_name == "GraBSampler":
-        sampler = GraBSampler(data, balance="mean").attach(module.model, params=block_params(module.model))
+        sampler = GraBSampler(data, balance="mean").attach(module.model)
     else:
         sampler = RandomReshuffling(data, seed=1)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=world_size, strategy="ddp", logger=False,

@@ -12,7 +12,7 @@ def train_rank(rank: int, world_size: int, out: str, sampler_name: str, resume: 
 
     from dataorder import GraBSampler, RandomReshuffling
     from tests.integrations.test_transformers import RecordingTrainer
-    from tests.integrations.tiny import block_params, gpt2, token_dataset
+    from tests.integrations.tiny import gpt2, token_dataset
 
     # what torchrun would set: the Trainer (accelerate) reads the group from the environment
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -22,7 +22,7 @@ def train_rank(rank: int, world_size: int, out: str, sampler_name: str, resume: 
                              learning_rate=1e-3, use_cpu=True, seed=0, disable_tqdm=True, ddp_backend="gloo")
     data, model = token_dataset(), gpt2(dropout=0.0)
     if sampler_name == "GraBSampler":
-        sampler = GraBSampler(data, balance="mean").attach(model, params=block_params(model))
+        sampler = GraBSampler(data, balance="mean").attach(model)
     else:
         sampler = RandomReshuffling(data, seed=1)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=data, train_sampler=sampler)

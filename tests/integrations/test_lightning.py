@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from dataorder import GraBSampler, RandomReshuffling, StratifiedBatchSampler  # noqa: E402
 from dataorder.integrations.lightning import DataOrderCallback  # noqa: E402
-from tests.integrations.tiny import N, block_params, gpt2, token_dataset  # noqa: E402
+from tests.integrations.tiny import N, gpt2, token_dataset  # noqa: E402
 
 
 class TinyLM(pl.LightningModule):
@@ -45,7 +45,7 @@ def _sampler(name, data, module):
     if name == "RandomReshuffling":
         return RandomReshuffling(data, seed=1)
     if name == "GraBSampler":
-        return GraBSampler(data, balance="pair").attach(module.model, params=block_params(module.model))
+        return GraBSampler(data, balance="pair").attach(module.model)
     if name == "StratifiedBatchSampler":
         return StratifiedBatchSampler([i % 2 for i in range(N)], batch_size=2, seed=1)
     raise KeyError(name)

@@ -29,7 +29,7 @@ from dataorder import (  # noqa: E402
 )
 from dataorder.integrations._checkpoint import SamplerStateMissing  # noqa: E402
 from dataorder.integrations.transformers import DataOrderCallback, DataOrderTrainer  # noqa: E402
-from tests.integrations.tiny import N, block_params, gpt2, labels, token_dataset  # noqa: E402
+from tests.integrations.tiny import N, gpt2, labels, token_dataset  # noqa: E402
 
 
 class RecordingTrainer(DataOrderTrainer):
@@ -51,7 +51,7 @@ def _sampler(name: str, data, model):
     if name == "RandomReshuffling":
         return RandomReshuffling(data, seed=1)
     if name == "GraBSampler":
-        return GraBSampler(data, balance="mean").attach(model, params=block_params(model))
+        return GraBSampler(data, balance="mean").attach(model)
     if name == "MixtureSampler":
         return MixtureSampler({"a": 10, "b": 6}, {"a": 0.5, "b": 0.5}, num_samples=2 * N, batch_size=4, seed=1)
     if name == "CurriculumSampler":

@@ -8,19 +8,14 @@ N, LENGTH = 16, 16
 
 
 def gpt2(seed: int = 0, dropout: float = 0.1):
-    """The same random weights for a given seed; untied so the ghost path can balance it today."""
+    """The same random weights for a given seed (tied ``wte``/``lm_head``, as GPT-2 ships)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64,
-                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                        bos_token_id=0, eos_token_id=0,
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
-
-
-def block_params(model) -> list[str]:
-    """The transformer blocks' parameters: what the ghost path balances before the GPT-2 fixes."""
-    return [name for name, _ in model.named_parameters() if name.startswith("transformer.h.")]
 
 
 def token_dataset(n: int = N, length: int = LENGTH) -> list[dict[str, torch.Tensor]]:
