@@ -333,7 +333,8 @@ def run_step_cost(args: argparse.Namespace) -> None:
     """``sampler.step()`` alone on the issue's 40-100-100-10 MLP at B=32: µs per step and Python calls.
 
     Dense rows (``step(grads)`` on precomputed per-example gradients, on the fused CPU kernels
-    and on the Gram path) and the exact ghost path (a fresh backward before each step, not timed).
+    and on the Gram path), the exact ghost path and the sketched one (``attach(model, sketch=16)``;
+    both with a fresh backward before each step, not timed).
     """
     import cProfile
     import pstats
@@ -350,9 +351,9 @@ def run_step_cost(args: argparse.Namespace) -> None:
         sampler.fused_cpu = fused
         return lambda: sampler.step(grads)
 
-    def ghost(balance: str) -> Callable:
+    def ghost(balance: str, sketch: int | None = None) -> Callable:
         net = copy.deepcopy(model)
-        sampler = GraBSampler(n, balance=balance).attach(net)
+        sampler = GraBSampler(n, balance=balance).attach(net, sketch=sketch)
 
         def run():
             nn.functional.cross_entropy(net(x), y).backward()
@@ -363,7 +364,8 @@ def run_step_cost(args: argparse.Namespace) -> None:
     for balance in ("mean", "pair", "recursive"):
         for label, make, needs_backward in (("dense rows, fused CPU kernels", lambda: dense(balance, True), False),
                                             ("dense rows, Gram path", lambda: dense(balance, False), False),
-                                            ("exact ghost", lambda: ghost(balance), True)):
+                                            ("exact ghost", lambda: ghost(balance), True),
+                                            ("sketched ghost k=16", lambda: ghost(balance, 16), True)):
             call = make()
             times, calls = [], 0
             for i in range(steps):
