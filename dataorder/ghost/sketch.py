@@ -200,9 +200,7 @@ class Sketcher:
 
     def rows(self, factors: list, shapes: Mapping[str, torch.Size], names: list[str] | None = None,
              scale: float = 1.0) -> Tensor:
-        """``(B, D)`` float32 sketch rows of ``factors`` over ``names`` (default: ``shapes``' order), times ``scale``.
-
-        """
+        """``(B, D)`` float32 sketch rows of ``factors`` over ``names`` (default: ``shapes``' order), times ``scale``."""
         order = list(shapes) if names is None else names
         parts: dict[str, Tensor] = {}
         for factor in factors:
