@@ -265,7 +265,7 @@ def fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 # -- benchmark workloads: a synthetic 32×32 image task and the stdlib byte-level LM ------------
 
-def load_patterns32_split(n_train: int = 2048, n_test: int = 512, *, seed: int = 0, noise: float = 1.0,
+def load_patterns32_split(n_train: int = 1024, n_test: int = 512, *, seed: int = 0, noise: float = 1.0,
                           num_classes: int = 10) -> TensorSplit:
     """A fixed, seeded 32×32 RGB classification task: shifted class patterns under heavy noise.
 
@@ -334,7 +334,7 @@ def load_stdlib_lm_split(context: int = 128, *, max_bytes: int = 2_000_000, max_
     small training set over many files. ``info`` names the corpus fingerprint and every
     selection parameter.
 
-    >>> split = load_stdlib_lm_split(context=32, max_bytes=20_000, max_windows_per_document=2)
+    >>> split = load_stdlib_lm_split(context=32, max_bytes=20_000, max_windows_per_document=2, validation_fraction=0.5)
     >>> split.x_train.shape[1], split.num_classes, bool((split.x_train[:, 1:] == split.y_train[:, :-1]).all())
     (32, 256, True)
     """
