@@ -13,10 +13,11 @@ Selection is fixed and documented: every ``.py`` file below the stdlib root exce
 that are not valid UTF-8 are skipped. A file belongs to the validation split when the first
 8 bytes of ``sha256(relative path)`` read as a fraction fall below ``validation_fraction``, so
 the split depends on the path alone (not on which other files exist). ``max_bytes`` caps each
-domain: files are taken in the order of ``sha256("order:" + relative path)`` until the cap (a
-hash independent of the split's, so a capped corpus keeps about ``validation_fraction`` of its
-files for validation), so a cap gives the same files on every machine that has them. The corpus's SHA-256 fingerprint covers every
-selected document's domain, path and bytes: two runs on the same interpreter report the same one.
+domain: files are taken in the order of ``sha256("order:" + relative path)`` until the cap, so
+a cap gives the same files on every machine that has them (a hash independent of the split's,
+so a capped corpus keeps about ``validation_fraction`` of its files for validation). The
+corpus's SHA-256 fingerprint covers every selected document's domain, path and bytes: two runs
+on the same interpreter report the same one.
 
 Tokens are bytes (``0..255``): :func:`byte_windows` cuts documents into fixed windows for a
 byte-level language model.
