@@ -121,6 +121,12 @@ def _median_or_none(values: Sequence[float]) -> float | None:
     return None if math.isinf(middle) else middle
 
 
+def _time_ratio(seconds: float, baseline_seconds: float) -> float:
+    if baseline_seconds > 0:
+        return seconds / baseline_seconds
+    return 1.0 if seconds == 0 else math.inf  # the baseline never got below its initial loss
+
+
 def summarize(runs: Sequence[RunResult], baseline: Sequence[RunResult]) -> TargetSummary:
     """Time-to-target of ``runs`` against ``baseline`` (the same seeds, e.g. random reshuffling).
 
@@ -149,7 +155,7 @@ def summarize(runs: Sequence[RunResult], baseline: Sequence[RunResult]) -> Targe
             ratios.append(math.inf)
             epochs.append(math.inf)
             continue
-        ratios.append(reach.seconds / base_reach.seconds if base_reach.seconds > 0 else math.inf)
+        ratios.append(_time_ratio(reach.seconds, base_reach.seconds))
         epochs.append(reach.epochs)
         wins += reach.seconds < base_reach.seconds
     return TargetSummary(runs[0].ordering, len(runs), sum(not math.isinf(e) for e in epochs), wins,
@@ -364,10 +370,10 @@ _NO_HERDING = ("rr", "so", "flipflop", "grab", "pair", "recursive", "grab-sketch
 WORKLOADS: dict[str, Workload] = {
     "digits-logreg": Workload("digits", "logreg", epochs=10, batch_size=16, lr=0.5, weight_decay=1e-3),
     "digits-mlp": Workload("digits", "mlp", epochs=10, batch_size=16, lr=0.1, weight_decay=1e-3),
-    "patterns32-lenet": Workload("patterns32", "cnn", epochs=8, batch_size=32, lr=0.05, momentum=0.9,
+    "patterns32-lenet": Workload("patterns32", "cnn", epochs=6, batch_size=32, lr=0.02, momentum=0.9,
                                  weight_decay=5e-4, evals_per_epoch=2),
     "patterns32-resnet": Workload("patterns32", "resnet", epochs=4, batch_size=32, lr=0.05, momentum=0.9,
                                   weight_decay=5e-4, evals_per_epoch=4, orders=_NO_HERDING),
-    "stdlib-lm": Workload("stdlib-lm", "lm-tiny", epochs=4, batch_size=16, lr=0.3, momentum=0.9,
-                          evals_per_epoch=4, orders=_NO_HERDING),
+    "stdlib-lm": Workload("stdlib-lm", "lm-tiny", epochs=6, batch_size=16, lr=0.3, momentum=0.9,
+                          evals_per_epoch=2, orders=_NO_HERDING),
 }

@@ -177,3 +177,10 @@ def test_sketched_grab_runs_and_large_k_matches_exact_grab():
 def test_bad_ordering_names(name, match):
     with pytest.raises(ValueError, match=match):
         make_ordering(name)
+
+
+def test_a_baseline_that_ends_above_its_start_is_reached_at_zero_seconds():
+    rr = curve("rr", 0, [1.0, 1.5, 2.0], 2.0)  # diverged: its final loss is reached before training
+    s = summarize([curve("so", 0, [1.0, 0.5, 0.4], 2.0)], [rr])
+    assert s.time_ratio == 1.0 and s.epochs == 0 and s.baseline_epochs == 0
+    assert summarize([rr], [rr]).time_ratio == 1.0
