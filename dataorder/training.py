@@ -372,8 +372,8 @@ WORKLOADS: dict[str, Workload] = {
     "digits-mlp": Workload("digits", "mlp", epochs=10, batch_size=16, lr=0.1, weight_decay=1e-3),
     "patterns32-lenet": Workload("patterns32", "cnn", epochs=6, batch_size=32, lr=0.02, momentum=0.9,
                                  weight_decay=5e-4, evals_per_epoch=2),
-    "patterns32-resnet": Workload("patterns32", "resnet", epochs=4, batch_size=32, lr=0.05, momentum=0.9,
-                                  weight_decay=5e-4, evals_per_epoch=4, orders=_NO_HERDING),
+    "patterns32-resnet": Workload("patterns32", "resnet", epochs=6, batch_size=32, lr=0.05, momentum=0.9,
+                                  weight_decay=5e-4, evals_per_epoch=2, orders=_NO_HERDING),
     "stdlib-lm": Workload("stdlib-lm", "lm-tiny", epochs=6, batch_size=16, lr=0.3, momentum=0.9,
                           evals_per_epoch=2, orders=_NO_HERDING),
 }
