@@ -144,7 +144,7 @@ def main() -> None:
               f"weight decay {workload.weight_decay}, {workload.epochs} epochs, full-train loss evaluated "
               f"{workload.evals_per_epoch}× per epoch")
         if split.info:
-            print(f"  data: {split.info}")
+            print(f"  data: {split.info}{' (first 64 of each split for --quick)' if args.quick else ''}")
         workload_start = time.perf_counter()
         runs = run_workload(name, workload, seeds, available(tuple(orders)), split)
         best[name] = report(runs)
