@@ -76,12 +76,16 @@ def _load_split(args: argparse.Namespace, augment: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataorder.orderings import make_ordering
+    from dataorder.orderings import ORDERINGS, SIZED_ORDERINGS, make_ordering
     from dataorder.training import initial_state, train_run, warm_up
 
     names = [name.strip() for name in args.orders.split(",") if name.strip()]
     if not names:
         raise UsageError("--orders is empty; give comma-separated orderings, e.g. rr,so,grab")
+    unknown = [name for name in names if name.partition(":")[0] not in {**ORDERINGS, **SIZED_ORDERINGS}]
+    if unknown:
+        raise UsageError(f"--orders: unknown {', '.join(unknown)}; choose from {', '.join(ORDERINGS)} "
+                         f"(or {', '.join(f'{n}:K' for n in SIZED_ORDERINGS)})")
     try:
         for name in names:
             make_ordering(name, grads=args.grads)  # every name checked before anything trains
