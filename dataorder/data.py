@@ -274,8 +274,8 @@ def load_patterns32_split(n_train: int = 1024, n_test: int = 512, *, seed: int =
     RMS. An example of class ``c`` is its prototype circularly shifted by a random offset of up
     to ±4 pixels per axis and multiplied by a random contrast in [0.5, 1.5], plus a *distractor*
     (another random class's prototype, shifted independently, at 0.5×) and i.i.d. Gaussian
-    noise of standard deviation ``noise``. Shifts make a linear model weak and the distractor
-    plus noise keep a CNN from fitting it in one epoch; classes are balanced. Everything is a
+    noise of standard deviation ``noise``. The shifts are meant to defeat a linear model; the
+    distractor plus noise keep a CNN from fitting it in one epoch; classes are balanced. Everything is a
     pure function of the arguments (``seed`` draws the prototypes and the examples; train and
     test come from the same distribution).
 
