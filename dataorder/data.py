@@ -154,7 +154,12 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                          ) from None
 
 
-def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int | None]:
+def open_hf_dataset(path: str):  # noqa: ANN201 - a datasets.Dataset, whose package loads lazily
+    """The (train, or only) split of a ``save_to_disk`` directory, and its arrow table.
+
+    Returns ``(dataset, table)``; a missing, damaged or ambiguous directory raises a one-line
+    ``ValueError`` naming ``path``.
+    """
     from dataorder.errors import require
 
     datasets = require("datasets", extra="cli", feature="reading a save_to_disk directory")
@@ -167,25 +172,36 @@ def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int |
         if "train" not in dataset and len(dataset) != 1:
             raise ValueError(f"{path!r} holds splits {list(dataset)} and none is 'train'; save the split to score")
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    feature = dataset.features.get(label_column)
-    class_count = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
     try:
         table = dataset.with_format("arrow")[:]  # a pyarrow Table, with any select()/shuffle() applied
     except Exception as error:  # a damaged arrow file of the dataset
         raise ValueError(f"cannot read the data of {path!r}: {' '.join(str(error).split())}") from None
-    return _table_columns(path, table), class_count
+    return dataset, table
 
 
-def _read_arrow(path: str, suffix: str) -> dict[str, np.ndarray]:
+def open_arrow_table(path: str, suffix: str):  # noqa: ANN201 - a pyarrow.Table, whose package loads lazily
+    """A ``.parquet`` or ``.csv`` file as a pyarrow table; an unreadable file raises a one-line ``ValueError``."""
     from dataorder.errors import require
 
     reader = require("pyarrow.parquet" if suffix == ".parquet" else "pyarrow.csv", extra="cli",
                      feature=f"reading {suffix} files")
     try:
-        table = reader.read_table(path) if suffix == ".parquet" else reader.read_csv(path)
+        return reader.read_table(path) if suffix == ".parquet" else reader.read_csv(path)
     except Exception as error:  # pyarrow raises its own error types for unreadable (truncated, renamed) files
         raise ValueError(f"cannot read {path!r} as {suffix[1:]}: {' '.join(str(error).split())}") from None
-    return _table_columns(path, table)
+
+
+def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int | None]:
+    import datasets
+
+    dataset, table = open_hf_dataset(path)
+    feature = dataset.features.get(label_column)
+    class_count = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
+    return _table_columns(path, table), class_count
+
+
+def _read_arrow(path: str, suffix: str) -> dict[str, np.ndarray]:
+    return _table_columns(path, open_arrow_table(path, suffix))
 
 
 def _table_columns(path: str, table) -> dict[str, np.ndarray]:  # noqa: ANN001 - a pyarrow Table
