@@ -20,11 +20,13 @@ from dataorder.samplers.base import IndexSampler
 from dataorder.samplers.shuffle import FlipFlop, RandomReshuffling, ShuffleOnce, WithReplacement
 
 __all__ = [
+    "AdaptiveMixtureSampler",
     "CurriculumSampler",
     "FlipFlop",
     "GraBSampler",
     "HerdingSampler",
     "IndexSampler",
+    "LateObservationError",
     "MixtureSampler",
     "QMCAugment",
     "RandomReshuffling",
@@ -40,6 +42,8 @@ __all__ = [
 _LAZY = {
     "CurriculumSampler": ("dataorder.samplers.curriculum",),
     "MixtureSampler": ("dataorder.samplers.mixture",),
+    "AdaptiveMixtureSampler": ("dataorder.samplers.adaptive",),
+    "LateObservationError": ("dataorder.samplers.adaptive",),
     "QMCAugment": ("dataorder.samplers.qmc",),
     "StratifiedBatchSampler": ("dataorder.samplers.stratified",),
     "GraBSampler": ("dataorder.ordering", "dataorder.samplers.grab"),

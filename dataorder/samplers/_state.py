@@ -316,8 +316,8 @@ class StateReader:
         """
         value = self.field(key)
         if not _same_types(value, expected):
-            raise StateTypeError(f"state's {key} must be a {type(expected).__name__} like {expected!r}, got "
-                                 f"{value!r} ({type(value).__name__})")
+            raise StateTypeError(f"state's {key} must have the types of {expected!r} ({type(expected).__name__}), "
+                                 f"got {value!r} ({type(value).__name__})")
         if value != expected:
             raise StateError(f"state was saved with {key}={value!r} but this {self.owner} has {key}={expected!r}; "
                              f"construct it with {key}={value!r}")
