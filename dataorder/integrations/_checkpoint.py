@@ -88,12 +88,13 @@ def at_position(state: dict[str, Any], position: int) -> dict[str, Any]:
     >>> at_position(RandomReshuffling(8).state_dict(), 3)["position"]
     3
     """
-    if not isinstance(state, dict) or "position" not in state:
-        raise TypeError("state must be a dataorder sampler's state_dict() (a dict with a 'position')")
+    if not isinstance(state, dict) or ("position" not in state and "sample" not in state):
+        raise TypeError("state must be a dataorder sampler's state_dict() (a dict with a 'position' or 'sample')")
     moved = dict(state)
-    moved["position"] = int(position)
-    if "sample" in moved:  # run samplers keep the global count next to the rank's position
+    if "sample" in moved:  # a run sampler's position is the global count of all ranks together
         moved["sample"] = int(position) * int(state["world_size"])
+    else:
+        moved["position"] = int(position)
     return moved
 
 
@@ -107,7 +108,7 @@ def needs_step(sampler: Any) -> bool:
     >>> needs_step(GraBSampler(8)), needs_step(RandomReshuffling(8))
     (True, False)
     """
-    from dataorder.samplers.gradient_order import GradientOrderSampler
+    from dataorder.ordering import GradientOrderSampler
 
     if not isinstance(sampler, GradientOrderSampler):
         return False
