@@ -181,3 +181,19 @@ def test_untampered_states_round_trip_through_torch_save(balance, tmp_path):
     other = stepped(balance, steps=0)
     other.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert same_state(other.state_dict(), sampler.state_dict())
+
+
+@pytest.mark.parametrize("balance", ["mean", "pair", "herding"])
+def test_a_state_after_the_epochs_last_index_resumes_at_the_end_then_the_next_epoch(balance):
+    straight = stepped(balance, steps=0)
+    epoch0 = list(straight)
+    grads = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    straight.step(grads[epoch0])
+    state = straight.state_dict()  # after the last index, everything stepped
+    straight.set_epoch(1)
+    revived = stepped(balance, steps=0)
+    revived.load_state_dict(state)
+    assert list(revived) == []  # nothing of epoch 0 is left (the shared cursor rule) ...
+    assert list(revived) == epoch0  # ... and iterating again replays it, as torch's samplers do
+    revived.set_epoch(1)
+    assert list(revived) == list(straight)  # the next epoch's order is the straight run's
