@@ -30,7 +30,7 @@ from torch import nn
 from _common import machine, print_table
 from ghost_models import SmallResNetGN, TinyLM, lm_loss
 from dataorder.models import LeNet, mlp
-from dataorder.samplers.grab import GraBSampler
+from dataorder.ordering import GraBSampler
 
 TARGETS = {"MLP": 1.3, "LeNet": 1.3, "LM": 1.10, "ResNet": 1.10}
 

@@ -28,7 +28,7 @@ from _common import machine, print_table
 from dataorder.data import load_digits_split
 from dataorder.grads import PerExampleGrads
 from dataorder.models import mlp
-from dataorder.samplers.grab import GraBSampler
+from dataorder.ordering import GraBSampler
 from dataorder.samplers.shuffle import RandomReshuffling
 
 BATCH = 32

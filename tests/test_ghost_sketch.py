@@ -11,7 +11,7 @@ from torch import nn
 from dataorder.ghost import GhostGrads, UnsupportedLayerError, register_ghost_rule
 from dataorder.ghost import rules, sketch
 from dataorder.ghost.factors import DenseFactors
-from dataorder.samplers.grab import GraBSampler
+from dataorder.ordering import GraBSampler
 from reference_grads import per_example_grads
 
 

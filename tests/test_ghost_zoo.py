@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dataorder.ghost import GhostGrads
-from dataorder.samplers.grab import GraBSampler
+from dataorder.ordering import GraBSampler
 from reference_grads import per_example_grads
 
 transformers = pytest.importorskip("transformers")
