@@ -13,9 +13,11 @@ Selection is fixed and documented: every ``.py`` file below the stdlib root exce
 that are not valid UTF-8 are skipped. A file belongs to the validation split when the first
 8 bytes of ``sha256(relative path)`` read as a fraction fall below ``validation_fraction``, so
 the split depends on the path alone (not on which other files exist). ``max_bytes`` caps each
-domain: files are taken in the order of ``sha256(relative path)`` until the cap, so a cap gives
-the same files on every machine that has them. The corpus's SHA-256 fingerprint covers every
-selected document's domain, path and bytes: two runs on the same interpreter report the same one.
+domain: files are taken in the order of ``sha256("order:" + relative path)`` until the cap, so
+a cap gives the same files on every machine that has them (a hash independent of the split's,
+so a capped corpus keeps about ``validation_fraction`` of its files for validation). The
+corpus's SHA-256 fingerprint covers every selected document's domain, path and bytes: two runs
+on the same interpreter report the same one.
 
 Tokens are bytes (``0..255``): :func:`byte_windows` cuts documents into fixed windows for a
 byte-level language model.
@@ -131,7 +133,7 @@ def load_stdlib_corpus(*, validation_fraction: float = 0.1, max_bytes: int | Non
         source_domain = "code" if domain == "prose" else domain
         budget = max_bytes
         chosen: list[Document] = []
-        for rel in sorted(files[source_domain], key=_path_hash) if max_bytes else files[source_domain]:
+        for rel in sorted(files[source_domain], key=_cap_order) if max_bytes else files[source_domain]:
             text = _read_text(base / rel)
             if text is None:
                 continue
@@ -209,6 +211,11 @@ def byte_windows(documents: Sequence[Document], context: int, *, max_windows_per
 # -- helpers ------------------------------------------------------------------------------------
 def _path_hash(rel: str) -> bytes:
     return hashlib.sha256(rel.encode("utf-8")).digest()
+
+
+def _cap_order(rel: str) -> bytes:
+    # not _path_hash: ordering by the split's own hash would fill a cap with validation files first
+    return _path_hash("order:" + rel)
 
 
 def _path_fraction(rel: str) -> float:

@@ -14,7 +14,8 @@ import torch
 
 from dataorder.corpus import load_stdlib_corpus
 
-__all__ = ["TensorSplit", "fingerprint", "load_digits_split", "load_split", "load_stdlib_corpus", "read_examples"]
+__all__ = ["TensorSplit", "fingerprint", "load_digits_split", "load_patterns32_split", "load_split",
+           "load_stdlib_corpus", "load_stdlib_lm_split", "read_examples"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class TensorSplit:
     y_test: torch.Tensor
     num_classes: int
     name: str
+    #: where the data came from, one line (e.g. the corpus fingerprint and selection), printed by the benchmarks
+    info: str = ""
 
     @property
     def num_features(self) -> int:
@@ -61,7 +64,10 @@ def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0, *, image
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=split_seed, stratify=y
     )
-    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    # a pixel constant over the train split (std 0) is only centred: dividing by a tiny number
+    # would blow up the test images that have ink there (held-out losses of hundreds)
+    std = np.where(std > 0, std + 1e-6, 1.0).astype(np.float32)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     shape = (-1, 1, 8, 8) if image else (-1, 64)
     return TensorSplit(
@@ -151,7 +157,12 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                          ) from None
 
 
-def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int | None]:
+def open_hf_dataset(path: str):  # noqa: ANN201 - a datasets.Dataset, whose package loads lazily
+    """The (train, or only) split of a ``save_to_disk`` directory, and its arrow table.
+
+    Returns ``(dataset, table)``; a missing, damaged or ambiguous directory raises a one-line
+    ``ValueError`` naming ``path``.
+    """
     from dataorder.errors import require
 
     datasets = require("datasets", extra="cli", feature="reading a save_to_disk directory")
@@ -164,25 +175,36 @@ def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int |
         if "train" not in dataset and len(dataset) != 1:
             raise ValueError(f"{path!r} holds splits {list(dataset)} and none is 'train'; save the split to score")
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    feature = dataset.features.get(label_column)
-    class_count = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
     try:
         table = dataset.with_format("arrow")[:]  # a pyarrow Table, with any select()/shuffle() applied
     except Exception as error:  # a damaged arrow file of the dataset
         raise ValueError(f"cannot read the data of {path!r}: {' '.join(str(error).split())}") from None
-    return _table_columns(path, table), class_count
+    return dataset, table
 
 
-def _read_arrow(path: str, suffix: str) -> dict[str, np.ndarray]:
+def open_arrow_table(path: str, suffix: str):  # noqa: ANN201 - a pyarrow.Table, whose package loads lazily
+    """A ``.parquet`` or ``.csv`` file as a pyarrow table; an unreadable file raises a one-line ``ValueError``."""
     from dataorder.errors import require
 
     reader = require("pyarrow.parquet" if suffix == ".parquet" else "pyarrow.csv", extra="cli",
                      feature=f"reading {suffix} files")
     try:
-        table = reader.read_table(path) if suffix == ".parquet" else reader.read_csv(path)
+        return reader.read_table(path) if suffix == ".parquet" else reader.read_csv(path)
     except Exception as error:  # pyarrow raises its own error types for unreadable (truncated, renamed) files
         raise ValueError(f"cannot read {path!r} as {suffix[1:]}: {' '.join(str(error).split())}") from None
-    return _table_columns(path, table)
+
+
+def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int | None]:
+    import datasets
+
+    dataset, table = open_hf_dataset(path)
+    feature = dataset.features.get(label_column)
+    class_count = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
+    return _table_columns(path, table), class_count
+
+
+def _read_arrow(path: str, suffix: str) -> dict[str, np.ndarray]:
+    return _table_columns(path, open_arrow_table(path, suffix))
 
 
 def _table_columns(path: str, table) -> dict[str, np.ndarray]:  # noqa: ANN001 - a pyarrow Table
@@ -296,3 +318,97 @@ def fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+# -- benchmark workloads: a synthetic 32×32 image task and the stdlib byte-level LM ------------
+
+def load_patterns32_split(n_train: int = 1024, n_test: int = 512, *, seed: int = 0, noise: float = 1.0,
+                          num_classes: int = 10) -> TensorSplit:
+    """A fixed, seeded 32×32 RGB classification task: shifted class patterns under heavy noise.
+
+    Each class ``c`` has a smooth prototype: per channel, a sum of 4 random low-frequency 2-D
+    cosines (integer frequencies 1..3 per axis, random phases and amplitudes), scaled to unit
+    RMS. An example of class ``c`` is its prototype circularly shifted by a random offset of up
+    to ±4 pixels per axis and multiplied by a random contrast in [0.5, 1.5], plus a *distractor*
+    (another random class's prototype, shifted independently, at 0.5×) and i.i.d. Gaussian
+    noise of standard deviation ``noise``. The shifts are meant to defeat a linear model; the
+    distractor plus noise keep a CNN from fitting it in one epoch; classes are balanced. Everything is a
+    pure function of the arguments (``seed`` draws the prototypes and the examples; train and
+    test come from the same distribution).
+
+    >>> split = load_patterns32_split(n_train=20, n_test=10)
+    >>> split.x_train.shape, split.y_train.shape, split.num_classes
+    (torch.Size([20, 3, 32, 32]), torch.Size([20]), 10)
+    >>> torch.equal(split.x_test, load_patterns32_split(n_train=20, n_test=10).x_test)
+    True
+    """
+    for name, value in (("n_train", n_train), ("n_test", n_test), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "num_classes" else 1):
+            raise ValueError(f"{name} must be a positive int (num_classes >= 2), got {value!r}")
+    if not (noise >= 0 and np.isfinite(noise)):
+        raise ValueError(f"noise must be a non-negative number, got {noise!r}")
+    rng = np.random.default_rng(seed)
+    prototypes = _smooth_prototypes(rng, num_classes, channels=3, size=32, waves=4)
+    n = n_train + n_test
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    distractors = (labels + rng.integers(1, num_classes, n)) % num_classes
+    shifts = rng.integers(-4, 5, size=(n, 2, 2))
+    contrast = rng.uniform(0.5, 1.5, size=n).astype(np.float32)
+    x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32) * np.float32(noise)
+    for i in range(n):
+        x[i] += contrast[i] * np.roll(prototypes[labels[i]], tuple(shifts[i, 0]), axis=(1, 2))
+        x[i] += 0.5 * np.roll(prototypes[distractors[i]], tuple(shifts[i, 1]), axis=(1, 2))
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
+    return TensorSplit(x_train=x_t[:n_train], y_train=y_t[:n_train], x_test=x_t[n_train:], y_test=y_t[n_train:],
+                       num_classes=num_classes, name="patterns32",
+                       info=f"patterns32: seed {seed}, {n_train} train / {n_test} test, noise {noise}")
+
+
+def _smooth_prototypes(rng: np.random.Generator, classes: int, *, channels: int, size: int,
+                       waves: int) -> np.ndarray:
+    """``(classes, channels, size, size)`` sums of random low-frequency cosines, unit RMS each."""
+    grid = np.arange(size) * (2 * np.pi / size)
+    out = np.zeros((classes, channels, size, size), dtype=np.float32)
+    for c in range(classes):
+        for ch in range(channels):
+            fy, fx = rng.integers(1, 4, size=(2, waves))
+            phase, amplitude = rng.uniform(0, 2 * np.pi, waves), rng.uniform(0.5, 1.0, waves)
+            pattern = sum(a * np.cos(u * grid[:, None] + v * grid[None, :] + p)
+                          for u, v, p, a in zip(fy, fx, phase, amplitude))
+            out[c, ch] = pattern / np.sqrt(np.mean(pattern**2))
+    return out
+
+
+def load_stdlib_lm_split(context: int = 128, *, max_bytes: int = 2_000_000, max_windows_per_document: int = 4,
+                         domains: tuple[str, ...] = ("code",), validation_fraction: float = 0.1) -> TensorSplit:
+    """Next-byte prediction on the standard-library corpus (:func:`load_stdlib_corpus`).
+
+    ``x_*`` are ``(N, context)`` int64 bytes, ``y_*`` the same windows shifted by one byte
+    (``num_classes`` 256). Files come from :func:`load_stdlib_corpus` with ``max_bytes`` per
+    domain, split into train/validation by file; each file gives at most
+    ``max_windows_per_document`` non-overlapping windows (its first ones), which spreads a
+    small training set over many files. ``info`` names the corpus fingerprint and every
+    selection parameter.
+
+    >>> split = load_stdlib_lm_split(context=32, max_bytes=20_000, max_windows_per_document=2, validation_fraction=0.5)
+    >>> split.x_train.shape[1], split.num_classes, bool((split.x_train[:, 1:] == split.y_train[:, :-1]).all())
+    (32, 256, True)
+    """
+    from dataorder.corpus import byte_windows
+
+    corpus = load_stdlib_corpus(max_bytes=max_bytes, domains=domains, validation_fraction=validation_fraction)
+    parts = {}
+    for split in ("train", "validation"):
+        documents = corpus.select(split=split)
+        if not documents:
+            raise ValueError(f"the corpus has no {split} files at max_bytes={max_bytes}: raise max_bytes")
+        parts[split] = byte_windows(documents, context, max_windows_per_document=max_windows_per_document,
+                                    domains=domains).inputs_targets()
+    (x_train, y_train), (x_test, y_test) = parts["train"], parts["validation"]
+    info = (f"stdlib corpus {corpus.fingerprint} ({corpus.root}): domains {','.join(domains)}, "
+            f"max_bytes {max_bytes}, validation_fraction {validation_fraction}, {len(corpus.documents)} files; "
+            f"context {context}, <= {max_windows_per_document} windows per file: "
+            f"{len(x_train)} train / {len(x_test)} validation windows")
+    return TensorSplit(x_train=x_train.contiguous(), y_train=y_train.contiguous(), x_test=x_test.contiguous(),
+                       y_test=y_test.contiguous(), num_classes=256, name="stdlib-lm", info=info)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataorder.data import open_arrow_table, open_hf_dataset
+
 __all__ = ["ModalityError", "ScoreInput", "Table", "decode_images", "detect", "load_image_split", "load_score_input",
            "load_texts", "read_table"]
 
@@ -81,25 +83,17 @@ def read_table(path: str | os.PathLike, label_column: str = "label") -> Table:
     if os.path.isdir(path):
         import datasets
 
-        try:
-            dataset = datasets.load_from_disk(path)
-        except FileNotFoundError as error:
-            raise ModalityError(f"{path!r} is a directory but not one written by datasets' save_to_disk: "
-                                f"{error}") from None
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+        dataset, table = open_hf_dataset(path)
         images = {key for key, feature in dataset.features.items() if isinstance(feature, datasets.Image)}
         label = dataset.features.get(label_column)
         classes = label.num_classes if isinstance(label, datasets.ClassLabel) else None
-        table = dataset.with_format("arrow")[:]
         return Table(name, {key: table.column(key) for key in table.column_names}, images, classes)
     if not path.lower().endswith(".parquet"):
         raise ModalityError(f"cannot read {path!r} for images or text: expected a .parquet file or a save_to_disk "
                             "directory")
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    table = open_arrow_table(path, ".parquet")
     images = {field.name for field in table.schema
               if pa.types.is_struct(field.type) and {"bytes", "path"} <= {f.name for f in field.type}}
     return Table(name, {key: table.column(key) for key in table.column_names}, images)

@@ -57,3 +57,17 @@ def test_distributed_quick_reports_every_variant() -> None:
     assert kib == [round(9610 * 4 / 1024, 1), round(16 * 9610 * 4 / 1024, 1),
                    round((9610 * 4 + 16 * 1024 * 4) / 1024, 1), round((9610 * 4 + 16 * 1024 * 4) / 1024, 1),
                    round((9610 * 4 + 16 * 330 * 4) / 1024, 1)]
+
+
+@pytest.mark.slow
+def test_time_to_quality_quick_reports_every_workload() -> None:
+    from dataorder.training import WORKLOADS
+
+    out = run_quick("time_to_quality.py", timeout=120)
+    for name, workload in WORKLOADS.items():
+        assert f"\n{name}: {workload.model} on " in out
+    assert "stdlib corpus " in out and "context 128" in out  # the corpus fingerprint and selection
+    tables = [line.split() for line in out.splitlines() if line.strip().startswith(("rr ", "grab "))]
+    assert len(tables) == 2 * len(WORKLOADS)
+    assert all(row[1:3] == ["1.000", "1/1"] for row in tables if row[0] == "rr")
+    assert "best GraB-family ordering per workload" in out

@@ -79,3 +79,81 @@ def test_grab_ordering_uses_the_ghost_path_by_default_and_vmap_on_request():
     assert make_ordering("grab").ghost and make_ordering("pair").ghost
     assert not make_ordering("grab", grads="vmap").ghost
     assert not make_ordering("herding").ghost  # herding stores per-example gradients
+
+
+# -- time to quality in compare's table -------------------------------------------------------
+
+def test_compare_table_has_the_time_to_quality_columns(capsys):
+    assert main(["compare", "--orders", "rr,so", "--epochs", "2", "--seeds", "2", "--batch-size", "64",
+                 "--evals-per-epoch", "2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    header = captured.out.splitlines()[1]
+    for column in ("time→rr", "epochs→rr", "cost/ep", "won", "test loss"):
+        assert column in header
+    rr = captured.out.splitlines()[2]
+    assert rr.split()[0] == "rr"
+    assert rr.split()[-5:] == ["1.000", "2", "(2)", "1.000", "0/2"]  # rr against itself: reached at its end
+    assert captured.err == ""  # no progress bar when stderr is not a terminal
+
+
+def test_progress_bar_only_on_a_terminal_and_never_when_quiet(monkeypatch):
+    import sys
+
+    from dataorder.commands.compare import _progress
+
+    assert _progress(3, quiet=False).disable  # pytest's stderr is not a TTY
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = _progress(3, quiet=False)
+    assert not bar.disable
+    bar.close()
+    assert _progress(3, quiet=True).disable
+
+
+def test_plot_draws_loss_against_epochs_and_wall_clock(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from dataorder.commands.compare import plot_curves
+    from dataorder.training import RunResult
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, path, **kw: saved.append([(a.get_xlabel(), a.get_lines()) for a in self.axes]))
+    results = {"rr": [RunResult("rr", 0, [2.0, 1.0], [0, 1], [0.0, 3.0])],
+               "grab": [RunResult("grab", 0, [2.0, 0.8], [0, 1], [0.0, 5.0])]}
+    plot_curves(results, str(tmp_path / "x.png"))
+    (epoch_label, epoch_lines), (time_label, time_lines) = saved[0]
+    assert epoch_label == "epoch" and "wall-clock" in time_label
+    grab = [line for line in time_lines if line.get_label() == "grab"][0]
+    assert list(grab.get_xdata()) == [0.0, 5.0] and list(grab.get_ydata()) == [2.0, 0.8]
+
+
+@pytest.mark.parametrize("argv", [["--data", "digits", "--model", "lm-tiny"], ["--data", "stdlib-lm", "--model", "mlp"],
+                                  ["--orders", "rr,grab-sketch:0"], ["--evals-per-epoch", "0"],
+                                  ["--data", "patterns32", "--augment", "qmc"]])
+def test_compare_usage_errors(argv, capsys):
+    assert main(["compare", "--epochs", "1", "--seeds", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dataorder compare: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_compare_unavailable_sketched_grab_is_a_usage_error(capsys):
+    import inspect
+
+    from dataorder.samplers.grab import GraBSampler
+
+    if "sketch" in inspect.signature(GraBSampler.attach).parameters:
+        pytest.skip("GraBSampler.attach takes sketch=: grab-sketch runs")
+    assert main(["compare", "--orders", "rr,grab-sketch", "--epochs", "1", "--seeds", "1"]) == 2
+    assert "sketch=k" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_runs_the_stdlib_lm(tmp_path, capsys):
+    plot = tmp_path / "lm.png"
+    assert main(["compare", "--data", "stdlib-lm", "--orders", "rr,grab", "--epochs", "1", "--seeds", "1",
+                 "--evals-per-epoch", "2", "--plot", str(plot), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "model lm-tiny" in out and "stdlib corpus " in out
+    rows = rows_of(out.split("saved")[0])
+    assert set(rows) == {"rr", "grab"} and float(rows["rr"][1]) < 5.55  # below a uniform byte guess
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

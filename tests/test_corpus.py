@@ -85,3 +85,11 @@ def test_byte_lm_is_causal():
     assert torch.allclose(a[:, :5], b[:, :5]) and not torch.allclose(a[:, 5:], b[:, 5:])
     with pytest.raises(ValueError, match="context"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_a_capped_corpus_keeps_both_splits():
+    # regression: the cap used to take files in the order of the split's own hash, so a capped
+    # corpus held only validation files (the smallest hashes) and no training file
+    corpus = load_stdlib_corpus(max_bytes=400_000, domains=("code",), validation_fraction=0.1)
+    splits = [doc.split for doc in corpus.documents]
+    assert splits.count("train") > 4 * splits.count("validation") > 0

@@ -189,3 +189,21 @@ def test_the_largest_class_count_is_accepted_and_a_larger_num_classes_refused(tm
     assert read_examples(str(path)).num_classes == 2**20
     with pytest.raises(ValueError, match="num_classes must be an int in"):
         read_examples(str(path), num_classes=2**20 + 1)
+
+
+def test_digits_pixels_constant_in_train_are_centred_not_blown_up():
+    """Regression: std + 1e-6 turned a test image's ink on a train-constant pixel into ~1e7."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from dataorder.data import load_digits_split
+
+    digits = load_digits()
+    x = digits.data.astype(np.float32)
+    x_train, x_test = train_test_split(x, test_size=0.25, random_state=0, stratify=digits.target)[:2]
+    constant = x_train.std(axis=0) == 0
+    assert constant.any() and (x_test[:, constant] != x_train[0, constant]).any()
+    split = load_digits_split()
+    np.testing.assert_array_equal(split.x_test.numpy()[:, constant], x_test[:, constant] - x_train[0, constant])
+    assert split.x_test.abs().max() < 1e3

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from dataorder.distributed import active_world, check_same_on_all_ranks, gather_global_batch
 from dataorder.ordering.sources import DenseRows, check_device, dense_rows, grads_width
-from dataorder.samplers.base import IndexSampler, check_epoch, epoch_rng, shard_length
+from dataorder.samplers._state import StateError, StateReader
+from dataorder.samplers.base import IndexSampler, check_epoch, epoch_rng
 
 __all__ = ["GradientOrderSampler"]
 
@@ -81,7 +82,6 @@ class GradientOrderSampler(IndexSampler):
         self._dtype: torch.dtype | None = None  # accumulation dtype: float32, or float64
         self._sketch = None
         self._source = None  # where step() with no argument takes its rows (see GraBSampler.attach)
-        self._loaded_at_end = False  # a state loaded after the epoch's last index: iterating yields nothing
         self._awaiting: list[tuple[int, dict]] = []  # states taken ahead of step(): (position they await, state)
         self._order_tensor: Tensor | None = None  # this epoch's order as saved (cached: it is fixed per epoch)
 
@@ -112,7 +112,6 @@ class GradientOrderSampler(IndexSampler):
         self._buckets[:] = 0
         self._awaiting.clear()
         self._order_tensor = None
-        self._loaded_at_end = False
         super().set_epoch(epoch)
 
     def _next_order(self) -> np.ndarray:
@@ -130,11 +129,6 @@ class GradientOrderSampler(IndexSampler):
             f"before, so only the current epoch's ({self.epoch}) order is known, not epoch {epoch}'s; "
             "call set_epoch first"
         )
-
-    def __iter__(self):
-        if self._loaded_at_end:  # resumed after the epoch's last index: nothing remains (not a replay)
-            return iter(())
-        return super().__iter__()
 
     # -- step -------------------------------------------------------------------------------
     @property
@@ -307,74 +301,48 @@ class GradientOrderSampler(IndexSampler):
         state.update(self.rule.state_dict(visited))
         return state
 
-    def _check_state(self, state: Any) -> int:
-        """Refuse any field ``state_dict()`` could not have produced, before the shared checks."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        for key in ("n", "seed", "epoch", "position", "world_size", "visited"):
-            if key in state and (isinstance(state[key], bool) or not isinstance(state[key], numbers.Integral)):
-                raise TypeError(f"state's {key} must be an int, got {state[key]!r}")
-        if "world_size" in state and state["world_size"] < 1:
-            raise ValueError(f"state's world_size must be >= 1, got {state['world_size']}")
-        if "drop_last" in state and not isinstance(state["drop_last"], (bool, np.bool_)):
-            raise TypeError(f"state's drop_last must be True or False, got {state['drop_last']!r}")
-        if "sampler" in state and not isinstance(state["sampler"], str):
-            raise TypeError(f"state's sampler must be a class name, got {state['sampler']!r}")
-        if {"position", "world_size"} <= set(state):
-            most = shard_length(self._global_length(), state["world_size"], self.drop_last)
-            if not 0 <= state["position"] <= most:
-                raise ValueError(f"state's position={state['position']} is not in [0, {most}], the epoch's length "
-                                 f"at world_size={state['world_size']}; it is corrupt")
-        return super()._check_state(state)
-
     def _check_extra_state(self, state: dict[str, Any]) -> None:
-        name = type(self).__name__
-        missing = {"sketch_dim", "order", "visited", "buckets", "dim", "dtype", *self._settings()} - set(state)
-        if missing:
-            raise ValueError(f"state is missing {sorted(missing)}; pass a dict from {name}.state_dict()")
+        """Refuse every GraB field ``state_dict()`` could not have produced (the shared fields are the base's)."""
+        reader = StateReader(state, type(self).__name__)
         for key, value in self._settings().items():
-            if state[key] != value:
-                raise ValueError(f"state was saved with {key}={state[key]!r}; construct the sampler with it")
-        adopted = self._sketch_auto and state.get("sketch_auto", False) is True  # chosen at a first distributed step
-        if state["sketch_dim"] != self.sketch_dim and not adopted:
-            raise ValueError(f"state was saved with sketch_dim={state['sketch_dim']}; construct the sampler with it")
-        if adopted:
-            _check_sketch_dim(state["sketch_dim"])
-        dim = state["dim"]
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1):
-            raise ValueError(f"state's dim must be None or a positive int, got {dim!r}")
-        if state["dtype"] not in (None, "float32", "float64"):
-            raise ValueError(f"state's dtype={state['dtype']!r} is not float32 or float64")
-        visited = state["visited"]
-        if not 0 <= visited <= self._global_length():
-            raise ValueError(f"state's visited={visited} is not in [0, {self._global_length()}]")
-        order = state["order"]
-        if order is None:
+            reader.same(key, value)
+        sketch_dim = self._saved_sketch_dim(reader)
+        dim = None if reader.field("dim") is None else reader.int("dim", low=1)
+        if reader.field("dtype") is not None and reader.str("dtype") not in ("float32", "float64"):
+            raise StateError(f"state's dtype={state['dtype']!r} is not None, 'float32' or 'float64'; the state is corrupt")
+        visited = reader.int("visited", high=self._global_length())
+        if reader.field("order") is None:
             if dim is not None:
-                raise ValueError("state has balanced steps (dim) but no order; it is corrupt")
+                raise StateError("state has balanced steps (dim) but no order; the state is corrupt")
         else:
-            if not isinstance(order, Tensor) or order.dtype != torch.int64 or order.device.type == "meta":
-                raise TypeError("state's order must be an int64 tensor on a real device")
-            array = order.cpu().numpy()
-            if array.shape != (self.n,) or not np.array_equal(np.sort(array), np.arange(self.n)):
-                raise ValueError(f"state's order is not a permutation of {self.n} examples; it is corrupt")
+            order = reader.tensor("order", torch.int64, (self.n,)).numpy()
+            if not np.array_equal(np.sort(order), np.arange(self.n)):
+                raise StateError(f"state's order is not a permutation of {self.n} examples; the state is corrupt")
             if dim is None:
-                raise ValueError("state holds an order but no gradient width (dim); it is corrupt")
-        buckets = state["buckets"]
-        if not isinstance(buckets, Tensor) or buckets.dtype != torch.int16 or buckets.shape != (visited,):
-            raise ValueError(f"state's buckets must be an int16 tensor of shape ({visited},), one per visited position")
-        values = buckets.cpu().numpy()
-        if len(values) and (values.min() < -1 or values.max() >= 2 ** (self.rule.depth + 1)):
-            raise ValueError(f"state's buckets hold values outside [-1, {2 ** (self.rule.depth + 1)}); it is corrupt")
+                raise StateError("state holds an order but no gradient width (dim); the state is corrupt")
+        buckets = reader.tensor("buckets", torch.int16, (visited,)).numpy()
+        top = 2 ** (self.rule.depth + 1)
+        if len(buckets) and (buckets.min() < -1 or buckets.max() >= top):
+            raise StateError(f"state's buckets hold values outside [-1, {top}); the state is corrupt")
         if dim is None and visited:
-            raise ValueError("state has stepped positions but no gradient width (dim); it is corrupt")
-        sketch_dim = state["sketch_dim"] if adopted else self.sketch_dim
+            raise StateError("state has stepped positions but no gradient width (dim); the state is corrupt")
         width = None if dim is None else (sketch_dim or dim)
         self.rule.check_state(state, width, visited)
 
+    def _saved_sketch_dim(self, reader: StateReader) -> int | None:
+        """The state's sketch width: this sampler's, or one a sampler built with ``sketch_dim=None`` chose
+        at its first distributed step (``sketch_auto``), which such a sampler adopts."""
+        auto = reader.bool("sketch_auto")
+        if auto and reader.field("sketch_dim") is None:
+            raise StateError("state's sketch_auto=True needs a sketch_dim; the state is corrupt")
+        if auto and self._sketch_auto:
+            return reader.int("sketch_dim", low=1)
+        reader.same("sketch_dim", self.sketch_dim)
+        return self.sketch_dim
+
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("sketch_auto", False):
-            self.sketch_dim = state["sketch_dim"]
+        if state["sketch_auto"] and self._sketch_auto:
+            self.sketch_dim = int(state["sketch_dim"])
         self._dim = None if state["dim"] is None else int(state["dim"])
         self._dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
         order = state["order"]
@@ -394,7 +362,6 @@ class GradientOrderSampler(IndexSampler):
         """
         super().load_state_dict(state)
         self._awaiting, self._order_tensor = [], None
-        self._loaded_at_end = self.position >= len(self)
         yielded = min(self.position * self.world_size, self._global_length())
         if yielded > self._visited and self._dim is not None:
             warnings.warn(

@@ -8,6 +8,9 @@ dataorder.samplers`` stays light.
 >>> from dataorder.samplers import RandomReshuffling
 >>> len(RandomReshuffling(10))
 10
+>>> from dataorder.samplers import AdaptiveMixtureSampler, LateObservationError
+>>> issubclass(LateObservationError, ValueError)
+True
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from dataorder.samplers.base import IndexSampler
 from dataorder.samplers.shuffle import FlipFlop, RandomReshuffling, ShuffleOnce, WithReplacement
 
 __all__ = [
+    "AdaptiveMixtureSampler",
     "CurriculumSampler",
     "FlipFlop",
     "GraBSampler",
     "HerdingSampler",
     "IndexSampler",
+    "LateObservationError",
     "MixtureSampler",
     "QMCAugment",
     "RandomReshuffling",
@@ -35,15 +40,16 @@ __all__ = [
     "WithReplacement",
 ]
 
-#: Lazily imported names -> the modules that may define them, tried in order (GraB and
-#: herding move to ``dataorder.ordering``; the old module paths still work).
+#: Lazily imported names -> the modules that may define them, tried in order.
 _LAZY = {
     "CurriculumSampler": ("dataorder.samplers.curriculum",),
     "MixtureSampler": ("dataorder.samplers.mixture",),
+    "AdaptiveMixtureSampler": ("dataorder.samplers.adaptive",),
+    "LateObservationError": ("dataorder.samplers.adaptive",),
     "QMCAugment": ("dataorder.samplers.qmc",),
     "StratifiedBatchSampler": ("dataorder.samplers.stratified",),
-    "GraBSampler": ("dataorder.ordering", "dataorder.samplers.grab"),
-    "HerdingSampler": ("dataorder.ordering", "dataorder.samplers.herding"),
+    "GraBSampler": ("dataorder.ordering",),
+    "HerdingSampler": ("dataorder.ordering",),
 }
 
 

@@ -158,6 +158,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def _same_types(value: Any, expected: Any) -> bool:
+    """Whether ``value`` has the types of ``expected`` throughout (any int type for an int)."""
+    if _is_int(value) and _is_int(expected):
+        return True
+    if type(value) is not type(expected):
+        return False
+    if isinstance(expected, Mapping):
+        return all(_same_types(value[k], expected[k]) for k in expected if k in value)  # other keys: not equal
+    if isinstance(expected, (list, tuple)):
+        return all(_same_types(v, e) for v, e in zip(value, expected))
+    return True
+
+
 def check_tensors(value: Any, name: str = "state") -> None:
     """Refuse tensors that no sampler saves, anywhere inside ``value`` (nested dicts, lists, tuples).
 
@@ -280,12 +293,31 @@ class StateReader:
                 raise StateError(f"state's {key} holds {item!r}; expected finite numbers; the state is corrupt")
         return array
 
-    def same(self, key: str, expected: Any) -> None:
-        """Refuse the state unless ``state[key] == expected`` (a setting the sampler was built with)."""
+    def tensor(self, key: str, dtype: torch.dtype, shape: tuple[int | None, ...]) -> torch.Tensor:
+        """``state[key]`` as a CPU tensor of ``dtype`` and ``shape`` (``None``: any length there).
+
+        >>> StateReader({"sampler": "X", "w": torch.zeros(2, 3)}, "X").tensor("w", torch.float32, (None, 3)).shape
+        torch.Size([2, 3])
+        """
         value = self.field(key)
-        if type(value) is not type(expected) and not (_is_int(value) and _is_int(expected)):
-            raise StateTypeError(f"state's {key} must be a {type(expected).__name__}, got {value!r} "
-                                 f"({type(value).__name__})")
+        if not isinstance(value, torch.Tensor) or value.dtype != dtype:
+            got = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise StateTypeError(f"state's {key} must be a {dtype} tensor, got {got}")
+        if value.dim() != len(shape) or any(want is not None and want != got for want, got in zip(shape, value.shape)):
+            expected = tuple("any" if want is None else want for want in shape)
+            raise StateError(f"state's {key} has shape {tuple(value.shape)}, expected {expected}; the state is corrupt")
+        return value.cpu()  # check_tensors already refused the meta device
+
+    def same(self, key: str, expected: Any) -> None:
+        """Refuse the state unless ``state[key] == expected`` (a setting the sampler was built with).
+
+        Containers are compared entry by entry with their types, so ``1.0`` does not stand
+        for ``1`` nor ``True`` for ``1`` anywhere inside them.
+        """
+        value = self.field(key)
+        if not _same_types(value, expected):
+            raise StateTypeError(f"state's {key} must have the types of {expected!r} ({type(expected).__name__}), "
+                                 f"got {value!r} ({type(value).__name__})")
         if value != expected:
             raise StateError(f"state was saved with {key}={value!r} but this {self.owner} has {key}={expected!r}; "
                              f"construct it with {key}={value!r}")

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataorder.samplers._state import StateError, StateReader
 from dataorder.samplers.allocation import largest_remainder
 from dataorder.samplers.base import check_seed
 from dataorder.samplers.mixture import MixtureSampler
-from dataorder.samplers.run import _check_same, fingerprint
+from dataorder.samplers.run import fingerprint
 from dataorder.schedules import BatchCounts, Schedule
 
 __all__ = ["RULES", "AdaptiveMixtureSampler", "LateObservationError", "WeightHistory", "doremi_weights",
@@ -387,74 +388,55 @@ class AdaptiveMixtureSampler(MixtureSampler):
             out[mine] = self._offset[c] + order[draw[mine] % self._n[c]]
         return out
 
-    def _generate(self, start: int) -> Iterator[int]:
-        """One global batch's share at a time, so that unproduced batches can still change."""
-        share = self.batch_size // self.world_size
-        total, first = len(self), start
-        while first < total:
-            self._made = max(self._made, first // share + 1)
-            block = self._rank_indices(first, min(total, (first // share + 1) * share)).tolist()
-            iterator = iter(block)
-            self._pass = (first, len(block), iterator)
-            yield from iterator
-            first += len(block)
+    def __iter__(self) -> Iterator[int]:
+        """One global batch's share at a time, so that the batches not produced yet can still change."""
+        share, total = self.batch_size // self.world_size, len(self)
+
+        def block_at(first: int) -> list[int]:
+            batch = first // share
+            self._made = max(self._made, batch + 1)
+            return self._rank_indices(first, min(total, (batch + 1) * share)).tolist()
+
+        return self._cursor.iterate(total, block_at)
 
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """``MixtureSampler``'s state plus ``"adaptive"``: the settings, the weight history and the signal."""
-        state = super().state_dict()
-        state["adaptive"] = {
-            "settings": self._settings(),
-            "starts": torch.from_numpy(self.counts.starts.copy()),
-            "weights": torch.from_numpy(self.counts.rows.copy()),
+    def _extra_state(self) -> dict[str, Any]:
+        """``MixtureSampler``'s fields plus the settings, the weight history and the rule's signal."""
+        return {
+            **super()._extra_state(),
+            "adaptive": self._settings(),
+            "weight_starts": torch.from_numpy(self.counts.starts.copy()),
+            "weight_rows": torch.from_numpy(self.counts.rows.copy()),
             "signal": torch.from_numpy(self._signal.copy()),
-            "last_loss": torch.from_numpy(self._last_loss.copy()),
+            "last_loss": [None if math.isnan(loss) else float(loss) for loss in self._last_loss],  # None: not seen
             "last_step": self._last_step,
         }
-        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume the run, weight history included; raises ``ValueError`` and changes nothing if it does not fit."""
-        adaptive = self._checked_adaptive(state)
-        super().load_state_dict(state)
-        starts, rows, signal, last_loss, last_step = adaptive
-        self.counts.load(starts, rows)
-        self._carry = {}
+    def _load(self, state: Any) -> None:
+        """Load into this candidate (see ``RunSampler.load_state_dict``): the run's position, then the history."""
+        super()._load(state)
+        reader = StateReader(state, type(self).__name__)
+        reader.same("adaptive", self._settings())
+        columns = len(self.schedule.names)
+        last_step = reader.int("last_step", low=-1, high=self.counts.num_batches - 1)
+        starts = reader.tensor("weight_starts", torch.int64, (None,)).numpy()
+        rows = reader.tensor("weight_rows", torch.float64, (len(starts), columns)).numpy()
+        _check_history(starts, rows, self.floors, first=max(self.warmup, 1 + self.delay),
+                       last=min(last_step + 1 + self.delay, self.counts.num_batches - 1))
+        signal = reader.tensor("signal", torch.float64, (columns,)).numpy().copy()
+        last_loss = reader.floats("last_loss", (columns,), missing=True)
+        history = WeightHistory(self.counts.base)
+        history.load(starts, rows)
+        share = self.batch_size // self.world_size
+        self.counts, self._carry = history, {}
         self._signal, self._last_loss, self._last_step = signal, last_loss, last_step
-        self._made = 0
+        self._made = -(-self.position // share)  # batches this rank has started: an update may not change them
 
     def _settings(self) -> dict[str, Any]:
         return {"rule": self.rule, "rate": self.rate, "smoothing": self.smoothing, "floor": self.floors.tolist(),
                 "warmup": self.warmup, "delay": self.delay,
                 "reference": None if self.reference is None else self.reference.tolist(),
                 "order": fingerprint({str(c): order.tolist() for c, order in self._orders.items()})}
-
-    def _checked_adaptive(self, state: Any) -> tuple:
-        if not isinstance(state, dict) or not isinstance(state.get("adaptive"), dict):
-            raise ValueError("state has no 'adaptive' entry; pass a dict from AdaptiveMixtureSampler.state_dict()")
-        adaptive = state["adaptive"]
-        _check_same(adaptive, "settings", self._settings())
-        columns = len(self.schedule.names)
-        arrays = {}
-        for key, dtype, shape in (("starts", torch.int64, (-1,)), ("weights", torch.float64, (-1, columns)),
-                                  ("signal", torch.float64, (columns,)), ("last_loss", torch.float64, (columns,))):
-            value = adaptive.get(key)
-            if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.dim() != len(shape) or any(
-                    want not in (-1, got) for want, got in zip(shape, value.shape)):
-                raise ValueError(f"state['adaptive'][{key!r}] must be a {dtype} tensor of shape {shape}")
-            arrays[key] = value.numpy().copy()
-        starts, rows = arrays["starts"], arrays["weights"]
-        if len(starts) != len(rows) or np.any(np.diff(starts) <= 0) or (len(starts) and (
-                starts[0] < 0 or starts[-1] >= self.counts.num_batches)):
-            raise ValueError("state['adaptive']['starts'] must be increasing batch indices within the run, "
-                             "one per row of 'weights'")
-        if not np.all(np.isfinite(rows)) or np.any(rows < self.floors - 1e-12) or np.any(
-                np.abs(rows.sum(axis=1) - 1.0) > 1e-9):
-            raise ValueError("state['adaptive']['weights'] must be rows of finite weights >= the floors summing to 1")
-        last_step = adaptive.get("last_step")
-        if isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < -1:
-            raise ValueError(f"state['adaptive']['last_step'] must be an int >= -1, got {last_step!r}")
-        return starts, rows, arrays["signal"], arrays["last_loss"], last_step
 
     def __repr__(self) -> str:
         return (f"AdaptiveMixtureSampler(sources={self.sizes}, rule={self.rule!r}, rate={self.rate}, "
@@ -463,6 +445,16 @@ class AdaptiveMixtureSampler(MixtureSampler):
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _check_history(starts: np.ndarray, rows: np.ndarray, floors: np.ndarray, *, first: int, last: int) -> None:
+    """Refuse a weight history that ``observe`` could not have built: updates start in ``[first, last]``,
+    in increasing order, with weights at or above the floors summing to 1."""
+    if len(starts) and (np.any(np.diff(starts) <= 0) or starts[0] < first or starts[-1] > last):
+        raise StateError(f"state's weight_starts must be increasing batch indices in [{first}, {last}] (after the "
+                         "warm-up, and at most last_step + 1 + delay); the state is corrupt")
+    if np.any(rows < floors - 1e-12) or np.any(np.abs(rows.sum(axis=1) - 1.0) > 1e-9):
+        raise StateError("state's weight_rows must be rows of weights >= the floors summing to 1; the state is corrupt")
+
+
 def _rank_mean(local: np.ndarray) -> np.ndarray:
     """Per-domain mean over the ranks that reported it, in rank order (bitwise the same on every rank).
 

@@ -8,6 +8,7 @@ from torch import nn
 from dataorder.ordering import GraBSampler, HerdingSampler
 from dataorder.ordering.rules import NonFiniteError
 from dataorder.ordering.sources import UnsupportedDeviceError
+from dataorder.samplers import StateError, StateTypeError
 
 
 def same_state(a, b):
@@ -122,37 +123,43 @@ def _inf(t):
     return t
 
 
-TAMPERED = [
-    ("mean", lambda s: s["tensors"].update(mean=_nan(s["tensors"]["mean"])), ValueError, r"tensors\['mean'\].*NaN"),
-    ("mean", lambda s: s["tensors"].update(sums=_inf(s["tensors"]["sums"])), ValueError, r"tensors\['sums'\].*inf"),
-    ("mean", lambda s: s["tensors"].update(sums=s["tensors"]["sums"].to(torch.complex64)), TypeError,
-     r"tensors\['sums'\].*complex"),
-    ("mean", lambda s: s["tensors"].update(next_sum=s["tensors"]["next_sum"].to("meta")), ValueError,
-     r"tensors\['next_sum'\].*meta"),
-    ("mean", lambda s: s["tensors"].update(sums=torch.zeros(2, 4)), ValueError, r"tensors\['sums'\] has shape"),
-    ("pair", lambda s: s["tensors"].update(pending=_nan(s["tensors"]["pending"])), ValueError,
-     r"tensors\['pending'\].*NaN"),
-    ("pair", lambda s: s["tensors"].update(pending=torch.zeros(0, 4)), ValueError, r"pending'\] holds 0 rows"),
-    ("herding", lambda s: s.update(stored=_nan(s["stored"])), ValueError, r"stored.*NaN"),
-    ("herding", lambda s: s.update(stored=s["stored"].to(torch.complex128)), TypeError, r"stored.*complex"),
-    ("mean", lambda s: s.update(position=99), ValueError, r"position=99 is not in \[0, 12\]"),
-    ("mean", lambda s: s.update(position=-1), ValueError, r"position"),
-    ("mean", lambda s: s.update(visited=13), ValueError, r"visited=13"),
-    ("mean", lambda s: s.update(visited="3"), TypeError, r"visited must be an int"),
-    ("mean", lambda s: s.update(world_size=0), ValueError, r"world_size must be >= 1"),
-    ("mean", lambda s: s.update(world_size=-2), ValueError, r"world_size must be >= 1"),
-    ("mean", lambda s: s.update(world_size="2"), TypeError, r"world_size must be an int"),
-    ("mean", lambda s: s.update(world_size=1.0), TypeError, r"world_size must be an int"),
-    ("mean", lambda s: s.update(epoch="0"), TypeError, r"epoch must be an int"),
-    ("mean", lambda s: s.update(seed="1"), TypeError, r"seed must be an int"),
-    ("mean", lambda s: s.update(drop_last="no"), TypeError, r"drop_last must be True or False"),
-    ("mean", lambda s: s.update(dim="4"), ValueError, r"dim must be None or a positive int"),
-    ("mean", lambda s: s.update(dtype=5), ValueError, r"dtype=5"),
-    ("mean", lambda s: s.update(buckets=s["buckets"].float()), ValueError, r"buckets must be an int16"),
-    ("mean", lambda s: s.update(buckets=s["buckets"] + 7), ValueError, r"buckets hold values outside"),
-    ("mean", lambda s: s.update(order=torch.zeros(12, dtype=torch.int64)), ValueError, r"order is not a permutation"),
-    ("mean", lambda s: s.update(order=s["order"].float()), TypeError, r"order must be an int64"),
-    ("mean", lambda s: s.update(balance="pair"), ValueError, r"balance='pair'"),
+TAMPERED = [  # (balance, tamper, the typed error, a pattern naming the field)
+    ("mean", lambda s: s["tensors"].update(mean=_nan(s["tensors"]["mean"])), StateError, r"\['mean'\].*NaN"),
+    ("mean", lambda s: s["tensors"].update(sums=_inf(s["tensors"]["sums"])), StateError, r"\['sums'\].*inf"),
+    ("mean", lambda s: s["tensors"].update(sums=s["tensors"]["sums"].to(torch.complex64)), StateTypeError,
+     r"\['sums'\].*complex"),
+    ("mean", lambda s: s["tensors"].update(next_sum=s["tensors"]["next_sum"].to("meta")), StateError,
+     r"\['next_sum'\].*meta"),
+    ("mean", lambda s: s["tensors"].update(sums=torch.zeros(2, 4)), StateError, r"tensors\['sums'\] has shape"),
+    ("pair", lambda s: s["tensors"].update(pending=_nan(s["tensors"]["pending"])), StateError,
+     r"\['pending'\].*NaN"),
+    ("pair", lambda s: s["tensors"].update(pending=torch.zeros(0, 4)), StateError, r"pending'\] holds 0 rows"),
+    ("herding", lambda s: s.update(stored=_nan(s["stored"])), StateError, r"stored.*NaN"),
+    ("herding", lambda s: s.update(stored=s["stored"].to(torch.complex128)), StateTypeError, r"stored.*complex"),
+    ("mean", lambda s: s.update(position=99), StateError, r"position=99 is past the end of the epoch \(12 items"),
+    ("mean", lambda s: s.update(position=-1), StateError, r"position"),
+    ("mean", lambda s: s.update(visited=13), StateError, r"visited=13"),
+    ("mean", lambda s: s.update(visited="3"), StateTypeError, r"visited must be an int"),
+    ("mean", lambda s: s.update(world_size=0), StateError, r"world_size=0 is not in \[1,"),
+    ("mean", lambda s: s.update(world_size=-2), StateError, r"world_size=-2 is not in \[1,"),
+    ("mean", lambda s: s.update(world_size="2"), StateTypeError, r"world_size must be an int"),
+    ("mean", lambda s: s.update(world_size=1.0), StateTypeError, r"world_size must be an int"),
+    ("mean", lambda s: s.update(epoch="0"), StateTypeError, r"epoch must be an int"),
+    ("mean", lambda s: s.update(seed="1"), StateTypeError, r"seed must have the types of 1"),
+    ("mean", lambda s: s.update(drop_last="no"), StateTypeError, r"drop_last must have the types of False"),
+    ("mean", lambda s: s.update(dim="4"), StateTypeError, r"dim must be an int"),
+    ("mean", lambda s: s.update(dim=-1), StateError, r"dim=-1 is not in \[1,"),
+    ("mean", lambda s: s.update(dtype=5), StateTypeError, r"dtype must be a str"),
+    ("mean", lambda s: s.update(dtype="float16"), StateError, r"dtype='float16'"),
+    ("mean", lambda s: s.update(buckets=s["buckets"].float()), StateTypeError, r"buckets must be a torch.int16"),
+    ("mean", lambda s: s.update(buckets=s["buckets"] + 7), StateError, r"buckets hold values outside"),
+    ("mean", lambda s: s.update(order=torch.zeros(12, dtype=torch.int64)), StateError, r"order is not a permutation"),
+    ("mean", lambda s: s.update(order=s["order"].float()), StateTypeError, r"order must be a torch.int64"),
+    ("mean", lambda s: s.update(balance="pair"), StateError, r"balance='pair'"),
+    ("mean", lambda s: s.update(depth=5), StateError, r"depth=5"),  # depth is a setting for every balance
+    ("mean", lambda s: s.pop("sketch_auto"), StateError, r"missing 'sketch_auto'"),
+    ("mean", lambda s: s.update(sketch_auto=1), StateTypeError, r"sketch_auto must be True or False"),
+    ("mean", lambda s: s.update(sketch_auto=True), StateError, r"sketch_auto=True needs a sketch_dim"),
 ]
 
 
@@ -174,3 +181,19 @@ def test_untampered_states_round_trip_through_torch_save(balance, tmp_path):
     other = stepped(balance, steps=0)
     other.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert same_state(other.state_dict(), sampler.state_dict())
+
+
+@pytest.mark.parametrize("balance", ["mean", "pair", "herding"])
+def test_a_state_after_the_epochs_last_index_resumes_at_the_end_then_the_next_epoch(balance):
+    straight = stepped(balance, steps=0)
+    epoch0 = list(straight)
+    grads = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    straight.step(grads[epoch0])
+    state = straight.state_dict()  # after the last index, everything stepped
+    straight.set_epoch(1)
+    revived = stepped(balance, steps=0)
+    revived.load_state_dict(state)
+    assert list(revived) == []  # nothing of epoch 0 is left (the shared cursor rule) ...
+    assert list(revived) == epoch0  # ... and iterating again replays it, as torch's samplers do
+    revived.set_epoch(1)
+    assert list(revived) == list(straight)  # the next epoch's order is the straight run's

@@ -11,6 +11,7 @@ import torch
 
 from dataorder.samplers.adaptive import (AdaptiveMixtureSampler, LateObservationError, WeightHistory, doremi_weights,
                                          exp3_weights, floor_mix, plot_weights, reference_losses)
+from dataorder.samplers._state import StateError
 from dataorder.samplers.allocation import largest_remainder
 from dataorder.schedules import BatchCounts, Schedule
 from dataorder.scores.io import write_scores
@@ -267,17 +268,45 @@ def test_refused_states_change_nothing():
     drive(target, batches=2)
     before = target.state_dict()
     broken = [
-        {**state, "adaptive": {**state["adaptive"], "weights": state["adaptive"]["weights"] * 2}},
-        {**state, "adaptive": {**state["adaptive"], "starts": state["adaptive"]["starts"].flip(0)}},
-        {**state, "adaptive": {**state["adaptive"], "settings": {**state["adaptive"]["settings"], "rate": 3.0}}},
-        {**state, "adaptive": {**state["adaptive"], "signal": state["adaptive"]["signal"].float()}},
+        {**state, "weight_rows": state["weight_rows"] * 2},
+        {**state, "weight_starts": state["weight_starts"].flip(0)},
+        {**state, "weight_starts": state["weight_starts"] + 1},  # an update after last_step + 1 + delay
+        {**state, "adaptive": {**state["adaptive"], "rate": 3.0}},
+        {**state, "adaptive": {**state["adaptive"], "warmup": 0.0}},  # 0.0 does not stand for the int 0
+        {**state, "signal": state["signal"].float()},
+        {**state, "signal": state["signal"][:2]},
+        {**state, "last_loss": [math.nan, 1.0, 1.0]},
+        {**state, "last_step": -1},  # updates without observations
         {k: v for k, v in state.items() if k != "adaptive"},
         {**state, "seed": 99},
     ]
     for bad in broken:
-        with pytest.raises(ValueError):
+        with pytest.raises(StateError):
             target.load_state_dict(bad)
         assert same_state(before, target.state_dict())
+    target.load_state_dict(state)  # the untouched state loads
+    assert same_state(state, target.state_dict())
+
+
+def test_unobserved_domains_round_trip_as_none():
+    s = make()
+    s.observe(0, {"code": 1.0})  # exp3 has seen only code's loss
+    state = s.state_dict()
+    assert state["last_loss"] == [1.0, None, None]
+    revived = make()
+    revived.load_state_dict(state)
+    assert same_state(state, revived.state_dict())
+
+
+def test_a_resumed_rank_refuses_updates_to_batches_it_had_started():
+    s = make()
+    iterator = iter(s)
+    for _ in range(B + 1):  # batch 1 started
+        next(iterator)
+    revived = make()
+    revived.load_state_dict(s.state_dict())
+    with pytest.raises(LateObservationError):
+        revived.observe(0, losses_at(0))  # would change batch 1, partly produced before the checkpoint
 
 
 # -- within-domain order, logging -----------------------------------------------------------------------

@@ -211,6 +211,31 @@ def test_state_reader_typed_lists():
 
 
 # -- dataorder.samplers re-exports ----------------------------------------------------------------
+def test_state_reader_same_compares_types_inside_containers():
+    reader = StateReader({"sampler": "X", "sizes": {"a": 3, "b": True}, "floor": [0.1, 1], "k": 2}, "X")
+    with pytest.raises(StateTypeError, match="sizes"):
+        reader.same("sizes", {"a": 3, "b": 1})  # True == 1, but no state_dict() saves True for a size
+    with pytest.raises(StateTypeError, match="floor"):
+        reader.same("floor", [0.1, 1.0])  # 1 == 1.0, but the saved setting was a float
+    with pytest.raises(StateError, match="sizes"):
+        reader.same("sizes", {"a": 3})  # another key set: not equal
+    reader.same("k", np.int64(2))  # any int type stands for an int
+    reader.same("sizes", {"a": 3, "b": True})
+
+
+def test_state_reader_tensor_checks_dtype_and_shape():
+    reader = StateReader({"sampler": "X", "w": torch.zeros(2, 3, dtype=torch.float64), "l": [1.0]}, "X")
+    assert reader.tensor("w", torch.float64, (None, 3)).shape == (2, 3)
+    with pytest.raises(StateTypeError, match="w must be a torch.float32 tensor"):
+        reader.tensor("w", torch.float32, (2, 3))
+    with pytest.raises(StateError, match=r"w has shape \(2, 3\), expected \(2, 2\)"):
+        reader.tensor("w", torch.float64, (2, 2))
+    with pytest.raises(StateError, match="w has shape"):
+        reader.tensor("w", torch.float64, (6,))
+    with pytest.raises(StateTypeError, match="l must be a torch.float64 tensor, got list"):
+        reader.tensor("l", torch.float64, (1,))
+
+
 def test_the_package_re_exports_every_sampler_class_and_imports_light():
     import subprocess
     import sys
@@ -220,9 +245,12 @@ def test_the_package_re_exports_every_sampler_class_and_imports_light():
 
     for name in samplers.__all__:
         assert getattr(samplers, name) is getattr(dataorder, name, getattr(samplers, name))
-    from dataorder.samplers import GraBSampler, HerdingSampler  # lazily, from wherever they live
+    from dataorder.samplers import (AdaptiveMixtureSampler, GraBSampler, HerdingSampler,  # lazily
+                                    LateObservationError)
 
     assert GraBSampler is dataorder.GraBSampler and HerdingSampler is dataorder.HerdingSampler
+    assert AdaptiveMixtureSampler is dataorder.AdaptiveMixtureSampler
+    assert LateObservationError.__module__ == "dataorder.samplers.adaptive"
     code = ("import sys, dataorder.samplers; "
             "print(sorted(m for m in ('numba', 'datasets', 'pyarrow') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
