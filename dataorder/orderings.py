@@ -6,13 +6,11 @@ their sampler. Add an ordering by registering a factory in :data:`ORDERINGS`.
 
 ``grab-sketch`` (``grab-sketch:K``) is GraB balancing on per-layer Kronecker sketches of the
 ghost factors, ``K`` values per side (default :data:`DEFAULT_SKETCH`), through
-``GraBSampler.attach(model, sketch=K)``; where that argument does not exist the ordering raises
-:class:`OrderingUnavailable`.
+``GraBSampler.attach(model, sketch=K)``.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -21,22 +19,12 @@ from torch.utils.data import Sampler
 
 from dataorder.samplers.shuffle import FlipFlop, RandomReshuffling, ShuffleOnce, WithReplacement
 
-__all__ = ["DEFAULT_SKETCH", "ORDERINGS", "GradientOrdering", "Ordering", "OrderingUnavailable", "SamplerOrdering",
+__all__ = ["DEFAULT_SKETCH", "ORDERINGS", "GradientOrdering", "Ordering", "SamplerOrdering",
            "SIZED_ORDERINGS", "make_ordering"]
 
 #: sketch size per side of ``grab-sketch`` without ``:K`` (the issue's prototype kept 90% of
 #: exact GraB's gain at 16 on the digits MLP)
 DEFAULT_SKETCH = 16
-
-
-class OrderingUnavailable(ValueError):
-    """The ordering needs a feature this installation lacks (e.g. sketched ghost balancing)."""
-
-
-def _attach_has_sketch() -> bool:
-    from dataorder.samplers.grab import GraBSampler
-
-    return "sketch" in inspect.signature(GraBSampler.attach).parameters
 
 
 class Ordering:
@@ -94,9 +82,6 @@ class GradientOrdering(Ordering):
                 raise ValueError(f"ordering {name!r}: the sketch size must be a positive int, got {ghost_sketch!r}")
             if grads != "ghost" or balance is None:
                 raise ValueError(f"ordering {name!r} balances on the ghost path: use grads='ghost' (--grads ghost)")
-            if not _attach_has_sketch():
-                raise OrderingUnavailable(f"ordering {name!r} needs GraBSampler.attach(model, sketch=k), which this "
-                                          "dataorder lacks; use 'grab' (exact ghost balancing)")
         self.name, self.balance, self.depth = name, balance, depth
         self.sketch_dim, self.sketch_above = sketch_dim, sketch_above
         self.ghost_sketch = ghost_sketch
@@ -117,10 +102,7 @@ class GradientOrdering(Ordering):
         from dataorder.grads import PerExampleGrads
 
         if self.ghost:
-            if _attach_has_sketch():  # say "exact" explicitly: attach's default may be a sketch
-                sampler.attach(model, sketch=self.ghost_sketch)
-            else:
-                sampler.attach(model)
+            sampler.attach(model, sketch=self.ghost_sketch)  # None: exact, whatever attach's default
             return
 
         size = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -166,8 +148,7 @@ def make_ordering(name: str, *, grads: str = "ghost") -> Ordering:
     """The registered ordering ``name`` (or ``NAME:K`` for :data:`SIZED_ORDERINGS`, e.g.
     ``grab-sketch:8``); ``grads`` picks GraB's path: ``ghost`` or ``vmap``.
 
-    Raises ``ValueError`` for an unknown name or a bad ``K``, and :class:`OrderingUnavailable`
-    (a ``ValueError``) for an ordering this installation cannot run.
+    Raises ``ValueError`` for an unknown name or a bad ``K``.
 
     >>> make_ordering("rr").make_sampler(4, seed=0)
     RandomReshuffling(n=4, seed=0, epoch=0, rank=0, world_size=1, drop_last=False)

@@ -99,7 +99,7 @@ def test_compare_table_has_the_time_to_quality_columns(capsys):
 def test_progress_bar_only_on_a_terminal_and_never_when_quiet(monkeypatch):
     import sys
 
-    from dataorder.commands.compare import _progress
+    from dataorder.cli.commands.compare import _progress
 
     assert _progress(3, quiet=False).disable  # pytest's stderr is not a TTY
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -112,7 +112,7 @@ def test_progress_bar_only_on_a_terminal_and_never_when_quiet(monkeypatch):
 def test_plot_draws_loss_against_epochs_and_wall_clock(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from dataorder.commands.compare import plot_curves
+    from dataorder.cli.commands.compare import plot_curves
     from dataorder.training import RunResult
 
     saved = []
@@ -134,17 +134,6 @@ def test_compare_usage_errors(argv, capsys):
     assert main(["compare", "--epochs", "1", "--seeds", "1", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dataorder compare: error:") and len(err.strip().splitlines()) == 1
-
-
-def test_compare_unavailable_sketched_grab_is_a_usage_error(capsys):
-    import inspect
-
-    from dataorder.samplers.grab import GraBSampler
-
-    if "sketch" in inspect.signature(GraBSampler.attach).parameters:
-        pytest.skip("GraBSampler.attach takes sketch=: grab-sketch runs")
-    assert main(["compare", "--orders", "rr,grab-sketch", "--epochs", "1", "--seeds", "1"]) == 2
-    assert "sketch=k" in capsys.readouterr().err
 
 
 @pytest.mark.slow

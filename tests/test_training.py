@@ -1,6 +1,5 @@
 """The shared training loop and its time-to-quality numbers."""
 
-import inspect
 import math
 
 import pytest
@@ -8,12 +7,10 @@ import torch
 
 from dataorder.data import TensorSplit, load_digits_split, load_patterns32_split, load_stdlib_lm_split
 from dataorder.models import SmallResNet, build_model
-from dataorder.orderings import OrderingUnavailable, make_ordering
-from dataorder.samplers.grab import GraBSampler
+from dataorder.orderings import make_ordering
 from dataorder.training import (RunResult, Reach, _evaluation_steps, first_reach, initial_state, mean_cross_entropy,
                                 state_digest, summarize, train_run)
 
-HAS_SKETCH = "sketch" in inspect.signature(GraBSampler.attach).parameters
 
 
 def curve(name, seed, losses, seconds_per_epoch, evals_per_epoch=1):
@@ -155,15 +152,6 @@ def test_small_resnet_has_wide_convolutions_and_group_norm():
 
 # -- orderings --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["grab-sketch", "grab-sketch:8"])
-def test_sketched_grab_without_the_sketch_argument_is_a_clear_error(name):
-    if HAS_SKETCH:
-        pytest.skip("GraBSampler.attach takes sketch=: the ordering runs (tested below)")
-    with pytest.raises(OrderingUnavailable, match="sketch=k"):
-        make_ordering(name)
-
-
-@pytest.mark.skipif(not HAS_SKETCH, reason="GraBSampler.attach has no sketch= argument in this branch")
 def test_sketched_grab_runs_and_large_k_matches_exact_grab():
     split = small_digits()
     exact = train_run(split, "mlp", make_ordering("grab"), seed=0, epochs=3, batch_size=32)
