@@ -101,8 +101,9 @@ def at_position(state: dict[str, Any], position: int) -> dict[str, Any]:
 def needs_step(sampler: Any) -> bool:
     """Whether ``sampler`` orders by gradients, so a trainer must call ``step()`` after each backward.
 
-    Raises ``TypeError`` for a gradient sampler without the ghost path (``attach``): a
-    trainer's backward gives no per-example gradients to feed it.
+    Raises ``TypeError`` for an object that is not a dataorder sampler (no
+    ``set_epoch``/``state_dict``/``load_state_dict``), and for a gradient sampler without the
+    ghost path (``attach``): a trainer's backward gives no per-example gradients to feed it.
 
     >>> from dataorder import GraBSampler, RandomReshuffling
     >>> needs_step(GraBSampler(8)), needs_step(RandomReshuffling(8))
@@ -110,6 +111,8 @@ def needs_step(sampler: Any) -> bool:
     """
     from dataorder.ordering import GradientOrderSampler
 
+    if not (hasattr(sampler, "state_dict") and hasattr(sampler, "load_state_dict") and hasattr(sampler, "set_epoch")):
+        raise TypeError(f"sampler must be a dataorder sampler (with set_epoch/state_dict), got {type(sampler).__name__}")
     if not isinstance(sampler, GradientOrderSampler):
         return False
     if not hasattr(sampler, "attach"):

@@ -66,8 +66,6 @@ class DataOrderCallback(TrainerCallback):
     """
 
     def __init__(self, sampler: Any) -> None:
-        if not (hasattr(sampler, "state_dict") and hasattr(sampler, "load_state_dict") and hasattr(sampler, "set_epoch")):
-            raise TypeError(f"sampler must be a dataorder sampler (with set_epoch/state_dict), got {type(sampler).__name__}")
         self.sampler = sampler
         self.steps = needs_step(sampler)
 
