@@ -253,3 +253,22 @@ def test_parameter_registered_on_a_module_and_its_child_counts_once():
         ce(model(x), y).backward()
     [batch] = ghost.collect()
     assert torch.allclose(batch.materialize(), per_example_grads(model, x, y), atol=1e-6)
+
+
+def test_group_norm_rule_gives_the_same_gradients_with_and_without_the_saved_statistics():
+    from dataorder.ghost.rules import norm_rule, saved_statistics
+
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(3, 6)
+    x = torch.randn(4, 6, 5, 5) * 3 + 2
+    out = norm(x)
+    delta = torch.randn_like(out)
+    names = {"weight": "w", "bias": "b"}
+    saved = saved_statistics(norm, out)
+    assert len(saved) == 2
+    fused, recomputed = norm_rule(norm, names, (x, *saved), delta), norm_rule(norm, names, (x,), delta)
+    normalized = nn.functional.group_norm(x, 3, None, None, norm.eps)
+    for got in (fused.grads, recomputed.grads):
+        assert torch.allclose(got["w"], (normalized * delta).sum(dim=(2, 3)), atol=1e-4)
+        assert torch.allclose(got["b"], delta.sum(dim=(2, 3)), atol=1e-5)
+    assert saved_statistics(nn.LayerNorm(4), nn.LayerNorm(4)(torch.randn(2, 4))) == ()

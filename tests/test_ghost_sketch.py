@@ -94,13 +94,16 @@ def test_sketched_inner_products_are_unbiased(case, side_max, monkeypatch):
     model, x, y = build(case)
     reference = reference_of(case).double()
     exact = reference @ reference.T
-    ghost = GhostGrads(model, sketch=3)
+    ghost = GhostGrads(model)  # the exact factors, captured once and sketched with many seeds
     nn.functional.cross_entropy(model(x), y).backward()
-    [(batch_size, factors, names)] = ghost._groups()  # one capture, sketched with many seeds
+    [(batch_size, factors, names)] = ghost._groups()
+    ghost.remove()
+    model.zero_grad()
     seeds = 300
     rows = [sketch.Sketcher(3, seed).rows(factors, ghost.shapes, names).double() * batch_size
             for seed in range(seeds)]
-    assert torch.equal(rows[0].float(), sketch_rows(model, x, y, 3, 0).float())  # the public path, seed 0
+    # the public path (each call sketched during the backward) gives the same rows, seed 0
+    assert torch.allclose(rows[0].float(), sketch_rows(model, x, y, 3, 0).float(), rtol=1e-5, atol=1e-6)
     assert rows[0].shape[1] < reference.shape[1]  # something was projected
     grams = torch.stack([r @ r.T for r in rows])
     # the mean of `seeds` independent estimates is within 5 standard errors of the truth
@@ -192,13 +195,14 @@ def test_shared_input_module_is_left_out_with_one_warning(model_class, length):
     kept = torch.cat([reference[:, :9 * 4], reference[:, (9 + length) * 4:]], dim=1)
     for k in (None, 64):
         ghost = GhostGrads(model, sketch=k)
-        nn.functional.cross_entropy(model(tokens), y).backward()
+        # the exact path finds out at collect(), the sketched one during the forward
         with pytest.warns(UserWarning, match="Embedding 'pos' .* shared by the whole batch"):
+            nn.functional.cross_entropy(model(tokens), y).backward()
             [got] = ghost.collect_sketch() if k else [b.materialize() for b in ghost.collect()]
         assert torch.allclose(got, kept, atol=1e-6)
-        nn.functional.cross_entropy(model(tokens), y).backward()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once per GhostGrads
+            nn.functional.cross_entropy(model(tokens), y).backward()
             ghost.collect_sketch() if k else ghost.collect()
         ghost.remove()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 
@@ -12,8 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dataorder.ghost.batch import GhostBatch
 from dataorder.ghost.errors import UnsupportedLayerError, check_no_batch_statistics
 from dataorder.ghost.factors import DenseFactors, EmbeddingFactors, LinearFactors
-from dataorder.ghost.rules import fallback_rule, rule_for
-from dataorder.ghost.sketch import Sketcher
+from dataorder.ghost.rules import fallback_rule, linear_rule, rule_for, saved_statistics
+from dataorder.ghost.sketch import SketchRows, Sketcher
 from dataorder.ghost.tied import TiedFactors
 
 __all__ = ["GhostGrads"]
@@ -28,7 +29,8 @@ class GhostGrads:
     followed by a backward (one per micro-batch under gradient accumulation), in order,
     and clears them. With ``sketch=k``, :meth:`collect_sketch` gives instead each batch's
     per-example Kronecker sketches (at most ``k × k`` values per weight,
-    :mod:`dataorder.ghost.sketch`) as a dense ``(B, D)`` tensor.
+    :mod:`dataorder.ghost.sketch`) as a dense ``(B, D)`` tensor, built during the backward
+    (no factors are kept; :meth:`collect` is then unavailable).
 
     The loss is assumed mean-reduced over the batch: captured output gradients are
     multiplied by the batch size to give per-example gradients. Any other constant factor
@@ -78,6 +80,8 @@ class GhostGrads:
         self._records: list[_Record] = []
         self._warned: set[str] = set()
         self._excluded: set[str] = set()  # modules left out: their input is shared by the batch
+        self._left_out: set[str] = set()  # the parameters of those modules
+        self._sketch_rows: dict[int, SketchRows] = {}  # forward -> its sketch rows, filled during the backward
         self._batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self._handles = [model.register_forward_pre_hook(self._count_forward, with_kwargs=True)]
         for module_name, module in model.named_modules():
@@ -106,15 +110,41 @@ class GhostGrads:
                 raise UnsupportedLayerError(f"{type(module).__name__} '{module_name}' was called without a "
                                             "positional tensor input: the ghost hooks cannot see its input; "
                                             "pass it positionally or leave its parameters out with params=")
+            tensors += saved_statistics(module, output)
             if rule_for(module) is None and module_name not in self._warned:
                 self._warned.add(module_name)
                 warnings.warn(f"ghost balancing has no exact rule for {type(module).__name__} "
                               f"('{module_name}'): using torch.func per-example gradients for this module only "
                               "(dataorder.register_ghost_rule adds one)", stacklevel=2)
-            record = _Record(self._forward_count, module_name, module, names, tensors, output)
-            self._records.append(record)
-            output.register_hook(record.add_grad)
+            if self._sketcher is None:
+                record = _Record(self._forward_count, module_name, module, names, tensors, output)
+                self._records.append(record)
+                output.register_hook(record.add_grad)
+                return
+            # sketched: the call is reduced to its sketch as soon as its output gradient arrives
+            record = _Record(self._forward_count, module_name, module, names, tensors, None)
+            batch_size, rank = self._batch_sizes.get(self._forward_count, (None, 0))
+            if not self._left_out_if_shared(record, batch_size or tensors[0].shape[0], rank):
+                output.register_hook(functools.partial(self._sketch_call, record))
         return hook
+
+    def _sketch_call(self, record: _Record, grad: Tensor) -> None:
+        """Add one module call's sketched per-example gradients to its forward's rows (in the backward)."""
+        with torch.no_grad():
+            rows = self._sketch_rows.get(record.forward)
+            if rows is None:
+                rows = self._sketcher.new_rows(self.names, self.shapes, grad.shape[0], grad.device)
+                self._sketch_rows[record.forward] = rows
+            delta = grad.detach().float()
+            rule = rule_for(record.module)
+            if rule is linear_rule:  # the common case, without building factor objects
+                x = record.inputs[0]
+                self._sketcher.add_linear(rows, record.names.get("weight"), record.names.get("bias"),
+                                          x.float() if x.is_floating_point() else x, delta,
+                                          record.module.weight.shape)
+                return
+            for factors in _apply_rule(record, record.names, delta):
+                self._sketcher.add(rows, factors, self.shapes)
 
     def pending_outputs(self) -> list[Tensor]:
         """Outputs of the recorded module calls still waiting for their gradient.
@@ -127,6 +157,9 @@ class GhostGrads:
 
     def collect(self) -> list[GhostBatch]:
         """One :class:`GhostBatch` per model forward followed by a backward; clears the records."""
+        if self._sketcher is not None:
+            raise ValueError("GhostGrads(model, sketch=k) reduces each layer to its sketch during the backward and "
+                             "keeps no factors: use collect_sketch(), or construct GhostGrads(model) for collect()")
         out = []
         for batch_size, factors, names in self._groups():
             shapes = {name: self.shapes[name] for name in names}
@@ -141,19 +174,26 @@ class GhostGrads:
         least every side of every weight the rows are the exact per-example gradients.
         Clears the records.
 
+        The sketch is linear in the gradient, so each layer call is added to its batch's rows
+        as soon as its output gradient arrives: nothing but the rows is kept until this call.
+
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        >>> ghost = GhostGrads(model, sketch=4)
+        >>> sketched, exact = GhostGrads(model, sketch=4), GhostGrads(model)
         >>> model(torch.randn(5, 3)).square().mean().backward()
-        >>> [rows] = ghost.collect_sketch()
-        >>> [exact] = (ghost.model(torch.randn(5, 3)).square().mean().backward(), ghost.collect())[1]
-        >>> rows.shape[1] == exact.dim    # k = 4 covers every side: nothing is projected
+        >>> [rows], [batch] = sketched.collect_sketch(), exact.collect()
+        >>> torch.allclose(rows, batch.materialize())    # k = 4 covers every side: nothing is projected
         True
         """
         if self._sketcher is None:
             raise ValueError("collect_sketch() needs a sketch size: construct GhostGrads(model, sketch=k)")
+        pending, self._sketch_rows = self._sketch_rows, {}
+        sizes, self._batch_sizes = self._batch_sizes, {}
+        names = [name for name in self.names if name not in self._left_out]
         out = []
-        for batch_size, factors, names in self._groups():
-            out.append(self._sketcher.rows(factors, self.shapes, names, scale=batch_size))
+        for forward, rows in sorted(pending.items()):
+            self._check_covered(names, rows.written)
+            batch_size = sizes.get(forward, (None, 0))[0] or rows.values.shape[0]
+            out.append(rows.columns(names).mul_(batch_size))  # the loss is a mean over the batch
         return out
 
     def _groups(self):
@@ -171,14 +211,33 @@ class GhostGrads:
             out.append(self._factors(group, batch_size or group[0].inputs[0].shape[0], rank))
         return out
 
+    def _left_out_if_shared(self, record: _Record, batch_size: int, input_rank: int) -> bool:
+        """Whether the module is left out because its input is shared by the batch (warned once per module)."""
+        if record.module_name in self._excluded:
+            return True
+        if not _shares_input(record, batch_size, input_rank):
+            return False
+        self._excluded.add(record.module_name)
+        self._left_out.update(record.names.values())
+        warnings.warn(
+            f"{type(record.module).__name__} '{record.module_name}' got an input of shape "
+            f"{tuple(record.inputs[0].shape)} shared by the whole batch (of {batch_size}), e.g. positions: "
+            "it has no per-example gradient, so its parameters are left out of the balance", stacklevel=4)
+        return True
+
+    def _check_covered(self, names: list[str], covered: set[str]) -> None:
+        """Every balanced parameter got a gradient in this forward, and one is left to balance."""
+        missing = [name for name in names if name not in covered]
+        if missing:
+            raise RuntimeError(f"no gradient was captured for {missing}: was every selected parameter used "
+                               "in the forward pass?")
+        if not names:
+            raise ValueError("every selected parameter belongs to a module whose input is shared by the batch: "
+                             "nothing is left to balance; select other parameters with params=")
+
     def _factors(self, group: list[_Record], batch_size: int, input_rank: int):
         for record in group:
-            if record.module_name not in self._excluded and _shares_input(record, batch_size, input_rank):
-                self._excluded.add(record.module_name)
-                warnings.warn(
-                    f"{type(record.module).__name__} '{record.module_name}' got an input of shape "
-                    f"{tuple(record.inputs[0].shape)} shared by the whole batch (of {batch_size}), e.g. positions: "
-                    "it has no per-example gradient, so its parameters are left out of the balance", stacklevel=3)
+            self._left_out_if_shared(record, batch_size, input_rank)
         left_out = {name for record in group if record.module_name in self._excluded
                     for name in record.names.values()}
         by_call: dict[tuple, list] = {}  # (module, parameters, part of the rule's output) -> one per call
@@ -187,7 +246,7 @@ class GhostGrads:
                 continue
             names = {local: full for local, full in record.names.items() if full not in left_out}
             for subset in _split_tied(names, self.tied):
-                for part, made in enumerate(_apply_rule(record, subset)):
+                for part, made in enumerate(_apply_rule(record, subset, record.grad.float())):
                     key = (id(record.module), tuple(sorted(subset.values())), part)
                     by_call.setdefault(key, []).append(made)
         factors, tied_uses = [], {}
@@ -199,21 +258,14 @@ class GhostGrads:
                 factors.append(merged)
         factors += [uses[0] if len(uses) == 1 else TiedFactors(name, uses) for name, uses in tied_uses.items()]
         names = [name for name in self.names if name not in left_out]
-        covered = {name for record in group for name in record.names.values()}
-        missing = [name for name in names if name not in covered]
-        if missing:
-            raise RuntimeError(f"no gradient was captured for {missing}: was every selected parameter used "
-                               "in the forward pass?")
-        if not names:
-            raise ValueError("every selected parameter belongs to a module whose input is shared by the batch: "
-                             "nothing is left to balance; select other parameters with params=")
+        self._check_covered(names, {name for record in group for name in record.names.values()})
         return batch_size, factors, names
 
     def remove(self) -> None:
         """Remove the hooks from the model."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._records = [], []
+        self._handles, self._records, self._sketch_rows = [], [], {}
 
 
 def _direct_owners(model: nn.Module, selected: dict[int, str]) -> dict[str, dict[str, str]]:
@@ -271,8 +323,9 @@ def _split_tied(names: dict[str, str], tied: set[str]) -> list[dict[str, str]]:
     return ([rest] if rest else []) + alone
 
 
-def _apply_rule(record: _Record, names: dict[str, str]) -> list:
-    delta = record.grad.float()  # per-example scale (the batch size) is applied by the consumer
+def _apply_rule(record: _Record, names: dict[str, str], delta: Tensor) -> list:
+    """The rule's factors of one call; ``delta`` is its float32 output gradient, unscaled (the
+    per-example scale, the batch size, is applied by the consumer)."""
     floats = tuple(t.float() if t.is_floating_point() else t for t in record.inputs)
     rule = rule_for(record.module) or fallback_rule
     made = rule(record.module, names, floats, delta)

@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors, LinearFactors
 
-__all__ = ["GhostRule", "register_ghost_rule", "rule_for"]
+__all__ = ["GhostRule", "register_ghost_rule", "rule_for", "saved_statistics"]
 
 GhostRule = Callable[..., object]  # (module, names, inputs, grad_output) -> factors or a list of factors
 
@@ -84,20 +84,68 @@ def embedding_rule(module: nn.Embedding, names, inputs, delta) -> EmbeddingFacto
 
 
 def norm_rule(module: nn.Module, names, inputs, delta) -> DenseFactors:
+    """LayerNorm and GroupNorm affine parameters: ``g_γ = Σ x̂ δ``, ``g_β = Σ δ`` per example.
+
+    A GroupNorm's ``inputs`` may carry the forward's saved ``(mean, rstd)`` after the input
+    (:func:`saved_statistics`); otherwise they are recomputed.
+    """
     x = inputs[0]
-    if isinstance(module, nn.LayerNorm):
-        normalized = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        reduce_dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
-    else:  # GroupNorm: affine parameters per channel (dim 1)
-        normalized = F.group_norm(x, module.num_groups, None, None, module.eps)
-        normalized, delta = normalized.movedim(1, -1), delta.movedim(1, -1)
-        reduce_dims = tuple(range(1, x.dim() - 1))
+    if isinstance(module, nn.GroupNorm):
+        return _group_norm_factors(module, names, x, delta, inputs[1:])
+    normalized = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    reduce_dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
     grads = {}
     if "weight" in names:
         grads[names["weight"]] = (normalized * delta).sum(dim=reduce_dims) if reduce_dims else normalized * delta
     if "bias" in names:
         grads[names["bias"]] = delta.sum(dim=reduce_dims) if reduce_dims else delta
     return DenseFactors(grads)
+
+
+def _group_norm_factors(module: nn.GroupNorm, names, x, delta, statistics) -> DenseFactors:
+    """Per-example GroupNorm affine gradients in one fused pass, from the forward's statistics.
+
+    A GroupNorm of ``B`` examples, ``C`` channels and ``G`` groups is, value for value, a
+    GroupNorm of one example with ``B·C`` channels and ``B·G`` groups, whose affine gradients
+    are the per-example ones: so torch's own backward kernel computes them, reading the input
+    and the output gradient once, without forming the normalised input.
+    """
+    batch, channels, groups = x.shape[0], x.shape[1], module.num_groups
+    positions = x[0, 0].numel()
+    if len(statistics) == 2:
+        mean, rstd = (t.to(x.dtype) for t in statistics)
+    else:
+        _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, batch, channels, positions, groups,
+                                                         module.eps)
+    wanted = ["weight" in names, "bias" in names]
+    _, weight_grads, bias_grads = torch.ops.aten.native_group_norm_backward(
+        delta.reshape(1, batch * channels, positions), x.reshape(1, batch * channels, positions),
+        mean.reshape(1, batch * groups), rstd.reshape(1, batch * groups), x.new_ones(batch * channels),
+        1, batch * channels, positions, batch * groups, [False, *wanted])
+    grads = {}
+    if wanted[0]:
+        grads[names["weight"]] = weight_grads.reshape(batch, channels)
+    if wanted[1]:
+        grads[names["bias"]] = bias_grads.reshape(batch, channels)
+    return DenseFactors(grads)
+
+
+def saved_statistics(module: nn.Module, output: torch.Tensor) -> tuple:
+    """What the forward of ``module`` saved that its rule can reuse: a GroupNorm's ``(mean, rstd)``, else ``()``.
+
+    Read from the output's autograd node at the forward hook (tiny tensors), so the rule
+    never recomputes the normalisation.
+
+    >>> gn = nn.GroupNorm(2, 4)
+    >>> [t.shape for t in saved_statistics(gn, gn(torch.randn(3, 4, 5)))]
+    [torch.Size([3, 2]), torch.Size([3, 2])]
+    """
+    node = output.grad_fn
+    if not isinstance(module, nn.GroupNorm) or type(node).__name__ != "NativeGroupNormBackward0":
+        return ()
+    if rule_for(module) is not norm_rule:
+        return ()
+    return (node._saved_result1.detach(), node._saved_result2.detach())
 
 
 def hf_conv1d_rule(module: nn.Module, names: dict[str, str], inputs, delta) -> list:

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors, LinearFactors
 from dataorder.ghost.tied import TiedFactors
 
-__all__ = ["DENSE_SIDE_MAX", "Projection", "Sketcher", "block_is_cheaper", "projection", "sketch_width"]
+__all__ = ["DENSE_SIDE_MAX", "Projection", "SketchRows", "Sketcher", "block_is_cheaper", "projection", "sketch_width"]
 
 #: Longest side projected by a dense Gaussian matrix; longer sides use a CountSketch.
 DENSE_SIDE_MAX = 4096
@@ -86,7 +86,7 @@ class Projection:
     def apply(self, x: Tensor) -> Tensor:
         """``(..., size) -> (..., width)``: ``R`` applied to the last dim."""
         if self.matrix is not None:
-            return x @ self.matrix.T
+            return F.linear(x, self.matrix)
         if self.buckets is not None:
             return x.new_zeros(*x.shape[:-1], self.width).index_add_(-1, self.buckets, x * self.signs)
         return x
@@ -178,56 +178,181 @@ def block_is_cheaper(steps: int, inputs: int, outputs: int, k_in: int, k_out: in
     return materialised < factored
 
 
-class Sketcher:
-    """Turns layer factors into ``(B, D)`` sketch rows for a fixed ``k`` and ``seed``.
+@dataclass(frozen=True)
+class _LinearPlan:
+    """How one linear layer's sketch is added into a layout: its columns and maps (None: kept exact)."""
 
-    Caches its projections per device (they are regenerated, never saved). ``D`` is the sum
-    of :func:`sketch_width` over the parameters, in the order given to :meth:`rows`.
+    weight_columns: slice | None
+    bias_columns: slice | None
+    block: bool  # materialise the per-example weight gradients, then project them
+    rows: Tensor | None  # (k_out, O) output-side matrix
+    cols: Tensor | None  # (k_in, I) input-side matrix
+    out_width: int
+    in_width: int
+    bias_map: Tensor | None  # (k², O) when a long bias is projected
+
+
+class SketchRows:
+    """The ``(B, D)`` sketch rows of one batch, filled one layer call at a time.
+
+    ``slots`` maps each parameter name to its columns. Every contribution is *added* to its
+    slot -- the sketch is linear in the gradient, so a module called twice, or a tied
+    parameter used by two modules, gets the sketch of the summed gradient -- and ``written``
+    records which parameters received one.
+
+    >>> rows = SketchRows({"w": slice(0, 2), "b": slice(2, 3)}, 3, batch=2, device=torch.device("cpu"))
+    >>> rows.add("w", torch.ones(2, 2)); rows.add("w", torch.ones(2, 2))
+    >>> rows.values.tolist(), sorted(rows.written)
+    ([[2.0, 2.0, 0.0], [2.0, 2.0, 0.0]], ['w'])
+    """
+
+    def __init__(self, slots: Mapping[str, slice], width: int, batch: int, device: torch.device) -> None:
+        self.slots = slots
+        self.values = torch.zeros(batch, width, device=device)
+        self.written: set[str] = set()
+
+    def slot(self, name: str) -> Tensor | None:
+        """The ``(B, width)`` columns of ``name`` (a view, marked written), or None if not laid out."""
+        columns = self.slots.get(name)
+        if columns is None:
+            return None
+        self.written.add(name)
+        return self.values[:, columns]
+
+    def add(self, name: str, block: Tensor) -> None:
+        slot = self.slot(name)
+        if slot is not None:
+            slot.add_(block.reshape(len(block), -1))
+
+    def columns(self, names: list[str]) -> Tensor:
+        """The rows over ``names`` only, in that order (all of them: the buffer itself)."""
+        if len(names) == len(self.slots):
+            return self.values
+        return torch.cat([self.values[:, self.slots[name]] for name in names], dim=1)
+
+
+class Sketcher:
+    """Adds the sketches of layer factors into :class:`SketchRows` for a fixed ``k`` and ``seed``.
+
+    Caches its projections per device (they are regenerated, never saved). A parameter's
+    slot holds :func:`sketch_width` values, in the order of the names it was laid out with.
     """
 
     def __init__(self, k: int, seed: int = 0) -> None:
         self.k, self.seed = int(k), int(seed)
         self._cache: dict[tuple, Projection] = {}
-        self._plans: dict[tuple, tuple] = {}  # (name, shape, rows per example, device) -> how to sketch it
+        self._plans: dict[tuple, tuple] = {}  # (name, shape, rows per example, device, conv) -> how to sketch it
+        self._layouts: dict[tuple, tuple[dict[str, slice], int]] = {}
+        self._linear_plans: dict[tuple, _LinearPlan] = {}  # (layout, weight, bias, rows per example, device)
 
     def project(self, name: str, shape: tuple, axis: str, device: torch.device) -> Projection:
-        key = (name, tuple(shape), axis, str(device))
+        key = (name, tuple(shape), axis, device)
         if key not in self._cache:
             width = self.k * self.k if axis == "flat" else self.k
             self._cache[key] = projection(seed=self.seed, name=name, shape=shape, axis=axis,
                                           width=width).to(device)
         return self._cache[key]
 
+    def new_rows(self, names: list[str], shapes: Mapping[str, torch.Size], batch: int,
+                 device: torch.device) -> SketchRows:
+        """Zero rows for ``batch`` examples laid out over ``names`` (cached per list of names)."""
+        key = tuple(names)
+        if key not in self._layouts:
+            slots, start = {}, 0
+            for name in names:
+                width = sketch_width(tuple(shapes[name]), self.k)
+                slots[name], start = slice(start, start + width), start + width
+            self._layouts[key] = (slots, start)
+        slots, width = self._layouts[key]
+        return SketchRows(slots, width, batch, device)
+
     def rows(self, factors: list, shapes: Mapping[str, torch.Size], names: list[str] | None = None,
              scale: float = 1.0) -> Tensor:
         """``(B, D)`` float32 sketch rows of ``factors`` over ``names`` (default: ``shapes``' order), times ``scale``."""
         order = list(shapes) if names is None else names
-        parts: dict[str, Tensor] = {}
+        first = factors[0]
+        batch = len(first.idx) if isinstance(first, EmbeddingFactors) else _batch_of(first)
+        target = self.new_rows(order, shapes, batch, first.device)
         for factor in factors:
-            for name, block in self.sketch(factor, shapes).items():
-                parts[name] = parts[name] + block if name in parts else block
-        out = torch.cat([parts[name].reshape(len(parts[name]), -1) for name in order], dim=1)
+            self.add(target, factor, shapes)
+        out = target.values
         return out.mul_(scale) if scale != 1.0 else out
 
-    # -- one factor object -> {name: (B, width)} -----------------------------------------------
-    def sketch(self, factor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
+    # -- one factor object -> its slots ------------------------------------------------------
+    def add(self, target: SketchRows, factor, shapes: Mapping[str, torch.Size]) -> None:
+        """Add the sketch of one factor object's per-example gradients into ``target``."""
         if isinstance(factor, TiedFactors):
-            total = None
             for use in factor.uses:
-                block = self.sketch(use, shapes)[factor.name]
-                total = block if total is None else total + block
-            return {factor.name: total}
-        if isinstance(factor, LinearFactors):  # ConvFactors too
-            out = {}
+                self.add(target, use, shapes)
+        elif isinstance(factor, ConvFactors):
             if factor.weight:
-                out[factor.weight] = self._linear_weight(factor, tuple(shapes[factor.weight]))
+                target.add(factor.weight, self._conv_weight(factor, tuple(shapes[factor.weight])))
             if factor.bias:
-                out[factor.bias] = self.block(factor.bias, tuple(shapes[factor.bias]), factor._bias_rows())
-            return out
-        if isinstance(factor, EmbeddingFactors):
-            return {factor.weight: self._embedding(factor, tuple(shapes[factor.weight]))}
-        grads = factor.grads if isinstance(factor, DenseFactors) else factor.materialize()
-        return {name: self.block(name, tuple(shapes[name]), g) for name, g in grads.items()}
+                target.add(factor.bias, self.block(factor.bias, tuple(shapes[factor.bias]), factor._bias_rows()))
+        elif isinstance(factor, LinearFactors):
+            self.add_linear(target, factor.weight, factor.bias, factor.a, factor.d, factor.weight_shape)
+        elif isinstance(factor, EmbeddingFactors):
+            target.add(factor.weight, self._embedding(factor, tuple(shapes[factor.weight])))
+        else:
+            grads = factor.grads if isinstance(factor, DenseFactors) else factor.materialize()
+            for name, g in grads.items():
+                target.add(name, self.block(name, tuple(shapes[name]), g))
+
+    def add_linear(self, target: SketchRows, weight: str | None, bias: str | None, a: Tensor, d: Tensor,
+                   weight_shape: torch.Size) -> None:
+        """The sketches of ``out = a W^T + b`` added in place: ``a`` ``(B, ..., I)``, ``d`` ``(B, ..., O)``.
+
+        One row per example (an MLP layer): ``slot += (R_out d) ⊗ (R_in a)``, two thin
+        products and one fused multiply-add; several rows: one batched product. What to do
+        is planned once per layer and layout (:class:`_LinearPlan`): a step runs only the products.
+        """
+        batch = d.shape[0]
+        single = d.dim() == 2
+        if not single:
+            a, d = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
+        key = (id(target.slots), weight, bias, 1 if single else d.shape[1], d.device)
+        plan = self._linear_plans.get(key)
+        if plan is None:
+            plan = self._linear_plans[key] = self._plan_linear(target.slots, weight, bias, tuple(weight_shape),
+                                                               key[3], d.device)
+        values = target.values
+        if plan.weight_columns is not None:
+            target.written.add(weight)
+            slot = values[:, plan.weight_columns]
+            if plan.block:
+                per_example = d[:, :, None] * a[:, None, :] if single else torch.bmm(d.transpose(1, 2), a)
+                slot.add_(self.block(weight, tuple(weight_shape), per_example.reshape(batch, -1)))
+            else:
+                out_side = d if plan.rows is None else F.linear(d, plan.rows)
+                in_side = a if plan.cols is None else F.linear(a, plan.cols)
+                matrices = slot.view(batch, plan.out_width, plan.in_width)
+                if single:
+                    matrices.addcmul_(out_side[:, :, None], in_side[:, None, :])
+                else:
+                    matrices.baddbmm_(out_side.transpose(1, 2), in_side)
+        if plan.bias_columns is not None:
+            target.written.add(bias)
+            rows = d if single else d.sum(dim=1)
+            values[:, plan.bias_columns].add_(rows if plan.bias_map is None else F.linear(rows, plan.bias_map))
+
+    def _plan_linear(self, slots: Mapping[str, slice], weight: str | None, bias: str | None, shape: tuple,
+                     steps: int, device: torch.device) -> _LinearPlan:
+        weight_columns = slots.get(weight) if weight is not None else None
+        bias_columns = slots.get(bias) if bias is not None else None
+        rows = cols = bias_map = None
+        block, out_width, in_width = False, shape[0], math.prod(shape[1:])
+        if weight_columns is not None:
+            form, row_map, col_map = self._weight_plan(weight, shape, steps, device, False)
+            block = form == "block"
+            if form != "exact":
+                rows, cols = row_map.matrix, col_map.matrix
+                out_width, in_width = row_map.width, col_map.width
+                if (not row_map.identity and rows is None) or (not col_map.identity and cols is None):
+                    block = True  # a CountSketch side (longer than DENSE_SIDE_MAX): materialise, then project
+        if bias_columns is not None and _form((shape[0],), self.k) == "flat":
+            flat = self.project(bias, (shape[0],), "flat", device)
+            bias_map = flat.matrix if flat.matrix is not None else flat.dense()
+        return _LinearPlan(weight_columns, bias_columns, block, rows, cols, out_width, in_width, bias_map)
 
     def block(self, name: str, shape: tuple, per_example: Tensor) -> Tensor:
         """Sketch of materialised per-example gradients ``(B, *shape)`` (or ``(B, prod(shape))``)."""
@@ -243,49 +368,33 @@ class Sketcher:
     def _weight_plan(self, name: str, shape: tuple, steps: int, device: torch.device, conv: bool) -> tuple:
         """``(form, rows map, cols map)`` of a linear layer's weight, chosen once per name, shape and ``steps``.
 
-        ``form``: ``exact`` (kept whole), ``block`` (materialise, then project), ``conv`` (a
-        convolution's projected patches), ``outer`` (one row per example: an outer product),
-        ``bmm`` (a sum over the rows of each example).
+        ``form``: ``exact`` (kept whole), ``block`` (materialise, then project), ``factors``
+        (project the input and the output gradient, then sum their outer products).
         """
-        key = (name, shape, steps, str(device), conv)
+        key = (name, shape, steps, device, conv)
         plan = self._plans.get(key)
         if plan is None:
             if _form(shape, self.k) == "exact":
                 plan = ("exact", None, None)
             else:
                 rows, cols = self.project(name, shape, "rows", device), self.project(name, shape, "cols", device)
-                if block_is_cheaper(steps, cols.size, rows.size, cols.width, rows.width):
-                    form = "block"
-                else:
-                    form = "conv" if conv else ("outer" if steps == 1 else "bmm")
-                plan = (form, rows, cols)
+                cheaper = block_is_cheaper(steps, cols.size, rows.size, cols.width, rows.width)
+                plan = ("block" if cheaper else "factors", rows, cols)
             self._plans[key] = plan
         return plan
 
-    def _linear_weight(self, factor: LinearFactors, shape: tuple) -> Tensor:
-        conv = isinstance(factor, ConvFactors)
-        form, rows, cols = self._weight_plan(factor.weight, shape, factor.d.shape[1], factor.d.device, conv)
-        if form == "exact":
-            return factor._weight_block()
-        if form == "block":
-            return self.block(factor.weight, shape, factor._weight_block())
-        if form == "conv":
-            return self._conv_weight(factor, rows, cols)
-        batch = len(factor.d)
-        if form == "outer":
-            out_side, in_side = rows.apply(factor.d[:, 0]), cols.apply(factor.a[:, 0])  # (B, ko), (B, ki)
-            return (out_side[:, :, None] * in_side[:, None, :]).reshape(batch, -1)
-        out_side = rows.apply(factor.d)  # (B, T, ko)
-        in_side = cols.apply(factor.a)  # (B, T, ki)
-        return torch.bmm(out_side.transpose(1, 2), in_side).reshape(batch, -1)
-
-    def _conv_weight(self, factor: ConvFactors, rows: Projection, cols: Projection) -> Tensor:
+    def _conv_weight(self, factor: ConvFactors, shape: tuple) -> Tensor:
         """``sum_l (R_out δ_l)(R_in p_l)^T`` with channels-first tensors throughout (no transposed copies).
 
         The projected patches ``R_in p_l`` are a convolution of the input with ``k_in``
         output channels whose kernel is ``R_in``; the projected output gradient is one
         ``(k_out, O) @ (O, L)`` product per example.
         """
+        form, rows, cols = self._weight_plan(factor.weight, shape, factor.d.shape[1], factor.d.device, True)
+        if form == "exact":
+            return factor._weight_block()
+        if form == "block":
+            return self.block(factor.weight, shape, factor._weight_block())
         batch = len(factor.x)
         delta = factor.delta.flatten(2)  # (B, O, L)
         out_side = delta if rows.identity else torch.matmul(rows.dense(), delta)  # (B, ko, L)
@@ -304,3 +413,12 @@ class Sketcher:
         rows, cols = self.project(factor.weight, shape, "rows", device), self.project(factor.weight, shape, "cols", device)
         hashed = rows.columns(factor.idx)  # (B, T, kr): R e_token
         return torch.bmm(hashed.transpose(1, 2), cols.apply(factor.d)).reshape(batch, -1)
+
+
+def _batch_of(factor) -> int:
+    if isinstance(factor, TiedFactors):
+        return _batch_of(factor.uses[0])
+    if isinstance(factor, LinearFactors):
+        return len(factor.d)
+    grads = factor.grads if isinstance(factor, DenseFactors) else factor.materialize()
+    return len(next(iter(grads.values())))
