@@ -537,8 +537,13 @@ def _run_path(out: Path, run: int) -> Path:
     return out / "runs" / f"run{run}.npz"
 
 
-def _load_run(out: Path, run: int, key: str, columns: list[str], n: int) -> dict[str, np.ndarray] | None:
-    """A finished run's scores, or None if absent, unreadable (truncated), or from other settings."""
+def _load_run(out: Path, run: int, key: str, columns: list[str], n: int,
+              unscored: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """A finished run's scores, or None if absent, unreadable (truncated), or from other settings.
+
+    ``unscored`` rows (a text run's reference documents) hold NaN by design; every other row
+    must be finite.
+    """
     try:
         with np.load(_run_path(out, run), allow_pickle=False) as archive:
             if str(archive["key"]) != key:
@@ -546,10 +551,19 @@ def _load_run(out: Path, run: int, key: str, columns: list[str], n: int) -> dict
             scores = {column: archive[column] for column in columns}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
-    if any(values.shape != (n,) or values.dtype.kind != "f" or not np.isfinite(values).all()
-           for values in scores.values()):
+    scored = np.ones(n, dtype=bool)
+    if unscored is not None:
+        scored[unscored] = False
+    if any(values.shape != (n,) or values.dtype.kind != "f" or not np.isfinite(values[scored]).all()
+           or not np.isnan(values[~scored]).all() for values in scores.values()):
         return None
     return scores
+
+
+def _unscored_rows(manifest: dict[str, Any]) -> np.ndarray | None:
+    """Rows a run leaves NaN: the reference documents of a text ``--reference-split`` run."""
+    split = manifest["dataset"].get("reference_split")
+    return None if split is None else np.asarray(split["reference_documents"], dtype=np.int64)
 
 
 def _save_run(out: Path, run: int, key: str, scores: dict[str, np.ndarray]) -> None:
@@ -656,7 +670,9 @@ def _score_runs(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Scor
               dynamic_ncols=True) as bar:
         for run in mine:
             key = _run_key(manifest, run)
-            scores = _load_run(result.out, run, key, result.columns, len(y))
+            # rows: examples (a text run scores documents, of which y holds one per window)
+            scores = _load_run(result.out, run, key, result.columns, manifest["dataset"]["examples"],
+                               _unscored_rows(manifest))
             if scores is None:
                 scores = scorer(x, y, num_classes, config, run, progress=bar)
                 _save_run(result.out, run, key, scores)

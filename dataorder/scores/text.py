@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +29,19 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from dataorder.ghost import GhostBatch
 from dataorder.samplers.base import epoch_rng
+from dataorder.scores.gradnorm import ghost_batch
 from dataorder.scores.runner import DivergedError
 
-__all__ = ["TEXT_SCORES", "TextInputError", "TextTask", "Windows", "document_scores", "load_tokenizer",
-           "make_windows", "reference_split", "scored_documents", "tokenize"]
+__all__ = ["DEFAULT_TEXT_SCORES", "TEXT_SCORES", "TextInputError", "TextTask", "WindowBatch", "Windows",
+           "document_scores", "document_windows", "grouped_quadratic", "iter_tokens", "load_tokenizer",
+           "make_windows", "reference_split", "score_documents", "scored_documents", "tokenize", "window_batches",
+           "window_dtype"]
 
-TEXT_SCORES = ("loss", "el2n")
+#: Scores a text run can give; the default ones leave out ``grand`` (a backward per scoring batch).
+TEXT_SCORES = ("loss", "el2n", "grand")
+DEFAULT_TEXT_SCORES = ("loss", "el2n")
 WINDOW_MODES = ("split", "truncate")
 _PAD = 0
 
@@ -65,15 +71,13 @@ def load_tokenizer(spec: str | None) -> Callable[[str], Sequence[int]] | None:
     return found
 
 
-def tokenize(documents: Sequence[str], tokenizer: Callable[[str], Sequence[int]] | None = None,
-             name: str = "tokenizer") -> tuple[list[np.ndarray], int]:
-    """``(token arrays, vocabulary size)``; bytes give 256, a tokenizer its largest id + 1.
+def iter_tokens(documents: Iterable[str], tokenizer: Callable[[str], Sequence[int]] | None = None,
+                name: str = "tokenizer") -> Iterator[np.ndarray]:
+    """Each document's token ids, one at a time (UTF-8 bytes, or ``tokenizer(text)``), checked.
 
-    >>> tokens, vocab = tokenize(["hi"])
-    >>> tokens[0].tolist(), vocab
-    ([104, 105], 256)
+    >>> [ids.tolist() for ids in iter_tokens(["hi", "abc"])]
+    [[104, 105], [97, 98, 99]]
     """
-    out = []
     for row, text in enumerate(documents):
         if tokenizer is None:
             ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
@@ -89,9 +93,29 @@ def tokenize(documents: Sequence[str], tokenizer: Callable[[str], Sequence[int]]
         if ids.size < 2:
             raise TextInputError(f"document {row} has {ids.size} token(s); a language model needs at least 2 "
                                  "(drop empty or one-token documents)")
-        out.append(ids)
+        yield ids
+
+
+def tokenize(documents: Sequence[str], tokenizer: Callable[[str], Sequence[int]] | None = None,
+             name: str = "tokenizer") -> tuple[list[np.ndarray], int]:
+    """``(token arrays, vocabulary size)``; bytes give 256, a tokenizer its largest id + 1.
+
+    >>> tokens, vocab = tokenize(["hi"])
+    >>> tokens[0].tolist(), vocab
+    ([104, 105], 256)
+    """
+    out = list(iter_tokens(documents, tokenizer, name))
     vocab = 256 if tokenizer is None else int(max(int(ids.max()) for ids in out)) + 1
     return out, vocab
+
+
+def window_dtype(vocab: int) -> np.dtype:
+    """How windows store tokens: uint8 when every id is below 256 (bytes), else int32.
+
+    >>> window_dtype(256), window_dtype(50_000)
+    (dtype('uint8'), dtype('int32'))
+    """
+    return np.dtype(np.uint8 if vocab <= 256 else np.int32)
 
 
 @dataclass(frozen=True)
@@ -108,6 +132,28 @@ class Windows:
     documents: int
 
 
+def document_windows(ids: np.ndarray, context: int, mode: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """One document's ``(windows (w, context + 1), mask (w, context))``: the one place windows are cut.
+
+    >>> rows, mask = document_windows(np.arange(6), 3, "split", np.dtype(np.uint8))
+    >>> rows.tolist(), mask.tolist()
+    ([[0, 1, 2, 3], [3, 4, 5, 0]], [[True, True, True], [True, True, False]])
+    """
+    targets = len(ids) - 1
+    count = 1 if mode == "truncate" else -(-targets // context)
+    padded = np.full(count * context + 1, _PAD, dtype=dtype)
+    padded[:min(len(ids), padded.size)] = ids[:padded.size]
+    starts = np.arange(count) * context
+    return padded[starts[:, None] + np.arange(context + 1)], starts[:, None] + np.arange(1, context + 1) <= targets
+
+
+def _check_windowing(context: Any, mode: Any) -> None:
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise TextInputError(f"--context must be a positive int, got {context!r}")
+    if mode not in WINDOW_MODES:
+        raise TextInputError(f"--windows must be one of {WINDOW_MODES}, got {mode!r}")
+
+
 def make_windows(token_lists: Sequence[np.ndarray], context: int, mode: str = "split") -> Windows:
     """Cut each document into windows (see the module doc); the padding is masked out.
 
@@ -115,24 +161,116 @@ def make_windows(token_lists: Sequence[np.ndarray], context: int, mode: str = "s
     >>> w.tokens.tolist(), w.mask.tolist()
     ([[0, 1, 2, 3], [3, 4, 5, 0]], [[True, True, True], [True, True, False]])
     """
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise TextInputError(f"--context must be a positive int, got {context!r}")
-    if mode not in WINDOW_MODES:
-        raise TextInputError(f"--windows must be one of {WINDOW_MODES}, got {mode!r}")
+    _check_windowing(context, mode)
     top = max((int(ids.max()) for ids in token_lists if len(ids)), default=0)
-    dtype = np.uint8 if top < 256 else np.int32
+    dtype = window_dtype(top + 1)
     rows, masks, owners = [], [], []
     for d, ids in enumerate(token_lists):
-        targets = len(ids) - 1
-        count = 1 if mode == "truncate" else -(-targets // context)
-        padded = np.full(count * context + 1, _PAD, dtype=dtype)
-        padded[:min(len(ids), padded.size)] = ids[:padded.size]
-        starts = np.arange(count) * context
-        rows.append(padded[starts[:, None] + np.arange(context + 1)])
-        masks.append(starts[:, None] + np.arange(1, context + 1) <= targets)
-        owners.append(np.full(count, d))
+        windows, mask = document_windows(ids, context, mode, dtype)
+        rows.append(windows)
+        masks.append(mask)
+        owners.append(np.full(len(windows), d))
     return Windows(torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(masks)),
                    torch.from_numpy(np.concatenate(owners)), len(token_lists))
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """Windows scored together: ``tokens``/``mask`` as in :class:`Windows`, ``document`` (global ids),
+    ``weight`` = each window's share of its document's targets (the ``c`` of ``‖Σ c_w g_w‖``), and
+    ``whole``: every document here has all its windows here (False: a chunk of one long document)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    document: np.ndarray
+    weight: np.ndarray
+    whole: bool
+
+
+_Part = tuple  # (document, windows, mask, weight): a document's windows, or the tail of them
+
+
+def _cut(d: int, ids: np.ndarray, context: int, mode: str, dtype: np.dtype) -> _Part:
+    windows, mask = document_windows(ids, context, mode, dtype)
+    return d, windows, mask, mask.sum(1) / mask.sum()
+
+
+def _join(parts: list[_Part], whole: bool) -> WindowBatch:
+    return WindowBatch(torch.from_numpy(np.concatenate([p[1] for p in parts])),
+                       torch.from_numpy(np.concatenate([p[2] for p in parts])),
+                       np.concatenate([np.full(len(p[1]), p[0]) for p in parts]),
+                       np.concatenate([p[3] for p in parts]), whole)
+
+
+def _slice(batch: WindowBatch, part: slice, whole: bool) -> WindowBatch:
+    return WindowBatch(batch.tokens[part], batch.mask[part], batch.document[part], batch.weight[part], whole)
+
+
+def _pack(parts: Iterable[_Part], batch_size: int, whole_documents: bool) -> Iterator[WindowBatch]:
+    """The one batching rule (see :func:`window_batches`) over documents' windows, in order."""
+    pending: list[_Part] = []
+    held = 0
+    for part in parts:
+        count = len(part[1])
+        if whole_documents and held + count > batch_size and pending:
+            yield _join(pending, whole=True)
+            pending, held = [], 0
+        if whole_documents and count > batch_size:  # a long document: chunks of its own
+            alone = _join([part], whole=False)
+            for start in range(0, count, batch_size):
+                yield _slice(alone, slice(start, start + batch_size), whole=False)
+            continue
+        pending.append(part)
+        held += count
+        if not whole_documents and held >= batch_size:  # cut whole batches off the front, keep the tail
+            joined = _join(pending, whole=False)
+            full = held - held % batch_size
+            for start in range(0, full, batch_size):
+                yield _slice(joined, slice(start, start + batch_size), whole=False)
+            tail = _slice(joined, slice(full, held), whole=False)  # all of it from this document
+            pending = [(part[0], tail.tokens.numpy(), tail.mask.numpy(), tail.weight)] if held > full else []
+            held -= full
+    if pending:
+        yield _join(pending, whole=whole_documents)
+
+
+def window_batches(token_lists: Iterable[np.ndarray], context: int, mode: str = "split", *, batch_size: int = 256,
+                   whole_documents: bool = False, dtype: np.dtype | None = None) -> Iterator[WindowBatch]:
+    """Windows of a stream of documents, ``batch_size`` at a time, cut as they are needed.
+
+    Memory: one batch plus one document's windows. ``whole_documents=False`` cuts every
+    ``batch_size`` windows regardless of documents (the batches of :func:`make_windows`'
+    windows in order); ``True`` never splits a document across batches unless it alone has
+    more than ``batch_size`` windows, which then come in chunks of ``batch_size``
+    (``whole=False``). ``dtype`` defaults to uint8 (bytes; see :func:`window_dtype`).
+
+    >>> [b.document.tolist() for b in window_batches([np.arange(8), np.arange(3)], 3, batch_size=2)]
+    [[0, 0], [0, 1]]
+    >>> [(b.document.tolist(), b.whole) for b in window_batches([np.arange(3), np.arange(8)], 3, batch_size=2,
+    ...                                                          whole_documents=True)]
+    [([0], True), ([1, 1], False), ([1], False)]
+    """
+    _check_windowing(context, mode)
+    _check_batch_size(batch_size)
+    dtype = np.dtype(np.uint8) if dtype is None else dtype
+    yield from _pack((_cut(d, ids, context, mode, dtype) for d, ids in enumerate(token_lists)), batch_size,
+                     whole_documents)
+
+
+def _stored_batches(windows: Windows, batch_size: int, whole_documents: bool) -> Iterator[WindowBatch]:
+    """:func:`window_batches` of windows already cut (documents' windows are consecutive)."""
+    owner = windows.document.cpu().numpy()
+    targets = windows.mask.sum(1).cpu().numpy()
+    edges = np.flatnonzero(np.diff(owner)) + 1
+    bounds = zip(np.concatenate([[0], edges]), np.concatenate([edges, [len(owner)]]))
+    parts = ((int(owner[a]), windows.tokens[a:b].cpu().numpy(), windows.mask[a:b].cpu().numpy(),
+              targets[a:b] / targets[a:b].sum()) for a, b in bounds)
+    return _pack(parts, batch_size, whole_documents)
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TextInputError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def reference_split(documents: int, fraction: float, seed: int) -> np.ndarray:
@@ -156,32 +294,184 @@ def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return loss, probs.norm(dim=-1)
 
 
-def document_scores(model: torch.nn.Module, windows: Windows, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Mean token ``loss`` and ``el2n`` of every document, streamed over window batches (eval mode).
+def _mean_window_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The batch mean of each window's mean loss over its real targets (padding has no gradient)."""
+    loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (torch.where(mask, loss, 0.0).sum(1) / mask.sum(1)).mean()
 
-    >>> from dataorder.models import ByteLM
-    >>> scores = document_scores(ByteLM(context=4, dim=8, layers=1, heads=2), make_windows([np.arange(9)] * 2, 4))
-    >>> scores["loss"].shape, bool(scores["loss"][0] == scores["loss"][1])
-    ((2,), True)
+
+def grouped_quadratic(gram: torch.Tensor, weight: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(groups,)``: ``Σ_{i, j in group g} w_i w_j G_ij``, i.e. ``‖Σ_{i in g} w_i g_i‖²`` from the Gram ``G``.
+
+    >>> rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    >>> grouped_quadratic(rows @ rows.T, torch.tensor([0.5, 0.5, 1.0]), torch.tensor([0, 0, 1]), 2).tolist()
+    [1.25, 9.0]
     """
-    sums = {name: np.zeros(windows.documents) for name in TEXT_SCORES}
-    counts = np.zeros(windows.documents)
+    same = group[:, None] == group[None, :]
+    inner = torch.where(same, gram, 0.0) @ weight
+    return torch.zeros(groups, dtype=gram.dtype, device=gram.device).index_add_(0, group, weight * inner)
+
+
+def _whole_documents_sq(batch: GhostBatch, weight: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """Squared gradient norms of the ``groups`` documents whose windows are all in ``batch`` (float64)."""
+    sizes = torch.bincount(group, minlength=groups)
+    multi = sizes[group] > 1
+    out = torch.zeros(groups, dtype=torch.float64)
+    for rows, is_multi in (((~multi).nonzero()[:, 0], False), (multi.nonzero()[:, 0], True)):
+        if not len(rows):
+            continue
+        part = batch if len(rows) == len(group) else batch.select(rows)
+        if is_multi:  # documents of several windows: c^T G c over their windows' Gram
+            out += grouped_quadratic(part.gram().double().cpu(), weight[rows], group[rows], groups)
+        else:  # one window: its squared norm, no off-diagonal work
+            out.index_add_(0, group[rows], part.sq_norms().double().cpu())
+    return out
+
+
+class _Totals:
+    """Per-document float64 sums that grow with the documents seen (a stream's length is not known)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.sums = {name: np.zeros(0) for name in names}
+        self.documents = 0
+
+    def add(self, name: str, owner: np.ndarray, values: np.ndarray) -> None:
+        top = int(owner.max()) + 1
+        if top > len(self.sums[name]):
+            grown = np.zeros(max(top, 2 * len(self.sums[name]), 1024))
+            grown[:len(self.sums[name])] = self.sums[name]
+            self.sums[name] = grown
+        self.documents = max(self.documents, top)
+        np.add.at(self.sums[name], owner, values)
+
+    def set(self, name: str, document: int, value: float) -> None:
+        self.add(name, np.array([document]), np.array([value]))
+
+    def get(self, name: str, documents: int) -> np.ndarray:
+        values = self.sums[name][:documents]
+        return np.concatenate([values, np.zeros(documents - len(values))]) if len(values) < documents else values.copy()
+
+
+def _score_batches(model: torch.nn.Module, batches: Iterable[WindowBatch], scores: Sequence[str],
+                   params: Sequence[str] | None, documents: int | None = None) -> dict[str, np.ndarray]:
+    """The scoring pass over window batches (eval mode, restored; no ``.grad`` touched)."""
+    want_grand = "grand" in scores
+    totals = _Totals(("loss", "el2n", "count", "grand"))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    long_doc, long_sum = -1, None  # a document longer than a batch: its gradient, summed over its chunks
+
+    def finish_long() -> None:
+        nonlocal long_doc, long_sum
+        if long_sum is not None:
+            totals.set("grand", long_doc, float(long_sum.double().square().sum()))
+        long_doc, long_sum = -1, None
+
     try:
-        with torch.no_grad():
-            for start in range(0, len(windows.document), batch_size):
-                tokens = windows.tokens[start:start + batch_size].to(device).long()
-                mask = windows.mask[start:start + batch_size].to(device)
-                owner = windows.document[start:start + batch_size].numpy()
-                loss, el2n = _token_losses(model(tokens[:, :-1]), tokens[:, 1:])
-                for name, values in (("loss", loss), ("el2n", el2n)):
-                    np.add.at(sums[name], owner, (values * mask).sum(1).double().cpu().numpy())
-                np.add.at(counts, owner, mask.sum(1).double().cpu().numpy())
+        for batch in batches:
+            tokens, mask = batch.tokens.to(device).long(), batch.mask.to(device)
+            owner = batch.document
+            if want_grand:
+                ghost, logits = ghost_batch(model, tokens[:, :-1],
+                                            lambda out: _mean_window_loss(out, tokens[:, 1:], mask), params)
+                weight = torch.from_numpy(batch.weight)
+                if batch.whole:
+                    finish_long()
+                    first = int(owner[0])
+                    local = torch.from_numpy(owner - first)
+                    sq = _whole_documents_sq(ghost, weight, local, int(local.max()) + 1)
+                    totals.add("grand", owner[0] + np.arange(len(sq)), sq.numpy())
+                else:
+                    if int(owner[0]) != long_doc:
+                        finish_long()
+                        long_doc = int(owner[0])
+                        long_sum = torch.zeros(1, ghost.dim, device=ghost.device)
+                    ghost.add_weighted_(long_sum, weight[None].float())
+                del ghost
+            else:
+                with torch.no_grad():
+                    logits = model(tokens[:, :-1])
+            with torch.no_grad():
+                loss, el2n = _token_losses(logits, tokens[:, 1:])
+            for name, values in (("loss", loss), ("el2n", el2n)):
+                totals.add(name, owner, (values * mask).sum(1).double().cpu().numpy())
+            totals.add("count", owner, mask.sum(1).double().cpu().numpy())
+        finish_long()
     finally:
         model.train(was_training)
-    return {name: total / counts for name, total in sums.items()}
+    documents = totals.documents if documents is None else documents
+    counts = totals.get("count", documents)
+    out = {name: totals.get(name, documents) / counts for name in ("loss", "el2n") if name in scores}
+    if want_grand:
+        out["grand"] = np.sqrt(np.clip(totals.get("grand", documents), 0, None))
+    return {name: out[name] for name in scores}
+
+
+def _check_scores(scores: Sequence[str]) -> tuple[str, ...]:
+    scores = tuple(dict.fromkeys(scores))
+    other = [score for score in scores if score not in TEXT_SCORES]
+    if other or not scores:
+        raise TextInputError(f"scores {','.join(other) or '(none)'}: not available for text; use {','.join(TEXT_SCORES)}")
+    return scores
+
+
+def document_scores(model: torch.nn.Module, windows: Windows, batch_size: int = 256, *,
+                    scores: Sequence[str] = DEFAULT_TEXT_SCORES, grand_params: str = "all") -> dict[str, np.ndarray]:
+    """Per-document ``scores`` of windows already cut: mean token ``loss``, ``el2n``, ``grand`` (eval mode).
+
+    ``grand`` is the L2 norm of the gradient of the document's mean token loss with respect
+    to the parameters ``grand_params`` selects (``all``, ``last`` or names, as
+    :func:`~dataorder.scores.runner.parameter_subset`), from ghost Grams of its windows'
+    gradients (batches then hold whole documents; see :func:`window_batches`). No ``.grad``
+    is touched and the model's mode is restored.
+
+    >>> from dataorder.models import ByteLM
+    >>> scores = document_scores(ByteLM(context=4, dim=8, layers=1, heads=2), make_windows([np.arange(9)] * 2, 4),
+    ...                          scores=("loss", "grand"))
+    >>> scores["loss"].shape, bool(scores["loss"][0] == scores["loss"][1]), bool(scores["grand"][0] > 0)
+    ((2,), True, True)
+    """
+    scores = _check_scores(scores)
+    _check_batch_size(batch_size)
+    params = _grand_params(model, grand_params) if "grand" in scores else None
+    return _score_batches(model, _stored_batches(windows, batch_size, "grand" in scores), scores, params,
+                          windows.documents)
+
+
+def score_documents(model: torch.nn.Module, documents: Iterable[str], *, context: int, windows: str = "split",
+                    tokenizer: str | Callable[[str], Sequence[int]] | None = None, batch_size: int = 256,
+                    scores: Sequence[str] = DEFAULT_TEXT_SCORES, grand_params: str = "all") -> dict[str, np.ndarray]:
+    """:func:`document_scores` of a stream of documents, tokenized and cut a batch at a time.
+
+    Memory is one batch of windows, one document's tokens and the outputs (a float per
+    document and score), whatever the number of documents; the values equal
+    :func:`document_scores` of all the windows at once, exactly. ``tokenizer``: None
+    (bytes), a callable or a ``package.module:callable`` name.
+
+    >>> from dataorder.models import ByteLM
+    >>> lines = (f"line {i}\\n" for i in range(1000))           # any iterable, e.g. a file
+    >>> score_documents(ByteLM(context=8, dim=8, layers=1, heads=2), lines, context=8)["loss"].shape
+    (1000,)
+    """
+    scores = _check_scores(scores)
+    _check_batch_size(batch_size)
+    params = _grand_params(model, grand_params) if "grand" in scores else None
+    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "__name__", "tokenizer")
+    call = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    dtype = window_dtype(256 if call is None else 2**31)
+    batches = window_batches(iter_tokens(documents, call, name), context, windows, batch_size=batch_size,
+                             whole_documents="grand" in scores, dtype=dtype)
+    return _score_batches(model, batches, scores, params)
+
+
+def _grand_params(model: torch.nn.Module, spec: str) -> list[str] | None:
+    from dataorder.scores.runner import parameter_subset
+
+    try:
+        return parameter_subset(model, spec)
+    except ValueError as error:
+        raise TextInputError(str(error)) from None
 
 
 # -- one run, and the task the runner drives ----------------------------------------------------
@@ -235,11 +525,16 @@ class TextTask:
     def check(self, config: Any) -> None:
         """Refuse scores that have no meaning for text and models that do not map tokens to next-token logits."""
         from dataorder.models import build_model
-        from dataorder.scores.runner import ScoreSetupError
+        from dataorder.scores.runner import ScoreSetupError, parameter_subset
 
         other = [score for score in config.scores if score not in TEXT_SCORES]
         if other:
             raise ScoreSetupError(f"--scores {','.join(other)}: not available for text; use {','.join(TEXT_SCORES)}")
+        if "grand" in config.scores:
+            try:
+                parameter_subset(build_model(config.model, (self.context,), self.vocab), config.grand_params)
+            except Exception as error:  # an unknown name, or a factory that fails: one line
+                raise ScoreSetupError(f"--grand-params {config.grand_params}: {error}") from None
         try:
             model = build_model(config.model, (self.context,), self.vocab)
             with torch.no_grad():
@@ -284,7 +579,8 @@ class TextTask:
                 if progress is not None:
                     progress.update(len(index))
         scores = document_scores(model, Windows(x, self.windows.mask.to(x.device), self.windows.document,
-                                                self.windows.documents), config.score_batch_size)
+                                                self.windows.documents), config.score_batch_size,
+                                 scores=config.scores, grand_params=config.grand_params)
         if progress is not None:
             progress.update(len(y))
         if self.reference is not None:
