@@ -437,10 +437,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _manifest(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreConfig, name: str) -> dict[str, Any]:
+def _manifest(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreConfig, name: str,
+              digest: str | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "dataset": {"name": name, "fingerprint": fingerprint(x, y), "examples": len(y), "num_classes": num_classes,
+        "dataset": {"name": name, "fingerprint": digest or fingerprint(x, y), "examples": len(y),
+                    "num_classes": num_classes,
                     "shape": list(x.shape[1:])},
         "settings": config.settings(),
         "columns": score_columns(config.scores),
@@ -613,7 +615,8 @@ def score_dataset(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Sc
                         config.grand_params if "grand" in config.scores else "all")
         else:
             task.check(config)
-        manifest = _manifest(x, y, num_classes, config, name)
+        # a text task's x holds its training windows only: it fingerprints all of them, streamed
+        manifest = _manifest(x, y, num_classes, config, name, None if task is None else task.fingerprint())
         if task is not None:
             manifest["dataset"].update(task.info)
         _prepare_out_on_rank0(out, manifest, rank, world)

@@ -154,16 +154,19 @@ def _check_windowing(context: Any, mode: Any) -> None:
         raise TextInputError(f"--windows must be one of {WINDOW_MODES}, got {mode!r}")
 
 
-def make_windows(token_lists: Sequence[np.ndarray], context: int, mode: str = "split") -> Windows:
+def make_windows(token_lists: Sequence[np.ndarray], context: int, mode: str = "split",
+                 dtype: np.dtype | None = None) -> Windows:
     """Cut each document into windows (see the module doc); the padding is masked out.
+
+    ``dtype`` of the stored tokens: by default :func:`window_dtype` of the largest id.
 
     >>> w = make_windows([np.arange(6)], context=3)
     >>> w.tokens.tolist(), w.mask.tolist()
     ([[0, 1, 2, 3], [3, 4, 5, 0]], [[True, True, True], [True, True, False]])
     """
     _check_windowing(context, mode)
-    top = max((int(ids.max()) for ids in token_lists if len(ids)), default=0)
-    dtype = window_dtype(top + 1)
+    if dtype is None:
+        dtype = window_dtype(max((int(ids.max()) for ids in token_lists if len(ids)), default=0) + 1)
     rows, masks, owners = [], [], []
     for d, ids in enumerate(token_lists):
         windows, mask = document_windows(ids, context, mode, dtype)
@@ -459,9 +462,8 @@ def score_documents(model: torch.nn.Module, documents: Iterable[str], *, context
     params = _grand_params(model, grand_params) if "grand" in scores else None
     name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "__name__", "tokenizer")
     call = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    dtype = window_dtype(256 if call is None else 2**31)
     batches = window_batches(iter_tokens(documents, call, name), context, windows, batch_size=batch_size,
-                             whole_documents="grand" in scores, dtype=dtype)
+                             whole_documents="grand" in scores, dtype=window_dtype(256 if call is None else 2**31))
     return _score_batches(model, batches, scores, params)
 
 
@@ -479,7 +481,11 @@ def _grand_params(model: torch.nn.Module, spec: str) -> list[str] | None:
 class TextTask:
     """Everything ``dataorder score`` needs for text: built once, then one :meth:`train_and_score` per run.
 
-    ``x``/``y`` (the windows' tokens and their document) are what the runner fingerprints.
+    ``windows`` holds the *training* windows only: every document's, or with a reference
+    split the reference documents' (``windows.document`` keeps the documents' own indices).
+    ``x``/``y`` are those windows' tokens and documents. The other documents are never held
+    as tokens or windows: the scoring pass and :meth:`fingerprint` re-tokenize ``documents``
+    one batch at a time.
 
     >>> import tempfile
     >>> from dataorder.scores.runner import ScoreConfig, score_dataset
@@ -496,23 +502,37 @@ class TextTask:
     context: int
     info: dict[str, Any]
     reference: np.ndarray | None = None  # documents that train the model (None: all of them, scored in-sample)
+    documents: Sequence[str] = ()  # the texts, re-read by the streamed passes when windows hold only some
+    tokenizer: str | None = None
+    mode: str = "split"
+    counts: np.ndarray | None = None  # windows per document
 
     @classmethod
     def build(cls, documents: Sequence[str], *, context: int = 128, windows: str = "split",
               tokenizer: str | None = None, reference_fraction: float | None = None, seed: int = 0) -> TextTask:
         if not documents:
             raise TextInputError("no documents to score")
-        tokens, vocab = tokenize(documents, load_tokenizer(tokenizer), tokenizer or "bytes")
-        made = make_windows(tokens, context, windows)
-        info = {"modality": "text", "examples": len(documents), "windows": int(len(made.document)),
+        _check_windowing(context, windows)
+        reference = None if reference_fraction is None else reference_split(len(documents), reference_fraction, seed)
+        training = np.ones(len(documents), dtype=bool) if reference is None else np.isin(np.arange(len(documents)),
+                                                                                         reference)
+        kept, lengths, top = [], np.zeros(len(documents), dtype=np.int64), 0
+        for d, ids in enumerate(iter_tokens(documents, load_tokenizer(tokenizer), tokenizer or "bytes")):
+            lengths[d], top = len(ids), max(top, int(ids.max()))  # every document checked before anything runs
+            if training[d]:
+                kept.append(ids)
+        vocab = 256 if tokenizer is None else top + 1
+        made = make_windows(kept, context, windows, window_dtype(vocab))
+        made = Windows(made.tokens, made.mask, torch.from_numpy(np.flatnonzero(training))[made.document],
+                       len(documents))
+        counts = np.ones(len(documents), dtype=np.int64) if windows == "truncate" else -(-(lengths - 1) // context)
+        info = {"modality": "text", "examples": len(documents), "windows": int(counts.sum()),
                 "context": context, "window_mode": windows, "tokenizer": tokenizer or "bytes", "vocab": vocab,
-                "tokens": int(sum(len(t) for t in tokens))}
-        reference = None
-        if reference_fraction is not None:
-            reference = reference_split(len(documents), reference_fraction, seed)
+                "tokens": int(lengths.sum())}
+        if reference is not None:
             info["reference_split"] = {"fraction": reference_fraction, "seed": seed,
                                        "reference_documents": reference.tolist()}
-        return cls(made, vocab, context, info, reference)
+        return cls(made, vocab, context, info, reference, documents, tokenizer, windows, counts)
 
     @property
     def x(self) -> torch.Tensor:
@@ -521,6 +541,32 @@ class TextTask:
     @property
     def y(self) -> torch.Tensor:
         return self.windows.document
+
+    def batches(self, batch_size: int, whole_documents: bool = False) -> Iterator[WindowBatch]:
+        """Every document's windows, ``batch_size`` at a time (:func:`window_batches`): read from the
+        stored windows when they hold all documents, else cut from re-tokenized ``documents``."""
+        if self.reference is None:
+            return _stored_batches(self.windows, batch_size, whole_documents)
+        tokens = iter_tokens(self.documents, load_tokenizer(self.tokenizer), self.tokenizer or "bytes")
+        return window_batches(tokens, self.context, self.mode, batch_size=batch_size,
+                              whole_documents=whole_documents, dtype=window_dtype(self.vocab))
+
+    def fingerprint(self, chunk: int = 4096) -> str:
+        """:func:`dataorder.data.fingerprint` of all windows' tokens and documents, streamed: the same
+        digest as of the arrays :func:`make_windows` would give, without holding them."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        total = int(self.counts.sum())
+        digest.update(f"{window_dtype(self.vocab).str}{(total, self.context + 1)}".encode())
+        for batch in self.batches(chunk):
+            digest.update(np.ascontiguousarray(batch.tokens.numpy()).data)
+        digest.update(f"{np.dtype(np.int64).str}{(total,)}".encode())
+        for start in range(0, len(self.counts), chunk):
+            owners = np.repeat(np.arange(start, min(start + chunk, len(self.counts)), dtype=np.int64),
+                               self.counts[start:start + chunk])
+            digest.update(owners.data)
+        return digest.hexdigest()
 
     def check(self, config: Any) -> None:
         """Refuse scores that have no meaning for text and models that do not map tokens to next-token logits."""
@@ -556,8 +602,7 @@ class TextTask:
         model = build_model(config.model, (self.context,), self.vocab).to(x.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
-        owners = y.cpu().numpy()
-        train = np.arange(len(y)) if self.reference is None else np.flatnonzero(np.isin(owners, self.reference))
+        train = np.arange(len(y))  # x holds the training windows only
         model.train()
         for epoch in range(config.score_epoch):
             if progress is not None:
@@ -578,9 +623,10 @@ class TextTask:
                 optimizer.step()
                 if progress is not None:
                     progress.update(len(index))
-        scores = document_scores(model, Windows(x, self.windows.mask.to(x.device), self.windows.document,
-                                                self.windows.documents), config.score_batch_size,
-                                 scores=config.scores, grand_params=config.grand_params)
+        scores = tuple(config.scores)
+        params = _grand_params(model, config.grand_params) if "grand" in scores else None
+        scores = _score_batches(model, self.batches(config.score_batch_size, "grand" in scores), scores, params,
+                                self.windows.documents)
         if progress is not None:
             progress.update(len(y))
         if self.reference is not None:

@@ -43,7 +43,7 @@ def reference_grand(model: nn.Module, texts: list[str], mode: str, names: list[s
     tokens, _ = tokenize(texts)
     out = []
     for ids in tokens:
-        ids = torch.as_tensor(ids, dtype=torch.long)
+        ids = torch.tensor(ids.astype(np.int64))
         stop = min(len(ids), CONTEXT + 1) if mode == "truncate" else len(ids)
         total, count = 0.0, 0
         for start in range(0, stop - 1, CONTEXT):
