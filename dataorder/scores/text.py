@@ -23,7 +23,7 @@ import importlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -190,19 +190,25 @@ class WindowBatch:
     whole: bool
 
 
-_Part = tuple  # (document, windows, mask, weight): a document's windows, or the tail of them
+class _Part(NamedTuple):
+    """A document's windows (or the tail of them), before batching."""
+
+    document: int
+    windows: np.ndarray
+    mask: np.ndarray
+    weight: np.ndarray
 
 
 def _cut(d: int, ids: np.ndarray, context: int, mode: str, dtype: np.dtype) -> _Part:
     windows, mask = document_windows(ids, context, mode, dtype)
-    return d, windows, mask, mask.sum(1) / mask.sum()
+    return _Part(d, windows, mask, mask.sum(1) / mask.sum())
 
 
 def _join(parts: list[_Part], whole: bool) -> WindowBatch:
-    return WindowBatch(torch.from_numpy(np.concatenate([p[1] for p in parts])),
-                       torch.from_numpy(np.concatenate([p[2] for p in parts])),
-                       np.concatenate([np.full(len(p[1]), p[0]) for p in parts]),
-                       np.concatenate([p[3] for p in parts]), whole)
+    return WindowBatch(torch.from_numpy(np.concatenate([p.windows for p in parts])),
+                       torch.from_numpy(np.concatenate([p.mask for p in parts])),
+                       np.concatenate([np.full(len(p.windows), p.document) for p in parts]),
+                       np.concatenate([p.weight for p in parts]), whole)
 
 
 def _slice(batch: WindowBatch, part: slice, whole: bool) -> WindowBatch:
@@ -214,7 +220,7 @@ def _pack(parts: Iterable[_Part], batch_size: int, whole_documents: bool) -> Ite
     pending: list[_Part] = []
     held = 0
     for part in parts:
-        count = len(part[1])
+        count = len(part.windows)
         if whole_documents and held + count > batch_size and pending:
             yield _join(pending, whole=True)
             pending, held = [], 0
@@ -231,7 +237,7 @@ def _pack(parts: Iterable[_Part], batch_size: int, whole_documents: bool) -> Ite
             for start in range(0, full, batch_size):
                 yield _slice(joined, slice(start, start + batch_size), whole=False)
             tail = _slice(joined, slice(full, held), whole=False)  # all of it from this document
-            pending = [(part[0], tail.tokens.numpy(), tail.mask.numpy(), tail.weight)] if held > full else []
+            pending = [_Part(part.document, tail.tokens.numpy(), tail.mask.numpy(), tail.weight)] if held > full else []
             held -= full
     if pending:
         yield _join(pending, whole=whole_documents)
@@ -266,8 +272,8 @@ def _stored_batches(windows: Windows, batch_size: int, whole_documents: bool) ->
     targets = windows.mask.sum(1).cpu().numpy()
     edges = np.flatnonzero(np.diff(owner)) + 1
     bounds = zip(np.concatenate([[0], edges]), np.concatenate([edges, [len(owner)]]))
-    parts = ((int(owner[a]), windows.tokens[a:b].cpu().numpy(), windows.mask[a:b].cpu().numpy(),
-              targets[a:b] / targets[a:b].sum()) for a, b in bounds)
+    parts = (_Part(int(owner[a]), windows.tokens[a:b].cpu().numpy(), windows.mask[a:b].cpu().numpy(),
+                   targets[a:b] / targets[a:b].sum()) for a, b in bounds)
     return _pack(parts, batch_size, whole_documents)
 
 
