@@ -361,42 +361,48 @@ class _Totals:
         return np.concatenate([values, np.zeros(documents - len(values))]) if len(values) < documents else values.copy()
 
 
+class _GrandSums:
+    """Each document's squared gradient norm, batch by batch: whole documents from their windows'
+    Gram; a document longer than a batch from its gradient summed over its chunks (one ``d``-vector)."""
+
+    def __init__(self, totals: _Totals) -> None:
+        self.totals, self.document, self.gradient = totals, -1, None
+
+    def add(self, batch: WindowBatch, ghost: GhostBatch) -> None:
+        weight = torch.from_numpy(batch.weight)
+        if batch.whole:
+            self.finish()
+            local = torch.from_numpy(batch.document - batch.document[0])  # a batch's documents are consecutive
+            sq = _whole_documents_sq(ghost, weight, local, int(local.max()) + 1)
+            self.totals.add("grand", batch.document[0] + np.arange(len(sq)), sq.numpy())
+            return
+        if int(batch.document[0]) != self.document:
+            self.finish()
+            self.document = int(batch.document[0])
+            self.gradient = torch.zeros(1, ghost.dim, device=ghost.device)
+        ghost.add_weighted_(self.gradient, weight[None].float())
+
+    def finish(self) -> None:
+        if self.gradient is not None:
+            self.totals.set("grand", self.document, float(self.gradient.double().square().sum()))
+        self.document, self.gradient = -1, None
+
+
 def _score_batches(model: torch.nn.Module, batches: Iterable[WindowBatch], scores: Sequence[str],
                    params: Sequence[str] | None, documents: int | None = None) -> dict[str, np.ndarray]:
     """The scoring pass over window batches (eval mode, restored; no ``.grad`` touched)."""
-    want_grand = "grand" in scores
     totals = _Totals(("loss", "el2n", "count", "grand"))
+    grand = _GrandSums(totals) if "grand" in scores else None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    long_doc, long_sum = -1, None  # a document longer than a batch: its gradient, summed over its chunks
-
-    def finish_long() -> None:
-        nonlocal long_doc, long_sum
-        if long_sum is not None:
-            totals.set("grand", long_doc, float(long_sum.double().square().sum()))
-        long_doc, long_sum = -1, None
-
     try:
         for batch in batches:
             tokens, mask = batch.tokens.to(device).long(), batch.mask.to(device)
-            owner = batch.document
-            if want_grand:
+            if grand is not None:
                 ghost, logits = ghost_batch(model, tokens[:, :-1],
                                             lambda out: _mean_window_loss(out, tokens[:, 1:], mask), params)
-                weight = torch.from_numpy(batch.weight)
-                if batch.whole:
-                    finish_long()
-                    first = int(owner[0])
-                    local = torch.from_numpy(owner - first)
-                    sq = _whole_documents_sq(ghost, weight, local, int(local.max()) + 1)
-                    totals.add("grand", owner[0] + np.arange(len(sq)), sq.numpy())
-                else:
-                    if int(owner[0]) != long_doc:
-                        finish_long()
-                        long_doc = int(owner[0])
-                        long_sum = torch.zeros(1, ghost.dim, device=ghost.device)
-                    ghost.add_weighted_(long_sum, weight[None].float())
+                grand.add(batch, ghost)
                 del ghost
             else:
                 with torch.no_grad():
@@ -404,16 +410,16 @@ def _score_batches(model: torch.nn.Module, batches: Iterable[WindowBatch], score
             with torch.no_grad():
                 loss, el2n = _token_losses(logits, tokens[:, 1:])
             for name, values in (("loss", loss), ("el2n", el2n)):
-                totals.add(name, owner, (values * mask).sum(1).double().cpu().numpy())
-            totals.add("count", owner, mask.sum(1).double().cpu().numpy())
-        finish_long()
+                totals.add(name, batch.document, (values * mask).sum(1).double().cpu().numpy())
+            totals.add("count", batch.document, mask.sum(1).double().cpu().numpy())
+        if grand is not None:
+            grand.finish()
     finally:
         model.train(was_training)
     documents = totals.documents if documents is None else documents
     counts = totals.get("count", documents)
-    out = {name: totals.get(name, documents) / counts for name in ("loss", "el2n") if name in scores}
-    if want_grand:
-        out["grand"] = np.sqrt(np.clip(totals.get("grand", documents), 0, None))
+    out = {name: totals.get(name, documents) / counts for name in ("loss", "el2n")}
+    out["grand"] = np.sqrt(np.clip(totals.get("grand", documents), 0, None))
     return {name: out[name] for name in scores}
 
 
@@ -421,7 +427,8 @@ def _check_scores(scores: Sequence[str]) -> tuple[str, ...]:
     scores = tuple(dict.fromkeys(scores))
     other = [score for score in scores if score not in TEXT_SCORES]
     if other or not scores:
-        raise TextInputError(f"scores {','.join(other) or '(none)'}: not available for text; use {','.join(TEXT_SCORES)}")
+        raise TextInputError(f"scores {','.join(other) or '(none)'}: not available for text; "
+                             f"use {','.join(TEXT_SCORES)}")
     return scores
 
 

@@ -133,4 +133,5 @@ def test_reference_split_crash_and_resume_is_byte_identical(tmp_path, monkeypatc
     assert main([*args, "--out", str(tmp_path / "crashed")]) == 130
     monkeypatch.setattr(text.TextTask, "train_and_score", real)
     assert main([*args, "--out", str(tmp_path / "crashed")]) == 0
-    assert (tmp_path / "crashed" / "scores.parquet").read_bytes() == (tmp_path / "clean" / "scores.parquet").read_bytes()
+    clean, resumed = (tmp_path / name / "scores.parquet" for name in ("clean", "crashed"))
+    assert resumed.read_bytes() == clean.read_bytes()
