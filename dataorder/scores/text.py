@@ -11,7 +11,11 @@ mapping a string to a list of ints), then fixed windows of ``context`` predicted
 A run trains the model (``--model lm-tiny``: :class:`dataorder.models.ByteLM`, or a factory
 ``factory((context,), vocab_size)`` returning ``(B, T) -> (B, T, vocab)`` logits) with random
 reshuffling of the windows, then scores every document once: ``loss`` is its mean token loss
-(log-perplexity, nats per token), ``el2n`` the mean over its tokens of ``||softmax - onehot||``.
+(log-perplexity, nats per token), ``el2n`` the mean over its tokens of ``||softmax - onehot||``,
+``grand`` the norm of the gradient of its ``loss`` (ghost path: ``c^T G c`` over the Gram of its
+windows' gradients, :func:`grouped_quadratic`). The scoring pass cuts windows a batch at a time
+from a stream of documents (:func:`window_batches`, :func:`score_documents`): its memory is flat
+in the number of documents; only the training windows are held.
 With ``reference_split=f`` (the protocol of Ankner et al. 2024) a seeded random fraction
 ``f`` of the documents trains the model and only the others are scored; the reference
 documents' rows are NaN and listed in the manifest (:func:`scored_documents`).
