@@ -600,8 +600,8 @@ def score_dataset(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Sc
     ``scores.png`` (matplotlib takes seconds). Raises :class:`ScoreSetupError`
     before writing anything if the model does not build or ``out`` holds other results.
     ``task`` (e.g. :class:`dataorder.scores.text.TextTask`) replaces the classification
-    model check and run with its ``check(config)`` and ``train_and_score``, and adds its
-    ``info`` to the manifest's dataset entry.
+    model check and run with its ``check(config)`` and ``train_and_score``, gives the
+    dataset's ``fingerprint()`` and adds its ``info`` to the manifest's dataset entry.
     """
     import torch.distributed as dist
 
@@ -673,7 +673,7 @@ def _score_runs(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Scor
               dynamic_ncols=True) as bar:
         for run in mine:
             key = _run_key(manifest, run)
-            # rows: examples (a text run scores documents, of which y holds one per window)
+            # rows: examples (a text run scores documents; its y holds one entry per training window)
             scores = _load_run(result.out, run, key, result.columns, manifest["dataset"]["examples"],
                                _unscored_rows(manifest))
             if scores is None:

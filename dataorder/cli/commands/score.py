@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="logreg | mlp | cnn | lm-tiny | package.module:factory (default: mlp; lm-tiny for text)")
     parser.add_argument("--scores", default=None,
-                        help=f"comma-separated, from {SCORES} (default: {_DEFAULT}; text: loss,el2n; text also takes grand)")
+                        help=f"comma-separated, from {SCORES} (default: {_DEFAULT}; text: loss,el2n, or also grand)")
     parser.add_argument("--runs", type=int, default=5, help="training runs (seeds seed..seed+runs-1) (default: 5)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
     parser.add_argument("--score-epoch", type=int, default=10,
