@@ -25,15 +25,43 @@ Example::
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dataorder.ghost import GhostGrads
+from dataorder.ghost import GhostBatch, GhostGrads
 
-__all__ = ["grad_norms"]
+__all__ = ["ghost_batch", "grad_norms"]
+
+
+def ghost_batch(model: nn.Module, x: torch.Tensor, batch_loss: Callable[[torch.Tensor], torch.Tensor],
+                params: Sequence[str] | None = None) -> tuple[GhostBatch, torch.Tensor]:
+    """``(GhostBatch of the per-example gradients of batch_loss(model(x)), detached outputs)``.
+
+    ``batch_loss`` maps the model's outputs to the **mean over the batch** of per-example
+    losses (as :class:`~dataorder.ghost.GhostGrads` assumes); ``params`` lists parameter
+    names (None: every trainable one). Only the gradients of the layers' outputs are
+    computed: no parameter's ``.grad`` is touched. The model is used as it is (call
+    ``model.eval()`` first for scoring).
+
+    >>> model = nn.Linear(3, 2)
+    >>> batch, out = ghost_batch(model, torch.randn(4, 3), lambda out: out.square().sum(1).mean())
+    >>> batch.sq_norms().shape, out.requires_grad
+    (torch.Size([4]), False)
+    """
+    ghost = GhostGrads(model, params=None if params is None else list(params))
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the torch.func fallback of a layer is exact, only slower
+            outputs = model(x)
+            # gradients w.r.t. the layers' outputs only: fills the records, computes and touches no .grad
+            torch.autograd.grad(batch_loss(outputs), ghost.pending_outputs(), allow_unused=True)
+            [batch] = ghost.collect()
+    finally:
+        ghost.remove()
+    return batch, outputs.detach()
 
 
 def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -43,16 +71,5 @@ def grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     ``params`` lists parameter names (None: every trainable parameter). The model is used as
     it is (call ``model.eval()`` first for scoring).
     """
-    ghost = GhostGrads(model, params=None if params is None else list(params))
-    try:
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the torch.func fallback of a layer is exact, only slower
-            logits = model(x)
-            # gradients w.r.t. the layers' outputs only: fills the records, computes and touches no .grad
-            torch.autograd.grad(F.cross_entropy(logits, y), ghost.pending_outputs(), allow_unused=True)
-            [batch] = ghost.collect()
-            norms = batch.sq_norms()
-    finally:
-        ghost.remove()
-    return norms.clamp_min(0).sqrt().to(logits.dtype), logits.detach()
-
+    batch, logits = ghost_batch(model, x, lambda logits: F.cross_entropy(logits, y), params)
+    return batch.sq_norms().clamp_min(0).sqrt().to(logits.dtype), logits

@@ -437,10 +437,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _manifest(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreConfig, name: str) -> dict[str, Any]:
+def _manifest(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreConfig, name: str,
+              digest: str | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "dataset": {"name": name, "fingerprint": fingerprint(x, y), "examples": len(y), "num_classes": num_classes,
+        "dataset": {"name": name, "fingerprint": digest or fingerprint(x, y), "examples": len(y),
+                    "num_classes": num_classes,
                     "shape": list(x.shape[1:])},
         "settings": config.settings(),
         "columns": score_columns(config.scores),
@@ -537,8 +539,13 @@ def _run_path(out: Path, run: int) -> Path:
     return out / "runs" / f"run{run}.npz"
 
 
-def _load_run(out: Path, run: int, key: str, columns: list[str], n: int) -> dict[str, np.ndarray] | None:
-    """A finished run's scores, or None if absent, unreadable (truncated), or from other settings."""
+def _load_run(out: Path, run: int, key: str, columns: list[str], n: int,
+              unscored: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """A finished run's scores, or None if absent, unreadable (truncated), or from other settings.
+
+    ``unscored`` rows (a text run's reference documents) hold NaN by design; every other row
+    must be finite.
+    """
     try:
         with np.load(_run_path(out, run), allow_pickle=False) as archive:
             if str(archive["key"]) != key:
@@ -546,10 +553,19 @@ def _load_run(out: Path, run: int, key: str, columns: list[str], n: int) -> dict
             scores = {column: archive[column] for column in columns}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
-    if any(values.shape != (n,) or values.dtype.kind != "f" or not np.isfinite(values).all()
-           for values in scores.values()):
+    scored = np.ones(n, dtype=bool)
+    if unscored is not None:
+        scored[unscored] = False
+    if any(values.shape != (n,) or values.dtype.kind != "f" or not np.isfinite(values[scored]).all()
+           or not np.isnan(values[~scored]).all() for values in scores.values()):
         return None
     return scores
+
+
+def _unscored_rows(manifest: dict[str, Any]) -> np.ndarray | None:
+    """Rows a run leaves NaN: the reference documents of a text ``--reference-split`` run."""
+    split = manifest["dataset"].get("reference_split")
+    return None if split is None else np.asarray(split["reference_documents"], dtype=np.int64)
 
 
 def _save_run(out: Path, run: int, key: str, scores: dict[str, np.ndarray]) -> None:
@@ -584,8 +600,8 @@ def score_dataset(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Sc
     ``scores.png`` (matplotlib takes seconds). Raises :class:`ScoreSetupError`
     before writing anything if the model does not build or ``out`` holds other results.
     ``task`` (e.g. :class:`dataorder.scores.text.TextTask`) replaces the classification
-    model check and run with its ``check(config)`` and ``train_and_score``, and adds its
-    ``info`` to the manifest's dataset entry.
+    model check and run with its ``check(config)`` and ``train_and_score``, gives the
+    dataset's ``fingerprint()`` and adds its ``info`` to the manifest's dataset entry.
     """
     import torch.distributed as dist
 
@@ -599,7 +615,8 @@ def score_dataset(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Sc
                         config.grand_params if "grand" in config.scores else "all")
         else:
             task.check(config)
-        manifest = _manifest(x, y, num_classes, config, name)
+        # a text task's x holds its training windows only: it fingerprints all of them, streamed
+        manifest = _manifest(x, y, num_classes, config, name, None if task is None else task.fingerprint())
         if task is not None:
             manifest["dataset"].update(task.info)
         _prepare_out_on_rank0(out, manifest, rank, world)
@@ -656,7 +673,9 @@ def _score_runs(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: Scor
               dynamic_ncols=True) as bar:
         for run in mine:
             key = _run_key(manifest, run)
-            scores = _load_run(result.out, run, key, result.columns, len(y))
+            # rows: examples (a text run scores documents; its y holds one entry per training window)
+            scores = _load_run(result.out, run, key, result.columns, manifest["dataset"]["examples"],
+                               _unscored_rows(manifest))
             if scores is None:
                 scores = scorer(x, y, num_classes, config, run, progress=bar)
                 _save_run(result.out, run, key, scores)

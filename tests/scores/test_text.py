@@ -152,7 +152,7 @@ def test_a_tokenizer_callable(tmp_path, monkeypatch):
     ("one_token", "document 1 has 1 token"),
     ("tokenizer", "--tokenizer my_bad_tokens:broken failed on document 0: RuntimeError: no vocabulary"),
     ("mixed", "mixes modalities"),
-    ("scores", "--scores grand,aum: not available for text"),
+    ("scores", "--scores aum,forgetting: not available for text"),
     ("reference", "--reference-split must be a fraction"),
 ])
 def test_bad_text_inputs_fail_in_one_line_and_write_nothing(case, match, tmp_path, capsys, monkeypatch):
@@ -169,7 +169,7 @@ def test_bad_text_inputs_fail_in_one_line_and_write_nothing(case, match, tmp_pat
     elif case == "mixed":
         extra = {"length": np.arange(20, dtype=np.float64)}
     elif case == "scores":
-        flags = ["--scores", "grand,aum"]
+        flags = ["--scores", "grand,aum,forgetting"]
     else:
         flags = ["--reference-split", "1.5"]
     data = write_docs(tmp_path / "docs.parquet", docs, **extra)

@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="logreg | mlp | cnn | lm-tiny | package.module:factory (default: mlp; lm-tiny for text)")
     parser.add_argument("--scores", default=None,
-                        help=f"comma-separated, from {SCORES} (default: {_DEFAULT}; text: loss,el2n)")
+                        help=f"comma-separated, from {SCORES} (default: {_DEFAULT}; text: loss,el2n, or also grand)")
     parser.add_argument("--runs", type=int, default=5, help="training runs (seeds seed..seed+runs-1) (default: 5)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
     parser.add_argument("--score-epoch", type=int, default=10,
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dataorder.modalities import load_score_input
     from dataorder.scores import runner
-    from dataorder.scores.text import TEXT_SCORES
+    from dataorder.scores.text import DEFAULT_TEXT_SCORES
 
     try:
         config = runner.ScoreConfig(
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data}: {error}") from None
     if data.modality == "text":  # a language model and its scores unless given
         config = dataclasses.replace(config, model=args.model or "lm-tiny", scores=config.scores if args.scores
-                                     else tuple(TEXT_SCORES))
+                                     else DEFAULT_TEXT_SCORES)
     try:
         result = runner.score_dataset(data.x, data.y, data.num_classes, config, args.out, name=data.name,
                                       progress=not args.no_progress, task=data.task)
