@@ -353,9 +353,8 @@ class ConvFactors(LinearFactors):
 
     The convolution is a linear map of image patches, so it is a :class:`LinearFactors`
     with ``T`` = output positions and ``I`` = ``C·kh·kw``. The patch matrix (``unfold``,
-    ``kh·kw`` times the input) is built only if the factored form is kept or the stride is
-    not 1; otherwise the dense form gets its per-example gradients from shifted views of
-    the input (:func:`_conv_per_example`).
+    ``kh·kw`` times the input) is built only if the factored form is kept; the dense form
+    gets its per-example gradients from one grouped weight-gradient call (:func:`_conv_per_example`).
 
     >>> x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
     >>> delta = torch.randn(2, 4, 4, 4)  # the output gradient of conv2d(x, w)
@@ -379,10 +378,10 @@ class ConvFactors(LinearFactors):
         return self._a
 
     def _weight_block(self) -> Tensor:
-        kernel, dilation, padding, stride = self.geometry
-        if self._a is not None or tuple(stride) != (1, 1):
+        if self._a is not None:  # the patches are there already: one batched product
             return super()._weight_block()
-        return _conv_per_example(self.x, self.delta, kernel, dilation, padding).reshape(len(self.x), -1)
+        kernel, dilation, padding, stride = self.geometry
+        return _conv_per_example(self.x, self.delta, kernel, dilation, padding, stride).reshape(len(self.x), -1)
 
     def select(self, rows: Tensor) -> ConvFactors:
         return ConvFactors(self.weight, self.bias, self.x[rows], self.delta[rows], self.weight_shape, self.geometry)
@@ -392,28 +391,21 @@ class ConvFactors(LinearFactors):
                            self.geometry)
 
 
-def _conv_per_example(x: Tensor, delta: Tensor, kernel, dilation, padding) -> Tensor:
-    """``(B, O, C, kh, kw)`` per-example weight gradients of a stride-1 2-D convolution, without unfold.
+def _conv_per_example(x: Tensor, delta: Tensor, kernel, dilation, padding, stride) -> Tensor:
+    """``(B, O, C, kh, kw)`` per-example weight gradients of a 2-D convolution, in one kernel call.
 
-    ``g_j[:, :, p, q] = D_j @ X_j(p, q)^T`` where ``X_j(p, q)`` is the input shifted by kernel
-    offset ``(p, q)``. With the input flattened row by row and the output gradient padded to
-    the input's width, each shift is a plain window of the flat input -- a view, so the
-    ``kh·kw`` batched products read the input in place instead of a ``kh·kw``-times larger
-    patch matrix. The padded output columns are zero, so whatever they meet adds nothing.
+    ``B`` examples through one convolution are one example through a grouped convolution
+    with ``B`` groups (``B·C`` input and ``B·O`` output channels), whose weight gradient is
+    the ``B`` per-example gradients side by side: torch's own weight-gradient kernel computes
+    them without a patch matrix (2-3x faster than per-offset products at 16-64 channels).
     """
-    if any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    batch, channels, height, width = x.shape
-    outputs, out_h, out_w = delta.shape[1:]
-    # the last window runs (kw - 1) * dilation values past the end of the input: zeros
-    flat = F.pad(x.reshape(batch, channels, height * width), (0, (kernel[1] - 1) * dilation[1]))
-    out_grad = F.pad(delta, (0, width - out_w)).reshape(batch, outputs, out_h * width)
-    grads = x.new_empty(kernel[0], kernel[1], batch, outputs, channels)
-    for p in range(kernel[0]):
-        for q in range(kernel[1]):
-            start = p * dilation[0] * width + q * dilation[1]
-            torch.bmm(out_grad, flat[:, :, start:start + out_h * width].transpose(1, 2), out=grads[p, q])
-    return grads.permute(2, 3, 4, 0, 1)
+    batch, channels = x.shape[:2]
+    outputs = delta.shape[1]
+    weight = x.new_empty(batch * outputs, channels, *kernel)  # only its shape is read
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        delta.reshape(1, batch * outputs, *delta.shape[2:]), x.reshape(1, batch * channels, *x.shape[2:]), weight,
+        None, list(stride), list(padding), list(dilation), False, [0, 0], batch, [False, True, False])
+    return grads.reshape(batch, outputs, channels, *kernel)
 
 
 # -- embeddings -------------------------------------------------------------------------------
