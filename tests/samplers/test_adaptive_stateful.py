@@ -141,6 +141,9 @@ def test_a_state_taken_after_the_loop_holds_the_whole_run(workers):
     assert sampler.position == len(sampler) == BATCHES * BATCH
     assert sampler.weights_history() == history
     assert list(iter(sampler)) == []  # nothing of the run is left
+    loader = make_loader(make_sampler("doremi", delay), workers)
+    loader.load_state_dict(saved)  # torchdata starts a new pass after a finished iterator: the run again
+    assert [batch.tolist() for batch in loader] == full
 
 
 # -- the contract: when an update takes effect --------------------------------------------------
