@@ -48,11 +48,11 @@ def losses_at(step: int) -> dict[str, float]:
     return {"code": 3.0 / (1 + 0.1 * step), "tests": 3.0 / (1 + 0.6 * step), "prose": 3.0 - 0.02 * step + 0.05 * math.sin(step)}
 
 
-def make_sampler(rule: str, delay: int) -> AdaptiveMixtureSampler:
+def make_sampler(rule: str, delay: int, **world) -> AdaptiveMixtureSampler:
     reference = {"code": 1.0, "tests": 0.5, "prose": 2.0} if rule == "doremi" else None
     return AdaptiveMixtureSampler(SIZES, {"code": 0.5, "tests": 0.25, "prose": 0.25}, rule=rule, rate=3.0,
                                   smoothing=0.3, floor=0.05, warmup=1, delay=delay, reference=reference,
-                                  num_samples=BATCHES * BATCH, batch_size=BATCH, seed=5)
+                                  num_samples=BATCHES * BATCH, batch_size=BATCH, seed=5, **world)
 
 
 def make_loader(sampler: AdaptiveMixtureSampler, workers: int) -> stateful.StatefulDataLoader:
@@ -229,3 +229,74 @@ def test_a_refused_observe_leaves_awaiting_states_as_they_were():
     assert str(state) == str(kept)
     sampler.observe(0, losses_at(0))
     assert state["last_step"] == 0
+
+
+# -- two gloo ranks, each with a two-worker StatefulDataLoader ----------------------------------------
+CRASH_AT = 5  # steps trained before the crash
+
+
+def rank_losses(step: int, rank: int) -> dict[str, float]:
+    """Each rank reports its own losses; ``observe`` averages them over the ranks."""
+    return {name: loss + 0.01 * (rank + 1) * (step % 3) for name, loss in losses_at(step).items()}
+
+
+def mean_losses(step: int) -> dict[str, float]:
+    """What the all-gather computes from two ranks' reports: their mean, in rank order."""
+    a, b = rank_losses(step, 0), rank_losses(step, 1)
+    return {name: (0.0 + a[name] + b[name]) / 2 for name in a}
+
+
+def _rank_train(loader, sampler, rank, first_step=0, crash_at=None):
+    batches, saved = [], None
+    for step, batch in enumerate(loader, start=first_step):
+        batches.append(batch.tolist())
+        if step % EVERY == 0:
+            sampler.observe(step, rank_losses(step, rank))
+        if step + 1 == crash_at:
+            saved = frozen(loader.state_dict())
+            break
+    return batches, saved
+
+
+def _two_ranks(rank, world_size):
+    delay = 2 * PREFETCH
+
+    def build():
+        sampler = make_sampler("exp3", delay, rank=rank, world_size=world_size)
+        options = {"num_workers": 2, "prefetch_factor": PREFETCH, "multiprocessing_context": "fork"}
+        return sampler, stateful.StatefulDataLoader(Indices(), batch_size=BATCH // world_size, sampler=sampler,
+                                                    **options)
+
+    sampler, loader = build()
+    straight, _ = _rank_train(loader, sampler, rank)
+    sampler, loader = build()
+    head, saved = _rank_train(loader, sampler, rank, crash_at=CRASH_AT)
+    del sampler, loader  # the crash
+    sampler, loader = build()
+    loader.load_state_dict(saved)
+    tail, _ = _rank_train(loader, sampler, rank, first_step=CRASH_AT)
+    return straight, head + tail, sampler.weights_history(), saved
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_with_workers_resume_exactly_and_elastically_on_one_process(tmp_path):
+    from dist_harness import run_distributed
+
+    (straight0, resumed0, history0, saved), (straight1, resumed1, history1, _) = run_distributed(
+        _two_ranks, 2, tmp_path, timeout=240)
+    assert resumed0 == straight0 and resumed1 == straight1
+    assert history0 == history1 and len(history0) > 0  # the same weights on both ranks
+    merged = [[i for pair in zip(b0, b1) for i in pair] for b0, b1 in zip(straight0, straight1)]
+
+    # the two-rank state, resumed by one process with a two-worker loader of the whole global batch
+    sampler = make_sampler("exp3", 2 * PREFETCH)
+    loader = make_loader(sampler, 2)
+    loader.load_state_dict(saved)
+    batches = []
+    for step, batch in enumerate(loader, start=CRASH_AT):
+        batches.append(batch.tolist())
+        if step % EVERY == 0:
+            sampler.observe(step, mean_losses(step))
+    assert batches == merged[CRASH_AT:]
+    assert sampler.weights_history() == history0
