@@ -45,7 +45,8 @@ class Indices(Dataset):
 
 def losses_at(step: int) -> dict[str, float]:
     """Per-domain losses, a deterministic function of the step (tests falls fast, prose slowly)."""
-    return {"code": 3.0 / (1 + 0.1 * step), "tests": 3.0 / (1 + 0.6 * step), "prose": 3.0 - 0.02 * step + 0.05 * math.sin(step)}
+    return {"code": 3.0 / (1 + 0.1 * step), "tests": 3.0 / (1 + 0.6 * step),
+            "prose": 3.0 - 0.02 * step + 0.05 * math.sin(step)}
 
 
 def make_sampler(rule: str, delay: int, **world) -> AdaptiveMixtureSampler:
@@ -56,7 +57,9 @@ def make_sampler(rule: str, delay: int, **world) -> AdaptiveMixtureSampler:
 
 
 def make_loader(sampler: AdaptiveMixtureSampler, workers: int) -> stateful.StatefulDataLoader:
-    options = {"num_workers": workers, "prefetch_factor": PREFETCH, "multiprocessing_context": "fork"} if workers else {}
+    options = {}
+    if workers:
+        options = {"num_workers": workers, "prefetch_factor": PREFETCH, "multiprocessing_context": "fork"}
     return stateful.StatefulDataLoader(Indices(), batch_size=BATCH, sampler=sampler, **options)
 
 
@@ -65,6 +68,14 @@ def frozen(value):
     torch.save(value, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Equal field for field, tensors included (compared through their serialised bytes)."""
+    buffer_a, buffer_b = io.BytesIO(), io.BytesIO()
+    torch.save(a, buffer_a)
+    torch.save(b, buffer_b)
+    return buffer_a.getvalue() == buffer_b.getvalue()
 
 
 def train(loader, sampler, *, first_step: int = 0, keep_states: bool = False):
@@ -135,7 +146,8 @@ def test_a_state_taken_after_the_loop_holds_the_whole_run(workers):
     full, states, reference_sampler = reference("doremi", workers, delay)
     history = reference_sampler.weights_history()
     saved = states["ended"]
-    sampler_state = (saved["_snapshot"]["_main_snapshot"] if workers else saved)["_sampler_iter_state"]["sampler_state"]
+    main = saved["_snapshot"]["_main_snapshot"] if workers else saved
+    sampler_state = main["_sampler_iter_state"]["sampler_state"]
     sampler = make_sampler("doremi", delay)
     sampler.load_state_dict(sampler_state)
     assert sampler.position == len(sampler) == BATCHES * BATCH
@@ -180,7 +192,7 @@ def test_a_delay_below_the_prefetch_is_refused_and_changes_nothing(delay):
     with pytest.raises(LateObservationError):
         sampler.observe(0, losses_at(0))
     after = frozen(sampler.state_dict())
-    assert str(before) == str(after) and sampler.weights_history() == []
+    assert same_state(before, after) and sampler.weights_history() == []
     del iterator, loader
 
 
@@ -190,7 +202,7 @@ def test_the_smallest_delay_with_workers_is_the_prefetch():
     loader = make_loader(sampler, 2)
     for step, _ in enumerate(loader):
         sampler.observe(step, losses_at(step))  # every step, none refused
-    assert sampler.weights_history()[0]["batch"] == max(1, delay + 1)
+    assert sampler.weights_history()[0]["batch"] == delay + 1
 
 
 # -- states taken ahead of the loop's reports (no loader) -------------------------------------------
@@ -201,7 +213,7 @@ def test_a_state_taken_before_the_steps_observe_is_completed_by_it():
         [next(iterator) for _ in range(BATCH)]
         early = sampler.state_dict()  # batch `step` drawn, not yet observed
         sampler.observe(step, losses_at(step))
-        assert str(early) == str(sampler.state_dict()), f"step {step}"
+        assert same_state(early, sampler.state_dict()), f"step {step}"
 
 
 def test_a_state_is_frozen_once_the_loop_reports_a_later_step():
@@ -214,7 +226,7 @@ def test_a_state_is_frozen_once_the_loop_reports_a_later_step():
     kept = copy.deepcopy(state)
     [next(iterator) for _ in range(BATCH)]
     sampler.observe(2, losses_at(2))  # a later step: the state had seen every report up to batch 1
-    assert str(state) == str(kept)
+    assert same_state(state, kept)
     assert state["last_step"] == 0 and sampler.state_dict()["last_step"] == 2
 
 
@@ -226,7 +238,7 @@ def test_a_refused_observe_leaves_awaiting_states_as_they_were():
     kept = copy.deepcopy(state)
     with pytest.raises(ValueError):
         sampler.observe(0, {"code": math.nan})
-    assert str(state) == str(kept)
+    assert same_state(state, kept)
     sampler.observe(0, losses_at(0))
     assert state["last_step"] == 0
 
@@ -279,7 +291,6 @@ def _two_ranks(rank, world_size):
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_two_ranks_with_workers_resume_exactly_and_elastically_on_one_process(tmp_path):
     from dist_harness import run_distributed
 
