@@ -42,6 +42,9 @@ __all__ = ["RULES", "AdaptiveMixtureSampler", "LateObservationError", "WeightHis
 
 RULES = ("exp3", "doremi")
 
+#: States taken ahead of the loop's reports that ``observe`` still completes in place (the oldest go first).
+MAX_AWAITING = 256
+
 
 class LateObservationError(ValueError):
     """``observe`` came after this rank's iterator had already produced a batch the update would change.
@@ -288,6 +291,7 @@ class AdaptiveMixtureSampler(MixtureSampler):
         self._last_loss = np.full(columns, np.nan)  # exp3: each domain's previous loss
         self._last_step = -1
         self._made = 0  # global batches whose indices this rank has produced
+        self._awaiting: list[tuple[int, dict[str, Any]]] = []  # (batches drawn, state) ahead of the reports
 
     # -- the loop's report ------------------------------------------------------------------
     def observe(self, step: int, losses: Mapping[str, float]) -> dict[str, float] | None:
@@ -316,6 +320,7 @@ class AdaptiveMixtureSampler(MixtureSampler):
             self.counts.append(start, weights)
             self._carry = {}  # cached cumulative counts may cover batches the update changed
         self._signal, self._last_loss, self._last_step = signal, last_loss, step
+        self._complete_awaiting(step)
         return None if weights is None else self._named(weights)
 
     def _loss_row(self, losses: Mapping[str, float]) -> np.ndarray:
@@ -400,6 +405,50 @@ class AdaptiveMixtureSampler(MixtureSampler):
         return self._cursor.iterate(total, block_at)
 
     # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The run's position and the weight history, as after the loop's reports of the batches drawn.
+
+        A state describes the sampler once the loop has reported (``observe``) every global
+        batch this rank has drawn up to the state's position. A loader that draws ahead of
+        the loop (``StatefulDataLoader`` with workers snapshots its sampler when it
+        *prefetches* a batch) gets a dict that each later ``observe`` of such a batch brings
+        up to date, in place; a report of a later batch freezes it. So the loader's own
+        ``state_dict()``, taken after the step's ``observe``, resumes bit for bit. Copy the
+        dict (``copy.deepcopy``, ``torch.save``) to freeze it earlier.
+
+        >>> s = AdaptiveMixtureSampler({"a": 4, "b": 4}, {"a": 1, "b": 1}, num_samples=8, batch_size=2)
+        >>> _ = [next(it) for it in [iter(s)] for _ in range(2)]  # batch 0 drawn
+        >>> state = s.state_dict()                              # ... not reported yet
+        >>> _ = s.observe(0, {"a": 1.0, "b": 2.0})
+        >>> state["last_step"]
+        0
+        """
+        state = super().state_dict()
+        drawn = self._batches_drawn()
+        if drawn - 1 > self._last_step:
+            self._awaiting.append((drawn, state))
+            del self._awaiting[:-MAX_AWAITING]
+        return state
+
+    def _batches_drawn(self) -> int:
+        """Global batches whose share this rank has yielded completely."""
+        if self.position >= len(self):
+            return self.counts.num_batches
+        return self.position // (self.batch_size // self.world_size)
+
+    def _complete_awaiting(self, step: int) -> None:
+        """Write the report of batch ``step`` into the states that drew it; freeze those it went past."""
+        fresh, waiting = None, []
+        for drawn, state in self._awaiting:
+            if step < drawn:
+                fresh = fresh or super().state_dict()
+                sample = state["sample"]
+                state.clear()
+                state.update({**fresh, "sample": sample})
+            if step < drawn - 1:
+                waiting.append((drawn, state))
+        self._awaiting = waiting
+
     def _extra_state(self) -> dict[str, Any]:
         """``MixtureSampler``'s fields plus the settings, the weight history and the rule's signal."""
         return {
@@ -430,6 +479,7 @@ class AdaptiveMixtureSampler(MixtureSampler):
         share = self.batch_size // self.world_size
         self.counts, self._carry = history, {}
         self._signal, self._last_loss, self._last_step = signal, last_loss, last_step
+        self._awaiting = []
         self._made = -(-self.position // share)  # batches this rank has started: an update may not change them
 
     def _settings(self) -> dict[str, Any]:
