@@ -126,25 +126,41 @@ class WeightHistory:
         self.batch_size, self.num_samples = base.batch_size, base.num_samples
         self.full_batches, self.last_size, self.num_batches = base.full_batches, base.last_size, base.num_batches
         columns = len(base.schedule.names)
-        self.starts = np.empty(0, dtype=np.int64)  # first batch of each update
-        self.rows = np.empty((0, columns))  # the weights of each update
+        # per update, in buffers that double when full (an append is amortised O(1)):
+        self._count = 0
+        self._starts = np.empty(0, dtype=np.int64)  # first batch of each update
+        self._rows = np.empty((0, columns))  # the weights of each update
         self._full = np.empty((0, columns), dtype=np.int64)  # counts of a full batch under each update
         self._before = np.empty((0, columns), dtype=np.int64)  # counts of all batches before each start
 
+    @property
+    def starts(self) -> np.ndarray:
+        """First global batch of each update, ``(U,)`` (a view)."""
+        return self._starts[:self._count]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Weights of each update, ``(U, S)`` (a view)."""
+        return self._rows[:self._count]
+
     def __len__(self) -> int:
-        return len(self.starts)
+        return self._count
 
     def append(self, start: int, weights: np.ndarray) -> None:
         """Weights ``weights`` from global batch ``start`` on (after every earlier update)."""
-        if len(self.starts) and start <= self.starts[-1] or not 0 <= start < self.num_batches:
+        count = self._count
+        if count and start <= self._starts[count - 1] or not 0 <= start < self.num_batches:
             raise ValueError(f"an update must start after the last one and before batch {self.num_batches}, "
                              f"got start={start}")
         full = largest_remainder(self.batch_size * weights, self.batch_size)
         before = self.cumulative(start)
-        self.starts = np.append(self.starts, np.int64(start))
-        self.rows = np.vstack([self.rows, weights])
-        self._full = np.vstack([self._full, full])
-        self._before = np.vstack([self._before, before])
+        if count == len(self._starts):
+            grow = max(8, count)
+            self._starts = np.concatenate([self._starts, np.zeros(grow, np.int64)])
+            self._rows, self._full, self._before = (np.concatenate([a, np.zeros((grow, a.shape[1]), a.dtype)])
+                                                    for a in (self._rows, self._full, self._before))
+        self._starts[count], self._rows[count], self._full[count], self._before[count] = start, weights, full, before
+        self._count = count + 1
 
     def load(self, starts: np.ndarray, rows: np.ndarray) -> None:
         """Replace the history by ``starts``/``rows`` (checked by the caller)."""
