@@ -272,3 +272,21 @@ def test_group_norm_rule_gives_the_same_gradients_with_and_without_the_saved_sta
         assert torch.allclose(got["w"], (normalized * delta).sum(dim=(2, 3)), atol=1e-4)
         assert torch.allclose(got["b"], delta.sum(dim=(2, 3)), atol=1e-5)
     assert saved_statistics(nn.LayerNorm(4), nn.LayerNorm(4)(torch.randn(2, 4))) == ()
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (1, 2)),
+                                                       ((3, 2), (2, 0), (2, 1))])
+def test_per_example_conv_gradients_equal_one_backward_per_example(stride, padding, dilation):
+    from dataorder.ghost.factors import _conv_per_example
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, (3, 2), stride=stride, padding=padding, dilation=dilation, bias=False)
+    x = torch.randn(4, 3, 9, 8)
+    delta = torch.randn_like(conv(x))
+    expected = []
+    for j in range(len(x)):
+        conv.zero_grad()
+        (conv(x[j:j + 1]) * delta[j:j + 1]).sum().backward()
+        expected.append(conv.weight.grad.clone())
+    got = _conv_per_example(x, delta, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)

@@ -328,3 +328,21 @@ def _round_trip(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_a_sketching_capture_keeps_no_factors_after_the_backward():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    ghost = GhostGrads(model, sketch=4)
+    hidden = {}
+    model[1].register_forward_hook(lambda module, inputs, output: hidden.update(ref=weakref.ref(output)))
+    nn.functional.cross_entropy(model(torch.randn(5, 6)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    gc.collect()
+    assert hidden["ref"]() is None  # the second layer's input is gone once its backward ran
+    [rows] = ghost.collect_sketch()
+    assert rows.shape == (5, 4 * 4 + 8 + 3 * 4 + 3)
+    with pytest.raises(ValueError, match="collect_sketch"):
+        ghost.collect()
