@@ -110,25 +110,14 @@ def test_reference_split_scores_only_the_rest(tmp_path):
 
 
 @pytest.mark.slow
-def test_crash_and_resume_is_byte_identical(tmp_path, monkeypatch):
-    from dataorder.scores import text
-
+def test_crash_and_resume_is_byte_identical(tmp_path, interrupt_second_text_run):
     data = write_docs(tmp_path / "docs.parquet", documents(120))
     args = ["--data", str(data), *FAST]
     assert score(*args, "--out", str(tmp_path / "clean")) == 0
-    real = text.TextTask.train_and_score
-    started: list[int] = []
-
-    def die_on_second_run(self, *a, **k):
-        if started:
-            raise KeyboardInterrupt
-        started.append(1)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(text.TextTask, "train_and_score", die_on_second_run)
+    interrupt_second_text_run.arm()
     assert score(*args, "--out", str(tmp_path / "crashed")) == 130
     assert not (tmp_path / "crashed" / "scores.parquet").exists()
-    monkeypatch.setattr(text.TextTask, "train_and_score", real)
+    interrupt_second_text_run.disarm()
     assert score(*args, "--out", str(tmp_path / "crashed")) == 0
     assert (tmp_path / "crashed" / "scores.parquet").read_bytes() == (tmp_path / "clean" / "scores.parquet").read_bytes()
 

@@ -111,27 +111,16 @@ def test_bad_streamed_input_is_refused():
         score_documents(model(), ["ab"], context=CONTEXT, scores=("aum",))
 
 
-def test_reference_split_crash_and_resume_is_byte_identical(tmp_path, monkeypatch):
-    from dataorder.scores import text
-
+def test_reference_split_crash_and_resume_is_byte_identical(tmp_path, interrupt_second_text_run):
     data = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"text": texts(40)}), data)
     args = ["score", "--data", str(data), "--runs", "2", "--score-epoch", "1", "--epochs", "1", "--context", "8",
             "--batch-size", "16", "--score-batch-size", "8", "--scores", "loss,grand", "--reference-split", "0.3",
             "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
-    real = text.TextTask.train_and_score
-    started: list[int] = []
-
-    def die_on_second_run(self, *a, **k):
-        if started:
-            raise KeyboardInterrupt
-        started.append(1)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(text.TextTask, "train_and_score", die_on_second_run)
+    interrupt_second_text_run.arm()
     assert main([*args, "--out", str(tmp_path / "crashed")]) == 130
-    monkeypatch.setattr(text.TextTask, "train_and_score", real)
+    interrupt_second_text_run.disarm()
     assert main([*args, "--out", str(tmp_path / "crashed")]) == 0
     clean, resumed = (tmp_path / name / "scores.parquet" for name in ("clean", "crashed"))
     assert resumed.read_bytes() == clean.read_bytes()
