@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 
 from dataorder.data import open_arrow_table, open_hf_dataset
 
-__all__ = ["ModalityError", "ScoreInput", "Table", "decode_images", "detect", "load_image_split", "load_score_input",
+__all__ = ["ModalityError", "ScoreInput", "Table", "TextColumn", "decode_images", "detect", "load_image_split", "load_score_input",
            "load_texts", "read_table"]
 
 
@@ -199,20 +200,54 @@ def load_image_split(path: str | os.PathLike, *, label_column: str = "label", nu
                        y_test=torch.zeros(0, dtype=torch.int64), num_classes=classes, name=table.name)
 
 
+class TextColumn(Sequence):
+    """The documents of a pyarrow string column as a sequence of ``str``, made a chunk at a time.
+
+    Iterating converts :attr:`CHUNK_ROWS` rows to Python strings at once, so a pass over the
+    documents holds the column's own (Arrow, memory-mapped for a ``save_to_disk`` directory)
+    buffers and one chunk of strings, never a list of every document.
+
+    >>> import pyarrow as pa
+    >>> docs = TextColumn(pa.chunked_array([["one", "two"], ["three"]]))
+    >>> len(docs), list(docs), docs[2], docs[-1]
+    (3, ['one', 'two', 'three'], 'three', 'three')
+    """
+
+    CHUNK_ROWS = 4096
+
+    def __init__(self, column: Any) -> None:
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return list(self)[index]
+        return self.column[index].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.column), self.CHUNK_ROWS):
+            yield from self.column.slice(start, self.CHUNK_ROWS).to_pylist()
+
+
 def load_texts(path: str | os.PathLike, *, text_column: str = "text",
-               label_column: str = "label") -> tuple[str, list[str]]:
+               label_column: str = "label") -> tuple[str, TextColumn]:
     """``(name, documents)``: the text column of a dataset, in row order; empty or missing texts are refused.
+
+    The documents stay in the dataset's Arrow column (:class:`TextColumn`), read a chunk at a time.
 
     >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
     >>> path = os.path.join(tempfile.mkdtemp(), "docs.parquet")
     >>> pq.write_table(pa.table({"text": ["one", "two"]}), path)
-    >>> load_texts(path)
+    >>> name, docs = load_texts(path)
+    >>> name, list(docs)
     ('docs.parquet', ['one', 'two'])
     """
     table = read_table(path, label_column)
     if detect(table, label_column, text_column) != "text":
         raise ModalityError(f"{table.name} has no text column {text_column!r}")
-    texts = table.columns[text_column].to_pylist()
+    texts = TextColumn(table.columns[text_column])
     for row, text in enumerate(texts):
         if text is None or not text.strip():
             raise ModalityError(f"text column {text_column!r}, row {row}: the document is empty; drop empty rows")
