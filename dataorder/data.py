@@ -194,6 +194,18 @@ def open_arrow_table(path: str, suffix: str):  # noqa: ANN201 - a pyarrow.Table,
         raise ValueError(f"cannot read {path!r} as {suffix[1:]}: {' '.join(str(error).split())}") from None
 
 
+def open_parquet_file(path: str):  # noqa: ANN201 - a pyarrow.parquet.ParquetFile, whose package loads lazily
+    """A ``.parquet`` file opened for reading in batches (only its footer is read); an unreadable
+    file raises a one-line ``ValueError``."""
+    from dataorder.errors import require
+
+    parquet = require("pyarrow.parquet", extra="cli", feature="reading .parquet files")
+    try:
+        return parquet.ParquetFile(path)
+    except Exception as error:  # pyarrow raises its own error types for unreadable (truncated, renamed) files
+        raise ValueError(f"cannot read {path!r} as parquet: {' '.join(str(error).split())}") from None
+
+
 def _read_hf(path: str, label_column: str) -> tuple[dict[str, np.ndarray], int | None]:
     import datasets
 

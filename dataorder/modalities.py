@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from dataorder.data import open_arrow_table, open_hf_dataset
+from dataorder.data import open_arrow_table, open_hf_dataset, open_parquet_file
 
 __all__ = ["ModalityError", "ScoreInput", "Table", "TextColumn", "decode_images", "detect", "load_image_split", "load_score_input",
-           "load_texts", "read_table"]
+           "load_texts", "read_schema", "read_table"]
 
 
 class ModalityError(ValueError):
@@ -45,7 +45,7 @@ class Table:
     """
 
     name: str
-    columns: dict[str, Any]  # name -> pyarrow ChunkedArray
+    columns: dict[str, Any]  # name -> pyarrow ChunkedArray (or, from read_schema, its schema field)
     image_columns: set[str]
     class_count: int | None = None
 
@@ -201,41 +201,90 @@ def load_image_split(path: str | os.PathLike, *, label_column: str = "label", nu
 
 
 class TextColumn(Sequence):
-    """The documents of a pyarrow string column as a sequence of ``str``, made a chunk at a time.
+    """The documents of a string column as a sequence of ``str``, made a chunk at a time.
 
-    Iterating converts :attr:`CHUNK_ROWS` rows to Python strings at once, so a pass over the
-    documents holds the column's own (Arrow, memory-mapped for a ``save_to_disk`` directory)
-    buffers and one chunk of strings, never a list of every document.
+    ``chunks()`` returns a fresh iterator of pyarrow string arrays (the column's pieces in
+    row order); every pass calls it again, so a pass holds one chunk of Python strings and
+    whatever the source keeps: an in-memory column (:meth:`of_column`, memory-mapped for a
+    ``save_to_disk`` directory) or nothing at all for a ``.parquet`` file, re-read in batches
+    of :attr:`CHUNK_ROWS` rows (:meth:`of_parquet`). Indexing walks the documents (O(n)).
 
     >>> import pyarrow as pa
-    >>> docs = TextColumn(pa.chunked_array([["one", "two"], ["three"]]))
+    >>> docs = TextColumn.of_column(pa.chunked_array([["one", "two"], ["three"]]))
     >>> len(docs), list(docs), docs[2], docs[-1]
     (3, ['one', 'two', 'three'], 'three', 'three')
     """
 
     CHUNK_ROWS = 4096
 
-    def __init__(self, column: Any) -> None:
-        self.column = column
+    def __init__(self, chunks: Callable[[], Iterator[Any]], length: int) -> None:
+        self._chunks, self._length = chunks, int(length)
+
+    @classmethod
+    def of_column(cls, column: Any) -> TextColumn:
+        """The documents of a pyarrow (chunked) string array."""
+        return cls(lambda: (column.slice(start, cls.CHUNK_ROWS) for start in range(0, len(column), cls.CHUNK_ROWS)),
+                   len(column))
+
+    @classmethod
+    def of_parquet(cls, path: str, column: str) -> TextColumn:
+        """The documents of column ``column`` of a ``.parquet`` file, read from the file on every pass."""
+        rows = open_parquet_file(path).metadata.num_rows
+
+        def chunks() -> Iterator[Any]:
+            for batch in open_parquet_file(path).iter_batches(batch_size=cls.CHUNK_ROWS, columns=[column]):
+                yield batch.column(0)
+        return cls(chunks, rows)
 
     def __len__(self) -> int:
-        return len(self.column)
+        return self._length
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             return list(self)[index]
-        return self.column[index].as_py()
+        position = index + self._length if index < 0 else index
+        if not 0 <= position < self._length:
+            raise IndexError(f"document {index} of {self._length}")
+        for row, text in enumerate(self):
+            if row == position:
+                return text
+        raise IndexError(f"document {index} of {self._length}")
 
     def __iter__(self) -> Iterator[str]:
-        for start in range(0, len(self.column), self.CHUNK_ROWS):
-            yield from self.column.slice(start, self.CHUNK_ROWS).to_pylist()
+        for chunk in self._chunks():
+            yield from chunk.to_pylist()
+
+
+def read_schema(path: str | os.PathLike, label_column: str = "label") -> Table:
+    """:func:`read_table`'s answer to "which columns of which kinds", without a parquet file's data.
+
+    A ``.parquet`` file's columns are its schema's fields (their ``type`` is all :meth:`Table.kinds`
+    reads); a ``save_to_disk`` directory is memory-mapped, so it is :func:`read_table` itself.
+
+    >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.parquet")
+    >>> pq.write_table(pa.table({"text": ["a b"], "label": [0]}), path)
+    >>> read_schema(path).kinds(exclude="label")
+    {'text': 'text'}
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path) or not path.lower().endswith(".parquet") or not os.path.exists(path):
+        return read_table(path, label_column)
+    import pyarrow as pa
+
+    schema = open_parquet_file(path).schema_arrow
+    images = {field.name for field in schema
+              if pa.types.is_struct(field.type) and {"bytes", "path"} <= {f.name for f in field.type}}
+    return Table(os.path.basename(path), {field.name: field for field in schema}, images)
 
 
 def load_texts(path: str | os.PathLike, *, text_column: str = "text",
                label_column: str = "label") -> tuple[str, TextColumn]:
     """``(name, documents)``: the text column of a dataset, in row order; empty or missing texts are refused.
 
-    The documents stay in the dataset's Arrow column (:class:`TextColumn`), read a chunk at a time.
+    The documents are never all held as Python strings (:class:`TextColumn`): a ``.parquet``
+    file is re-read in batches on every pass, a ``save_to_disk`` directory's column is
+    memory-mapped. The check for empty documents is the first such pass.
 
     >>> import tempfile, pyarrow as pa, pyarrow.parquet as pq
     >>> path = os.path.join(tempfile.mkdtemp(), "docs.parquet")
@@ -244,13 +293,22 @@ def load_texts(path: str | os.PathLike, *, text_column: str = "text",
     >>> name, list(docs)
     ('docs.parquet', ['one', 'two'])
     """
-    table = read_table(path, label_column)
+    path = os.fspath(path)
+    table = read_schema(path, label_column)
     if detect(table, label_column, text_column) != "text":
         raise ModalityError(f"{table.name} has no text column {text_column!r}")
-    texts = TextColumn(table.columns[text_column])
-    for row, text in enumerate(texts):
-        if text is None or not text.strip():
-            raise ModalityError(f"text column {text_column!r}, row {row}: the document is empty; drop empty rows")
+    if os.path.isdir(path):
+        texts = TextColumn.of_column(table.columns[text_column])
+    else:
+        texts = TextColumn.of_parquet(path, text_column)
+    try:
+        for row, text in enumerate(texts):
+            if text is None or not text.strip():
+                raise ModalityError(f"text column {text_column!r}, row {row}: the document is empty; drop empty rows")
+    except ModalityError:
+        raise
+    except Exception as error:  # pyarrow's own error types for a file damaged past its footer
+        raise ValueError(f"cannot read {path!r} as parquet: {' '.join(str(error).split())}") from None
     return table.name, texts
 
 
@@ -282,7 +340,7 @@ def load_score_input(data: str, *, label_column: str = "label", num_classes: int
     from dataorder.data import load_split
 
     if data != "digits" and os.path.exists(data) and (os.path.isdir(data) or data.lower().endswith(".parquet")):
-        modality = detect(read_table(data, label_column), label_column, text_column)
+        modality = detect(read_schema(data, label_column), label_column, text_column)
     else:
         modality = "numeric"
     if reference_split is not None and modality != "text":

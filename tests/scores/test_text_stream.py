@@ -124,3 +124,32 @@ def test_reference_split_crash_and_resume_is_byte_identical(tmp_path, interrupt_
     assert main([*args, "--out", str(tmp_path / "crashed")]) == 0
     clean, resumed = (tmp_path / name / "scores.parquet" for name in ("clean", "crashed"))
     assert resumed.read_bytes() == clean.read_bytes()
+
+
+def test_parquet_documents_are_read_in_batches_on_every_pass(tmp_path, monkeypatch):
+    from dataorder.modalities import TextColumn, load_texts
+
+    docs = [f"document {i} says {'x' * (i % 7)}\n" for i in range(1000)]
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=128)
+    monkeypatch.setattr(TextColumn, "CHUNK_ROWS", 100)
+    name, texts = load_texts(path)
+    assert name == "docs.parquet" and len(texts) == 1000
+    assert list(texts) == docs and list(texts) == docs  # a second pass re-reads the file
+    assert texts[0] == docs[0] and texts[-1] == docs[-1] and texts[5:8] == docs[5:8]
+    with pytest.raises(IndexError):
+        texts[1000]
+    chunks = list(texts._chunks())
+    assert max(len(chunk) for chunk in chunks) == 100 and sum(len(chunk) for chunk in chunks) == 1000
+
+
+def test_a_parquet_file_damaged_past_its_footer_fails_in_one_line(tmp_path):
+    from dataorder.modalities import load_texts
+
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": [f"doc {i} " * 20 for i in range(2000)]}), path, compression="snappy")
+    raw = bytearray(path.read_bytes())
+    raw[200:4000] = b"\xff" * 3800  # data pages, not the footer: the schema still reads
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="cannot read .* as parquet"):
+        load_texts(path)
