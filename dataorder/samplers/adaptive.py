@@ -625,21 +625,8 @@ def plot_weights(sampler: AdaptiveMixtureSampler, out: str | os.PathLike, *, tit
     >>> s = AdaptiveMixtureSampler({"a": 4, "b": 4}, {"a": 1, "b": 1}, num_samples=8, batch_size=2)
     >>> plot_weights(s, Path(tempfile.mkdtemp()) / "mixture.png")
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dataorder._plotting import plot_shares
 
     steps = np.arange(sampler.counts.num_batches)
-    weights = sampler.counts.weights(steps)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.stackplot(steps, weights.T, labels=sampler.schedule.names, step="post")
-    ax.set_xlim(0, max(1, steps[-1]))
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step (global batch)")
-    ax.set_ylabel("share of each batch")
-    ax.set_title(f"adaptive mixture ({sampler.rule}) {title}".strip())
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    plot_shares(steps, sampler.counts.weights(steps), sampler.schedule.names, out, xlabel="step (global batch)",
+                title=f"adaptive mixture ({sampler.rule}) {title}", step="post")

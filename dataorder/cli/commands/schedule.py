@@ -111,11 +111,9 @@ def render(schedule, totals: dict, points: list[float], *, name: str = "schedule
 
 def plot(schedule, totals: dict, out: Path, *, title: str = "") -> None:
     """Stacked-area PNG of the weights over the run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from dataorder._plotting import plot_shares
 
     edges = np.array(schedule.breakpoints)
     p = np.unique(np.concatenate([np.linspace(0, 1, 501), edges, np.clip(edges - 1e-9, 0, 1)]))
@@ -125,14 +123,4 @@ def plot(schedule, totals: dict, out: Path, *, title: str = "") -> None:
         x, label = p * totals["num_samples"] * totals["tokens_per_sample"], "tokens"
     elif "num_samples" in totals and "batch_size" in totals:
         x, label = p * totals["num_samples"] / totals["batch_size"], "step (global batch)"
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.stackplot(x, weights.T, labels=schedule.names)
-    ax.set_xlim(x[0], x[-1])
-    ax.set_ylim(0, 1)
-    ax.set_xlabel(label)
-    ax.set_ylabel("share of each batch")
-    ax.set_title(f"data mixture {title}".strip())
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    plot_shares(x, weights, schedule.names, out, xlabel=label, title=f"data mixture {title}")
