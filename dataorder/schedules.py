@@ -624,7 +624,49 @@ def _evaluate(phases: _Phases, p: np.ndarray) -> np.ndarray:
 
 
 # -- allocation: weights -> integer counts per batch ------------------------------------------
-class BatchCounts:
+class RunCounts:
+    """What every table of per-batch counts shares: a run of ``num_samples`` in global batches of
+    ``batch_size`` (the last one partial if they do not divide), the partial batch, and the
+    bounds of :meth:`cumulative`.
+
+    A table says only :meth:`weights` (in force at each batch), :meth:`full_batch_counts`
+    (the counts of a *full* batch there) and :meth:`cumulative_full` (counts before a batch
+    ``b <= full_batches``); :class:`BatchCounts` and the adaptive mixture's weight history are two.
+
+    >>> counts = BatchCounts(Schedule.constant({"a": 1, "b": 1}), num_samples=10, batch_size=4)
+    >>> counts.num_batches, counts.batch(2).tolist(), counts.cumulative(3).tolist()
+    (3, [1, 1], [5, 5])
+    """
+
+    def _set_run(self, num_samples: int, batch_size: int) -> None:
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.full_batches = num_samples // batch_size
+        self.last_size = num_samples % batch_size
+        self.num_batches = self.full_batches + (self.last_size > 0)
+
+    def batch(self, b: np.ndarray | int) -> np.ndarray:
+        """Counts of batch(es) ``b``: ``(S,)`` or ``(m, S)``."""
+        b = np.asarray(b, dtype=np.int64)
+        counts = self.full_batch_counts(b)
+        if self.last_size and np.any(b == self.full_batches):
+            last = largest_remainder(self.last_size * self.weights(self.full_batches), self.last_size)
+            counts = np.where((b == self.full_batches)[..., None], last, counts)
+        return counts
+
+    def cumulative(self, b: int) -> np.ndarray:
+        """Counts of all batches before batch ``b`` (``0 <= b <= num_batches``)."""
+        if not 0 <= b <= self.num_batches:
+            raise ValueError(f"batch index must be in [0, {self.num_batches}], got {b}")
+        if b > self.full_batches:
+            return self.cumulative(self.full_batches) + self.batch(self.full_batches)
+        return self.cumulative_full(b)
+
+    def total(self) -> np.ndarray:
+        """Counts over the whole run."""
+        return self.cumulative(self.num_batches)
+
+
+class BatchCounts(RunCounts):
     """Exact per-source counts of every global batch of a run following ``schedule``.
 
     Batch ``b`` holds ``batch_size`` samples (the last one ``num_samples % batch_size`` if
@@ -659,11 +701,8 @@ class BatchCounts:
 
     def __init__(self, schedule: Schedule, num_samples: int, batch_size: int) -> None:
         self.schedule = schedule
-        self.num_samples = check_run_value("num_samples", num_samples, "BatchCounts")
-        self.batch_size = check_run_value("batch_size", batch_size, "BatchCounts")
-        self.full_batches = self.num_samples // self.batch_size
-        self.last_size = self.num_samples % self.batch_size
-        self.num_batches = self.full_batches + (self.last_size > 0)
+        self._set_run(check_run_value("num_samples", num_samples, "BatchCounts"),
+                      check_run_value("batch_size", batch_size, "BatchCounts"))
         self._bounds: list[tuple[int, int, int]] | None = None  # (first batch, end batch, phase)
         self._sums: np.ndarray | None = None  # cumulative counts at each phase's first batch
         self._filled = 0  # phases whose cumulative counts are known
@@ -677,31 +716,18 @@ class BatchCounts:
         """The schedule's weights at each batch's progress."""
         return _evaluate(self.schedule._phases, self.progress(b))
 
-    def batch(self, b: np.ndarray | int) -> np.ndarray:
-        """Counts of batch(es) ``b``: ``(S,)`` or ``(m, S)``."""
-        b = np.asarray(b, dtype=np.int64)
-        counts = largest_remainder(self.batch_size * self.weights(b), self.batch_size)
-        if self.last_size and np.any(b == self.full_batches):
-            last = largest_remainder(self.last_size * self.weights(self.full_batches), self.last_size)
-            counts = np.where((b == self.full_batches)[..., None], last, counts)
-        return counts
+    def full_batch_counts(self, b: np.ndarray | int) -> np.ndarray:
+        """Counts of a full batch at batch(es) ``b``: the largest remainder of the weights."""
+        return largest_remainder(self.batch_size * self.weights(b), self.batch_size)
 
-    def cumulative(self, b: int) -> np.ndarray:
-        """Counts of all batches before batch ``b`` (``0 <= b <= num_batches``)."""
-        if not 0 <= b <= self.num_batches:
-            raise ValueError(f"batch index must be in [0, {self.num_batches}], got {b}")
-        if b > self.full_batches:
-            return self.cumulative(self.full_batches) + self.batch(self.full_batches)
+    def cumulative_full(self, b: int) -> np.ndarray:
+        """Counts of all batches before batch ``b <= full_batches`` (see the class doc)."""
         bounds = self._phase_bounds_cached()
         k = max(0, int(np.searchsorted([lo for lo, _, _ in bounds], b, side="right")) - 1) if bounds else 0
         if not bounds:
             return np.zeros(len(self.schedule.names), dtype=np.int64)
         lo, _, phase = bounds[k]
         return self._cumulative_at_knot(k) + self._phase_sum(lo, b, phase)
-
-    def total(self) -> np.ndarray:
-        """Counts over the whole run."""
-        return self.cumulative(self.num_batches)
 
     # -- internals ---------------------------------------------------------------------------
     def _phase_bounds(self) -> list[tuple[int, int, int]]:

@@ -35,7 +35,7 @@ from dataorder.samplers.allocation import largest_remainder
 from dataorder.samplers.base import check_seed
 from dataorder.samplers.mixture import MixtureSampler
 from dataorder.samplers.run import fingerprint
-from dataorder.schedules import BatchCounts, Schedule
+from dataorder.schedules import BatchCounts, RunCounts, Schedule
 
 __all__ = ["RULES", "AdaptiveMixtureSampler", "LateObservationError", "WeightHistory", "doremi_weights",
            "exp3_weights", "floor_mix", "plot_weights", "reference_losses", "smooth"]
@@ -106,13 +106,13 @@ def floor_mix(weights: np.ndarray, floors: np.ndarray) -> np.ndarray:
 
 
 # -- the per-batch counts of a run whose weights change at updates --------------------------------
-class WeightHistory:
+class WeightHistory(RunCounts):
     """Per-source counts of every global batch: the base schedule until the first update, then
     the weights of the latest update (constant until the next one).
 
-    Has the interface of :class:`~dataorder.schedules.BatchCounts` (``batch``, ``cumulative``,
-    ``weights``, ``total``, ``full_batches``, ``last_size``, ``num_batches``), so the mixture
-    kernel reads it unchanged. Memory: one batch index and one row of weights per update
+    A :class:`~dataorder.schedules.RunCounts` like :class:`~dataorder.schedules.BatchCounts`
+    (``batch``, ``cumulative``, ``weights``, ``total``, ``full_batches``, ``last_size``,
+    ``num_batches``), so the mixture kernel reads it unchanged. Memory: one batch index and one row of weights per update
     (the state), plus derived int64 counts; ``cumulative`` is a binary search.
 
     >>> history = WeightHistory(BatchCounts(Schedule.constant({"a": 1, "b": 1}), 40, 4))
@@ -123,8 +123,7 @@ class WeightHistory:
 
     def __init__(self, base: BatchCounts) -> None:
         self.base = base
-        self.batch_size, self.num_samples = base.batch_size, base.num_samples
-        self.full_batches, self.last_size, self.num_batches = base.full_batches, base.last_size, base.num_batches
+        self._set_run(base.num_samples, base.batch_size)
         columns = len(base.schedule.names)
         # per update, in buffers that double when full (an append is amortised O(1)):
         self._count = 0
@@ -181,34 +180,21 @@ class WeightHistory:
             return self.base.weights(b)
         return np.where((k >= 0)[..., None], self.rows[np.maximum(k, 0)], self.base.weights(b))
 
-    def batch(self, b: np.ndarray | int) -> np.ndarray:
-        """Counts of batch(es) ``b``: ``(S,)`` or ``(m, S)``."""
+    def full_batch_counts(self, b: np.ndarray | int) -> np.ndarray:
+        """Counts of a full batch at batch(es) ``b``: the latest update's, else the base schedule's."""
         b = np.asarray(b, dtype=np.int64)
-        counts = self.base.batch(b)
-        if not len(self.starts):
+        counts = self.base.full_batch_counts(b)
+        if not len(self):
             return counts
         k = self._update_of(b)
-        counts = np.where((k >= 0)[..., None], self._full[np.maximum(k, 0)], counts)
-        last = int(self._update_of(self.full_batches))
-        if self.last_size and last >= 0 and np.any(b == self.full_batches):
-            partial = largest_remainder(self.last_size * self.rows[last], self.last_size)
-            counts = np.where((b == self.full_batches)[..., None], partial, counts)
-        return counts
+        return np.where((k >= 0)[..., None], self._full[np.maximum(k, 0)], counts)
 
-    def cumulative(self, b: int) -> np.ndarray:
-        """Counts of all batches before batch ``b`` (``0 <= b <= num_batches``)."""
-        if not 0 <= b <= self.num_batches:
-            raise ValueError(f"batch index must be in [0, {self.num_batches}], got {b}")
-        if b > self.full_batches:
-            return self.cumulative(self.full_batches) + self.batch(self.full_batches)
+    def cumulative_full(self, b: int) -> np.ndarray:
+        """Counts of all batches before batch ``b <= full_batches``: a binary search."""
         k = int(self._update_of(b - 1)) if b else -1  # the update in force at the last batch before b
         if k < 0:
             return self.base.cumulative(b)
         return self._before[k] + (b - int(self.starts[k])) * self._full[k]
-
-    def total(self) -> np.ndarray:
-        """Counts over the whole run."""
-        return self.cumulative(self.num_batches)
 
 
 # -- the sampler ---------------------------------------------------------------------------------
