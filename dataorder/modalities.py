@@ -302,13 +302,11 @@ def load_texts(path: str | os.PathLike, *, text_column: str = "text",
     else:
         texts = TextColumn.of_parquet(path, text_column)
     try:
-        for row, text in enumerate(texts):
-            if text is None or not text.strip():
-                raise ModalityError(f"text column {text_column!r}, row {row}: the document is empty; drop empty rows")
-    except ModalityError:
-        raise
+        empty = next((row for row, text in enumerate(texts) if text is None or not text.strip()), None)
     except Exception as error:  # pyarrow's own error types for a file damaged past its footer
         raise ValueError(f"cannot read {path!r} as parquet: {' '.join(str(error).split())}") from None
+    if empty is not None:
+        raise ModalityError(f"text column {text_column!r}, row {empty}: the document is empty; drop empty rows")
     return table.name, texts
 
 

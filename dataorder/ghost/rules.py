@@ -140,10 +140,10 @@ def saved_statistics(module: nn.Module, output: torch.Tensor) -> tuple:
     >>> [t.shape for t in saved_statistics(gn, gn(torch.randn(3, 4, 5)))]
     [torch.Size([3, 2]), torch.Size([3, 2])]
     """
-    node = output.grad_fn
-    if not isinstance(module, nn.GroupNorm) or type(node).__name__ != "NativeGroupNormBackward0":
+    if not isinstance(module, nn.GroupNorm) or rule_for(module) is not norm_rule:
         return ()
-    if rule_for(module) is not norm_rule:
+    node = output.grad_fn
+    if type(node).__name__ != "NativeGroupNormBackward0":
         return ()
     return (node._saved_result1.detach(), node._saved_result2.detach())
 

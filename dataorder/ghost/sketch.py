@@ -270,9 +270,7 @@ class Sketcher:
              scale: float = 1.0) -> Tensor:
         """``(B, D)`` float32 sketch rows of ``factors`` over ``names`` (default: ``shapes``' order), times ``scale``."""
         order = list(shapes) if names is None else names
-        first = factors[0]
-        batch = len(first.idx) if isinstance(first, EmbeddingFactors) else _batch_of(first)
-        target = self.new_rows(order, shapes, batch, first.device)
+        target = self.new_rows(order, shapes, _batch_of(factors[0]), factors[0].device)
         for factor in factors:
             self.add(target, factor, shapes)
         out = target.values
@@ -418,7 +416,7 @@ class Sketcher:
 def _batch_of(factor) -> int:
     if isinstance(factor, TiedFactors):
         return _batch_of(factor.uses[0])
-    if isinstance(factor, LinearFactors):
+    if isinstance(factor, (LinearFactors, EmbeddingFactors)):
         return len(factor.d)
     grads = factor.grads if isinstance(factor, DenseFactors) else factor.materialize()
     return len(next(iter(grads.values())))
