@@ -13,7 +13,12 @@ byte-level transformer LM (vocab 256, d128, T = 128, B = ``--seq-batch``) and a 
 ResNet-style CNN (64/128 channels, GroupNorm, 32×32, B = 32); balance ``mean``.
 Targets (issue 12): sketched step ≤ 1.10× plain on the LM and the CNN, ≤ 1.3× on LeNet and the MLP.
 
+``--allocator steady`` reruns the script with glibc malloc keeping freed memory: with the
+default settings each step faults in fresh pages for its large tensors, a cost that moves by
+±20 % between processes and hides the arithmetic being compared (both rows are in RESULTS.md).
+
     python benchmarks/sketch_overhead.py [--ks 8 16] [--threads 1] [--steps 5] [--repeats 7] [--only LM]
+        [--allocator steady]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from _common import machine, print_table
+from _common import machine, print_table, use_allocator
 from ghost_models import SmallResNetGN, TinyLM, lm_loss
 from dataorder.models import LeNet, mlp
 from dataorder.ordering import GraBSampler
@@ -98,10 +103,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seq-batch", type=int, default=16)
     parser.add_argument("--only", nargs="+", choices=sorted(TARGETS))
+    parser.add_argument("--allocator", choices=("default", "steady"), default="default",
+                        help="steady: rerun with glibc malloc keeping freed memory (no page faults per step)")
     args = parser.parse_args()
+    allocator = use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"# sketched ghost step vs plain step -- {machine()}")
+    print(f"# sketched ghost step vs plain step -- {machine()}; {allocator}")
     rows = []
     for name, (model, batch, loss_fn) in workloads(args.seq_batch).items():
         if args.only and name not in args.only:

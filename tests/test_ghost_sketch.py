@@ -331,6 +331,7 @@ def _round_trip(state):
 
 
 def test_a_sketching_capture_keeps_no_factors_after_the_backward():
+    import functools
     import gc
     import weakref
 
@@ -339,10 +340,35 @@ def test_a_sketching_capture_keeps_no_factors_after_the_backward():
     ghost = GhostGrads(model, sketch=4)
     hidden = {}
     model[1].register_forward_hook(lambda module, inputs, output: hidden.update(ref=weakref.ref(output)))
-    nn.functional.cross_entropy(model(torch.randn(5, 6)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    last = {}
+    model[2].register_forward_hook(lambda module, inputs, output: last.update(output=output))
+    loss = nn.functional.cross_entropy(model(torch.randn(5, 6)), torch.tensor([0, 1, 2, 0, 1]))
+    loss.backward()
     gc.collect()
     assert hidden["ref"]() is None  # the second layer's input is gone once its backward ran
+    # ... and the capture let go of it during the backward, while the graph is still alive
+    records = [hook.args[0] for hook in last["output"]._backward_hooks.values() if isinstance(hook, functools.partial)]
+    assert len(records) == 1 and records[0].inputs is None
     [rows] = ghost.collect_sketch()
     assert rows.shape == (5, 4 * 4 + 8 + 3 * 4 + 3)
     with pytest.raises(ValueError, match="collect_sketch"):
         ghost.collect()
+
+
+def test_a_second_backward_through_one_forward_is_refused_and_keeps_the_first():
+    from dataorder.ghost.errors import RepeatedBackwardError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    exact = GhostGrads(model)
+    nn.functional.cross_entropy(model(x), y).backward()
+    [batch] = exact.collect()
+    exact.remove()
+    sketched = GhostGrads(model, sketch=8)  # 8 covers every side: the rows are the exact gradients
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RepeatedBackwardError, match="retain_graph=True"):
+        loss.backward()
+    [rows] = sketched.collect_sketch()  # the first backward's, nothing of the refused one
+    assert torch.allclose(rows, batch.materialize(), atol=1e-6)

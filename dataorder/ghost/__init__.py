@@ -46,7 +46,7 @@ Example::
 
 from dataorder.ghost.batch import GhostBatch
 from dataorder.ghost.capture import GhostGrads
-from dataorder.ghost.errors import UnsupportedLayerError
+from dataorder.ghost.errors import RepeatedBackwardError, UnsupportedLayerError
 from dataorder.ghost.rules import register_ghost_rule
 
-__all__ = ["GhostBatch", "GhostGrads", "UnsupportedLayerError", "register_ghost_rule"]
+__all__ = ["GhostBatch", "GhostGrads", "RepeatedBackwardError", "UnsupportedLayerError", "register_ghost_rule"]

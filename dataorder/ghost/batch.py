@@ -119,6 +119,26 @@ class GhostBatch:
         views = self.unflatten(self._float(vectors))
         return sum(f.dots(views) for f in self._factors) * self.scale
 
+    def products(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dots(vectors), gram())`` -- what a balancing step asks first -- in one walk over the layers.
+
+        >>> from torch import nn
+        >>> from dataorder.ghost import GhostGrads
+        >>> model = nn.Linear(3, 2)
+        >>> ghost = GhostGrads(model)
+        >>> model(torch.randn(4, 3)).pow(2).mean().backward()
+        >>> [batch] = ghost.collect()
+        >>> vectors = torch.randn(2, batch.dim)
+        >>> dots, gram = batch.products(vectors)
+        >>> torch.allclose(dots, batch.dots(vectors)), torch.allclose(gram, batch.gram())
+        (True, True)
+        """
+        views = self.unflatten(self._float(vectors))
+        dots, gram = self._factors[0].dots(views), self._factors[0].gram()
+        for factor in self._factors[1:]:
+            dots, gram = dots + factor.dots(views), gram + factor.gram()
+        return dots * self.scale, gram * self.scale ** 2
+
     def add_weighted_(self, targets: Tensor, weights: Tensor | np.ndarray) -> None:
         """``targets[v] += sum_j weights[v, j] * g_j`` in place; ``targets`` is a float32 ``(N, d)``.
 

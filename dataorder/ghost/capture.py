@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dataorder.ghost.batch import GhostBatch
-from dataorder.ghost.errors import UnsupportedLayerError, check_no_batch_statistics
+from dataorder.ghost.errors import RepeatedBackwardError, UnsupportedLayerError, check_no_batch_statistics
 from dataorder.ghost.factors import DenseFactors, EmbeddingFactors, LinearFactors
 from dataorder.ghost.rules import fallback_rule, linear_rule, rule_for, saved_statistics
 from dataorder.ghost.sketch import SketchRows, Sketcher
@@ -129,7 +129,23 @@ class GhostGrads:
         return hook
 
     def _sketch_call(self, record: _Record, grad: Tensor) -> None:
-        """Add one module call's sketched per-example gradients to its forward's rows (in the backward)."""
+        """Add one module call's sketched per-example gradients to its forward's rows (in the backward).
+
+        The call's inputs are let go of here, when autograd lets go of its own saved copy: held
+        until the end of the backward, they would raise the step's peak memory, and on the CPU
+        every step would fault in fresh pages for it (about a fifth of a small CNN's step).
+        """
+        if record.inputs is None:
+            raise RepeatedBackwardError(
+                f"the output gradient of '{record.module_name}' arrived twice for one forward (a second backward "
+                "with retain_graph=True?): sketch=k sketches each forward once; run the forward again, or "
+                "use the exact path (sketch=None)")
+        try:
+            self._add_sketch(record, grad)
+        finally:
+            record.inputs = None
+
+    def _add_sketch(self, record: _Record, grad: Tensor) -> None:
         with torch.no_grad():
             rows = self._sketch_rows.get(record.forward)
             if rows is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["UnsupportedLayerError", "check_no_batch_statistics"]
+__all__ = ["RepeatedBackwardError", "UnsupportedLayerError", "check_no_batch_statistics"]
 
 
 class UnsupportedLayerError(ValueError):
@@ -19,6 +19,15 @@ class UnsupportedLayerError(ValueError):
     ... except UnsupportedLayerError as error:
     ...     print(str(error).split(":")[0])
     BatchNorm1d '1' uses batch statistics, which mix examples
+    """
+
+
+class RepeatedBackwardError(RuntimeError):
+    """A second backward through one forward's graph (``retain_graph=True``) on the sketched path.
+
+    ``GhostGrads(model, sketch=k)`` lets go of each layer's input as soon as that layer's
+    sketch is added (as autograd lets go of what it saved), so a layer's output gradient can
+    be sketched once per forward.
     """
 
 
