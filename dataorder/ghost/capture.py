@@ -132,8 +132,8 @@ class GhostGrads:
         """Add one module call's sketched per-example gradients to its forward's rows (in the backward).
 
         The call's inputs are let go of here, when autograd lets go of its own saved copy: held
-        until the end of the backward, they would raise the step's peak memory, and on the CPU
-        every step would fault in fresh pages for it (about a fifth of a small CNN's step).
+        until the end of the backward, they would raise the step's peak memory (and on the CPU,
+        with glibc's default malloc, have those pages faulted in afresh at every step).
         """
         if record.inputs is None:
             raise RepeatedBackwardError(
