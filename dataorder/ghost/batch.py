@@ -122,12 +122,9 @@ class GhostBatch:
     def products(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
         """``(dots(vectors), gram())`` -- what a balancing step asks first -- in one walk over the layers.
 
-        >>> from torch import nn
-        >>> from dataorder.ghost import GhostGrads
-        >>> model = nn.Linear(3, 2)
-        >>> ghost = GhostGrads(model)
-        >>> model(torch.randn(4, 3)).pow(2).mean().backward()
-        >>> [batch] = ghost.collect()
+        >>> from dataorder.ghost.factors import LinearFactors
+        >>> factors = LinearFactors("w", None, torch.randn(4, 1, 3), torch.randn(4, 1, 2), torch.Size([2, 3]))
+        >>> batch = GhostBatch([factors], ["w"], 4, {"w": torch.Size([2, 3])})
         >>> vectors = torch.randn(2, batch.dim)
         >>> dots, gram = batch.products(vectors)
         >>> torch.allclose(dots, batch.dots(vectors)), torch.allclose(gram, batch.gram())
