@@ -131,10 +131,9 @@ class GhostBatch:
         (True, True)
         """
         views = self.unflatten(self._float(vectors))
-        dots, gram = self._factors[0].dots(views), self._factors[0].gram()
-        for factor in self._factors[1:]:
-            dots, gram = dots + factor.dots(views), gram + factor.gram()
-        return dots * self.scale, gram * self.scale ** 2
+        per_layer = [(factor.dots(views), factor.gram()) for factor in self._factors]
+        return (sum(dots for dots, _ in per_layer) * self.scale,
+                sum(gram for _, gram in per_layer) * self.scale ** 2)
 
     def add_weighted_(self, targets: Tensor, weights: Tensor | np.ndarray) -> None:
         """``targets[v] += sum_j weights[v, j] * g_j`` in place; ``targets`` is a float32 ``(N, d)``.

@@ -266,8 +266,8 @@ class GhostRows:
         dense = ([self.mean[None]] if self.mean is not None else []) + [sums, self.prefix]
         vectors = _stack_rows([v.to(self.device, torch.float32) for v in dense if v.shape[0]])
         size, total = self.batch.batch_size, vectors.shape[0]
-        products, gram = self.batch.products(vectors)  # one walk over the layers
-        packed = torch.cat([products.reshape(-1), gram.reshape(-1),
+        batch_dots, batch_gram = self.batch.products(vectors)  # one walk over the layers
+        packed = torch.cat([batch_dots.reshape(-1), batch_gram.reshape(-1),
                             (vectors @ vectors.T).reshape(-1)]).to("cpu", torch.float64).numpy()  # one transfer
         dots = packed[:total * size].reshape(total, size)
         gram = packed[total * size:(total + size) * size].reshape(size, size)
