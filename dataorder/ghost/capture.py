@@ -137,9 +137,9 @@ class GhostGrads:
         """
         if record.inputs is None:
             raise RepeatedBackwardError(
-                f"the output gradient of '{record.module_name}' arrived twice for one forward (a second backward "
-                "with retain_graph=True?): sketch=k sketches each forward once; run the forward again, or "
-                "use the exact path (sketch=None)")
+                f"the output gradient of {type(record.module).__name__} '{record.module_name}' arrived twice for one "
+                "forward (a second backward with retain_graph=True?): sketch=k sketches each forward once; run the "
+                "forward again, or use the exact path (sketch=None)")
         try:
             self._add_sketch(record, grad)
         finally:

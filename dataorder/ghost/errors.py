@@ -27,7 +27,20 @@ class RepeatedBackwardError(RuntimeError):
 
     ``GhostGrads(model, sketch=k)`` lets go of each layer's input as soon as that layer's
     sketch is added (as autograd lets go of what it saved), so a layer's output gradient can
-    be sketched once per forward.
+    be sketched once per forward. The refused backward adds nothing: the first one's rows stay.
+
+    >>> import torch
+    >>> from dataorder.ghost import GhostGrads
+    >>> ghost = GhostGrads(nn.Linear(3, 2), sketch=4)
+    >>> loss = ghost.model(torch.randn(4, 3)).square().mean()
+    >>> loss.backward(retain_graph=True)
+    >>> try:
+    ...     loss.backward()
+    ... except RepeatedBackwardError as error:
+    ...     print(str(error).split(":")[0])
+    the output gradient of Linear '' arrived twice for one forward (a second backward with retain_graph=True?)
+    >>> [rows] = ghost.collect_sketch(); rows.shape
+    torch.Size([4, 8])
     """
 
 
