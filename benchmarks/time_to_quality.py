@@ -23,6 +23,7 @@ often); nothing is interpolated between evaluations.
 
     python benchmarks/time_to_quality.py [--workloads digits-logreg,stdlib-lm] [--seeds 3]
                                          [--orders rr,grab] [--quick] [--threads 1]
+                                         [--epochs N] [--evals-per-epoch N]
 """
 
 from __future__ import annotations
@@ -100,15 +101,18 @@ def main() -> None:
                         "rr is always run first, as the baseline)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help="override every workload's epochs")
+    parser.add_argument("--evals-per-epoch", type=int, default=None,
+                        help="override every workload's full-train evaluations per epoch")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: every workload on 64 examples, 1 seed, 1 epoch, rr and grab")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in names if w not in WORKLOADS]
-    if unknown or args.seeds < 1:
-        parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}" if unknown
-                     else "--seeds must be >= 1")
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    if args.seeds < 1 or (args.evals_per_epoch is not None and args.evals_per_epoch < 1):
+        parser.error("--seeds and --evals-per-epoch must be >= 1")
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
     print(f"machine: {machine()}")
@@ -119,8 +123,9 @@ def main() -> None:
         workload = WORKLOADS[name]
         if args.quick:
             workload = dataclasses.replace(workload, epochs=1, evals_per_epoch=2, orders=("rr", "grab"))
-        elif args.epochs is not None:
-            workload = dataclasses.replace(workload, epochs=args.epochs)
+        else:
+            overrides = {"epochs": args.epochs, "evals_per_epoch": args.evals_per_epoch}
+            workload = dataclasses.replace(workload, **{k: v for k, v in overrides.items() if v is not None})
         orders = list(workload.orders) if args.orders is None else [o.strip() for o in args.orders.split(",")]
         orders = ["rr"] + [o for o in orders if o != "rr"]
         split = workload.load()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dataorder._device import upload
 from dataorder.ghost.factors import WeightGroups
 
 __all__ = ["GhostBatch"]
@@ -152,7 +153,7 @@ class GhostBatch:
         pays = len(host) > 1 and any(f.groups_pay(len(host), len(host)) for f in self._factors)
         groups = WeightGroups.of(host, self.device, self.scale) if pays else None
         views = self.unflatten(targets)
-        scaled = self._float(torch.as_tensor(host)) * self.scale
+        scaled = upload(host, self.device, torch.float32) * self.scale
         for factor in self._factors:
             factor.add_weighted_(views, scaled, groups)
 

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from dataorder._device import upload
+
 __all__ = ["ConvFactors", "DenseFactors", "EmbeddingFactors", "LinearFactors", "WeightGroups", "prefer_dense",
            "prefer_dense_tables"]
 
@@ -118,8 +120,8 @@ class WeightGroups:
         order = np.lexsort(weights[::-1])  # columns sorted lexicographically, equal columns adjacent
         ordered = weights[:, order]
         starts = np.flatnonzero(np.r_[True, (ordered[:, 1:] != ordered[:, :-1]).any(axis=0)])
-        columns = torch.from_numpy(ordered[:, starts] * np.float32(scale)).to(device)
-        return cls(columns, torch.from_numpy(order).to(device), np.diff(np.r_[starts, len(order)]).tolist())
+        columns = upload(ordered[:, starts] * np.float32(scale), device, torch.float32)
+        return cls(columns, upload(order, device, torch.int64), np.diff(np.r_[starts, len(order)]).tolist())
 
 
 # -- per-example blocks: the dense form shared by every factor type ---------------------------

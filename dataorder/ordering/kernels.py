@@ -15,7 +15,8 @@ the same deterministic host recursion on every rank):
 2. host recursions on float64 scalars (numba) -- :func:`mean_balance_signs`,
    :func:`pair_balance_signs`, :func:`recursive_balance_signs`: the sequential sign choices,
    with the running sums updated implicitly through the Gram matrix;
-3. device update -- :func:`apply_signs`: ``S += W @ C`` in one matrix product;
+3. device update -- :func:`apply_signs`: ``S += W @ C`` in one matrix product, the weights
+   uploaded without blocking (so a step waits for the device once, in layer 1);
 
 plus the pure order bookkeeping :func:`reorder` and the offline herding order
 :func:`herding_order`. No layer issues device work per example.
@@ -27,7 +28,7 @@ run the same recursions fused over the rows themselves (one pass, dots in float6
 >>> import torch
 >>> rows = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
 >>> sums = torch.zeros(1, 2)
->>> products = balance_products(rows, sums)          # (1 + B, B) float64 on the host
+>>> products, _ = balance_products(rows, sums)       # (1 + B, B) float64 on the host
 >>> signs = mean_balance_signs(products[1:], products[0])
 >>> signs.tolist()
 [1, -1, 1, -1]
@@ -42,6 +43,8 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor
+
+from dataorder._device import download, upload
 
 __all__ = [
     "apply_signs",
@@ -60,20 +63,25 @@ __all__ = [
 
 
 # -- layer 1: device products ----------------------------------------------------------------
-def balance_products(rows: Tensor, sums: Tensor) -> np.ndarray:
-    """``[sums; rows] @ rows.T`` as a float64 host array of shape ``(N + B, B)``.
+def balance_products(rows: Tensor, sums: Tensor, watched: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``[sums; rows] @ rows.T`` as a float64 host array of shape ``(N + B, B)``, and the peaks of ``watched``.
 
     ``rows`` is ``(B, k)`` (the batch's centred vectors), ``sums`` is ``(N, k)`` (the running
     sums, ``N = 1`` for mean and pair balance). Row ``v < N`` holds ``⟨sums[v], rows[i]⟩``;
-    rows ``N:`` are the Gram matrix. The products cost ``O(B²k)`` on the device; the two
-    small results are joined there and cross to the host in **one** transfer (joining the
-    inputs instead would copy the ``B × k`` rows).
+    rows ``N:`` are the Gram matrix. The products cost ``O(B²k)`` on the device; the small
+    results are joined there and cross to the host in **one** transfer (joining the inputs
+    instead would copy the ``B × k`` rows). The peaks are each row's largest magnitude of
+    ``watched`` (``(M, k)``, by default ``sums``), from which the rules bound their update
+    without a second transfer.
 
-    >>> balance_products(torch.eye(2), torch.ones(1, 2)).tolist()
-    [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+    >>> products, peaks = balance_products(torch.eye(2), torch.ones(1, 2))
+    >>> products.tolist(), peaks.tolist()
+    ([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]], [1.0])
     """
+    watched = sums if watched is None else watched
     products = torch.cat([sums.to(rows.dtype) @ rows.T, rows @ rows.T])
-    return products.to("cpu").to(torch.float64).numpy()
+    packed = download(torch.cat([products.reshape(-1), watched.abs().amax(dim=1).to(rows.dtype)]))
+    return packed[:products.numel()].reshape(products.shape), packed[products.numel():]
 
 
 # -- layer 2: host recursions ----------------------------------------------------------------
@@ -208,15 +216,15 @@ def pair_row_weights(signs: np.ndarray, rows: int) -> np.ndarray:
 def apply_signs(sums: Tensor, rows: Tensor, weights: np.ndarray) -> None:
     """``sums += weights @ rows`` in place: one matrix product on the rows' device.
 
-    ``sums`` is ``(N, k)``, ``rows`` ``(B, k)``, ``weights`` ``(N, B)`` (signs or 0).
+    ``sums`` is ``(N, k)``, ``rows`` ``(B, k)``, ``weights`` ``(N, B)`` (signs or 0); the
+    weights are uploaded without waiting (:func:`dataorder._device.upload`).
 
     >>> sums = torch.zeros(1, 2)
     >>> apply_signs(sums, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), np.array([[1, -1]]))
     >>> sums.tolist()
     [[-2.0, -2.0]]
     """
-    matrix = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(device=rows.device, dtype=sums.dtype)
-    sums.addmm_(matrix, rows.to(sums.dtype))
+    sums.addmm_(upload(np.asarray(weights, dtype=np.float32), rows.device, sums.dtype), rows.to(sums.dtype))
 
 
 # -- fused host path (CPU rows) --------------------------------------------------------------

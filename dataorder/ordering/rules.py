@@ -17,6 +17,7 @@ The math is in :mod:`dataorder.ordering.kernels`; the rows come from
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,36 @@ def _finite_products(products: np.ndarray) -> np.ndarray:
 def _finite_tensor(*tensors: Tensor) -> None:
     # the largest magnitude is NaN or inf iff some entry is; one reduction, ~20x cheaper than isfinite().all()
     if not all(bool(torch.isfinite(t.abs().amax())) for t in tensors if t.numel()):
+        _refuse_non_finite()
+
+
+#: An update is refused once its bound passes this fraction of the dtype's largest value: the
+#: bound holds in exact arithmetic, and the device's rounding stays far inside the other half.
+_HEADROOM = 0.5
+
+
+def update_bound(peaks: np.ndarray, weights: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """A bound on every entry of ``targets[v] + weights[v] @ rows``, and of each of its partial sums.
+
+    ``peaks[v]`` is target ``v``'s largest magnitude and ``|row_j|`` the root of the Gram's
+    diagonal, so the bound ``peaks + |weights| @ |rows|`` comes from host scalars that the
+    products transfer already brought: checking an update needs no reduction on the device
+    and no second transfer.
+
+    >>> update_bound(np.array([1.0]), np.array([[1.0, -1.0]]), np.array([[9.0, 0.0], [0.0, 16.0]])).tolist()
+    [8.0]
+    """
+    return peaks + np.abs(weights) @ np.sqrt(gram.diagonal())
+
+
+@functools.cache
+def _largest_update(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max * _HEADROOM
+
+
+def _refuse_overflow(peaks: np.ndarray, weights: np.ndarray, gram: np.ndarray, dtype: torch.dtype) -> None:
+    """Refuse an update unless :func:`update_bound` keeps it within half the dtype's range."""
+    if not (update_bound(peaks, weights, gram) <= _largest_update(dtype)).all():  # NaN fails too
         _refuse_non_finite()
 
 
@@ -141,17 +172,22 @@ class MeanRule:
             buckets = tree_buckets(paths)
         else:  # products on the rows' device, one transfer, signs on the host, one weighted update
             centred = rows.centred(acc[0])
-            products = _finite_products(centred.products(acc[1:-1]))
+            products, peaks = centred.products(acc[1:-1], watched=acc)
+            gram = _finite_products(products)[self.nodes:]
             if self.depth == 0:
-                signs = mean_balance_signs(products[self.nodes:], products[0])
+                signs = mean_balance_signs(gram, products[0])
                 weights, buckets = signs[None, :], (signs < 0)
             else:
-                paths, weights = recursive_balance_signs(products[self.nodes:], products[:self.nodes], self.depth)
+                paths, weights = recursive_balance_signs(gram, products[:self.nodes], self.depth)
                 buckets = tree_buckets(paths)
-            # the last row of weights adds the centred rows' plain sum into the next epoch's sum
-            centred.add_weighted_to(acc[1:], np.vstack([weights, np.ones((1, size))]))
-            acc[-1].add_(acc[0], alpha=size)  # sum of g = sum of (g - mean) + size * mean
-            _finite_tensor(acc)  # the fused kernel checks its own outputs
+            # the last row of weights adds the centred rows' plain sum into the next epoch's sum,
+            # and the next sum gets size * mean as well: sum of g = sum of (g - mean) + size * mean
+            weights = np.vstack([weights, np.ones((1, size))])
+            targets = peaks[1:]
+            targets[-1] += size * peaks[0]  # the mean's part, bounded before the rows' part is
+            _refuse_overflow(targets, weights, gram, acc.dtype)
+            centred.add_weighted_to(acc[1:], weights)
+            acc[-1].add_(acc[0], alpha=size)
         return Plan(np.asarray(buckets, dtype=np.int16), 0, {"acc": acc})
 
     def commit(self, plan: Plan, start: int = 0) -> None:
@@ -230,16 +266,18 @@ class PairRule:
             signs, ok = pair_balance_rows(pending.to(dense.dtype).numpy(), dense.numpy(), sums[0].numpy())
             if not ok:
                 _refuse_non_finite()
-            tail = dense[size - total % 2:].clone()  # the last row, if left unpaired
-        else:
+            # an unpaired last row is checked here, before it is kept; the kernel checked the sums
+            tail = dense[size - total % 2:].clone().to(sums.dtype)
+            _finite_tensor(tail)
+        else:  # a finite Gram means finite rows, the unpaired last one included
             joined = rows.prepend(pending) if carried else rows
-            products = _finite_products(joined.products(sums))
-            signs = pair_balance_signs(products[1:], products[0])
-            joined.add_weighted_to(sums, pair_row_weights(signs, total)[None, :])
-            tail = joined.tail(2 * (total // 2))
-        tail = tail.to(sums.dtype)
-        # an unpaired last row is checked here, before it is kept; the fused kernel checked its sums
-        _finite_tensor(*((tail,) if dense is not None else (sums, tail)))
+            products, peaks = joined.products(sums)
+            gram = _finite_products(products)[1:]
+            signs = pair_balance_signs(gram, products[0])
+            weights = pair_row_weights(signs, total)[None, :]
+            _refuse_overflow(peaks, weights, gram, sums.dtype)
+            joined.add_weighted_to(sums, weights)
+            tail = joined.tail(2 * (total // 2)).to(sums.dtype)
         return Plan(_pair_buckets(signs, total), carried, {"sums": sums, "pending": tail})
 
     def commit(self, plan: Plan, start: int = 0) -> None:

@@ -1,7 +1,8 @@
 """Where a step's rows come from: dense rows, the exact ghost path, the sketched ghost path.
 
 The rules of :mod:`dataorder.ordering.rules` ask four things of a batch of vectors ``c_j``:
-``[S; C] @ C.T`` (the products with the running sums and the Gram, one host transfer),
+``[S; C] @ C.T`` (the products with the running sums and the Gram, one host transfer, with
+the largest magnitude of each row of the rule's tensors, to bound their update),
 ``T += W @ C`` into a few flat vectors at once, centring by a mean, and (for pair balance)
 a dense copy of a trailing row and a dense row put in front. :class:`DenseRows` does these
 on a ``(B, k)`` tensor with the kernels of :mod:`dataorder.ordering.kernels`;
@@ -14,8 +15,9 @@ products) and :class:`SketchSource` (hooks, per-layer sketched rows, balanced as
 
 >>> import torch
 >>> rows = DenseRows(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
->>> rows.products(torch.zeros(1, 2)).tolist()
-[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+>>> products, peaks = rows.products(torch.zeros(1, 2))
+>>> products.tolist(), peaks.tolist()
+([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.0])
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dataorder._device import download, upload
 from dataorder.distributed import gather_global_batch, gather_global_batches
 from dataorder.ordering.kernels import apply_signs, balance_products
 
@@ -209,8 +212,9 @@ class DenseRows:
         """The rows as a contiguous CPU tensor, for the fused one-pass kernels (None off the CPU)."""
         return self.rows.contiguous() if self.rows.device.type == "cpu" else None
 
-    def products(self, sums: Tensor) -> np.ndarray:
-        return balance_products(self.rows, sums)
+    def products(self, sums: Tensor, watched: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``[sums; rows] @ rows.T`` on the host, and each row's peak of ``watched`` (one transfer)."""
+        return balance_products(self.rows, sums, watched)
 
     def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
         """``targets += weights @ rows`` in place (``targets`` ``(N, k)``, ``weights`` ``(N, B)``)."""
@@ -260,18 +264,20 @@ class GhostRows:
     def dtype(self) -> torch.dtype:
         return torch.float32  # ghost products are formed in float32 whatever the model's dtype
 
-    def products(self, sums: Tensor) -> np.ndarray:
+    def products(self, sums: Tensor, watched: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`DenseRows.products`, from the factors: ``[sums; rows] @ rows.T`` and the peaks of ``watched``."""
         # device: the products of every dense vector (mean, sums, prefix) with the ghost rows and
         # with each other, and the Gram; host (float64): centring and assembly, on small arrays
         dense = ([self.mean[None]] if self.mean is not None else []) + [sums, self.prefix]
         vectors = _stack_rows([v.to(self.device, torch.float32) for v in dense if v.shape[0]])
         size, total = self.batch.batch_size, vectors.shape[0]
         batch_dots, batch_gram = self.batch.products(vectors)  # one walk over the layers
-        packed = torch.cat([batch_dots.reshape(-1), batch_gram.reshape(-1),
-                            (vectors @ vectors.T).reshape(-1)]).to("cpu", torch.float64).numpy()  # one transfer
+        peaks = (sums if watched is None else watched).abs().amax(dim=1).to(self.device, torch.float32)
+        packed = download(torch.cat([batch_dots.reshape(-1), batch_gram.reshape(-1),
+                                     (vectors @ vectors.T).reshape(-1), peaks]))  # one transfer
         dots = packed[:total * size].reshape(total, size)
         gram = packed[total * size:(total + size) * size].reshape(size, size)
-        pairs = packed[(total + size) * size:].reshape(total, total)
+        pairs = packed[(total + size) * size:(total + size) * size + total * total].reshape(total, total)
         if self.mean is not None:  # <v, g - m> = <v, g> - <v, m>; <g_i - m, g_j - m> likewise
             with_mean = dots[0]
             gram = gram - with_mean[:, None] - with_mean[None, :] + pairs[0, 0]
@@ -281,21 +287,19 @@ class GhostRows:
         out[:count, :width], out[:count, width:] = pairs[:count, count:], dots[:count]
         out[count:count + width, :width], out[count:count + width, width:] = pairs[count:, count:], dots[count:]
         out[count + width:, :width], out[count + width:, width:] = dots[count:].T, gram
-        return out
+        return out, packed[len(packed) - len(peaks):]
 
     def add_weighted_to(self, targets: Tensor, weights: np.ndarray) -> None:
         """``targets += weights @ rows`` in place, without forming the rows (``targets`` float32)."""
         weights = np.asarray(weights, dtype=np.float32)
         width = self.prefix.shape[0]
         self.batch.add_weighted_(targets, weights[:, width:])  # uploads the ghost rows' weights once
-
-        def upload(host: np.ndarray) -> Tensor:
-            return torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
-
         if width:
-            targets.addmm_(upload(weights[:, :width]), self.prefix.to(self.device, torch.float32))
+            targets.addmm_(upload(weights[:, :width], self.device, torch.float32),
+                           self.prefix.to(self.device, torch.float32))
         if self.mean is not None:  # each row's weight sum, taken on the host
-            targets.addr_(upload(weights[:, width:].sum(1)), self.mean.to(self.device, torch.float32), alpha=-1.0)
+            targets.addr_(upload(weights[:, width:].sum(1), self.device, torch.float32),
+                          self.mean.to(self.device, torch.float32), alpha=-1.0)
 
     def centred(self, mean: Tensor) -> GhostRows:
         if self.mean is not None or self.prefix.shape[0]:

@@ -59,7 +59,7 @@ def batched_mean(rows, s, batch):
     sums, signs = torch.from_numpy(s[None].copy()), []
     for start in range(0, len(rows), batch):
         chunk = torch.from_numpy(rows[start:start + batch])
-        products = balance_products(chunk, sums)
+        products, _ = balance_products(chunk, sums)
         step = mean_balance_signs(products[1:], products[0])
         apply_signs(sums, chunk, step[None])
         signs.append(step)
@@ -118,12 +118,15 @@ def test_recursive_depth_zero_is_mean_balance(rows):
     np.testing.assert_array_equal(paths[:, 0], mean_balance_signs(rows @ rows.T, rows @ s0))
 
 
-def test_balance_products_is_one_matrix_of_sum_dots_and_gram():
+def test_balance_products_is_one_matrix_of_sum_dots_and_gram_with_the_watched_peaks():
     rows, sums = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    products = balance_products(rows, sums)
+    products, peaks = balance_products(rows, sums)
     assert products.dtype == np.float64 and products.shape == (7, 5)
     np.testing.assert_allclose(products[:2], (sums @ rows.T).numpy())
     np.testing.assert_allclose(products[2:], (rows @ rows.T).numpy())
+    np.testing.assert_array_equal(peaks, sums.abs().amax(dim=1).numpy())
+    watched = torch.tensor([[1.0, -4.0, 2.0], [0.5, 0.0, -0.25], [3.0, 3.0, 3.0]], dtype=torch.float64)
+    assert balance_products(rows, sums, watched)[1].tolist() == [4.0, 0.5, 3.0]
 
 
 def test_apply_signs_accumulates_in_the_sums_dtype():

@@ -209,3 +209,32 @@ def test_attach_checks_the_sketch_argument():
     if not _has_sketch():
         with pytest.raises(NotImplementedError, match="collect_sketch"):
             GraBSampler(4).attach(nn.Linear(2, 2), sketch=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sketch", [None, 4])
+@pytest.mark.parametrize("balance", ["mean", "pair", "recursive"])
+def test_a_cuda_step_synchronises_once_the_products_download(balance, sketch):
+    """On CUDA a step waits for the device once (the products come to the host); the signs go
+    back without blocking (dataorder._device.upload). Counted by torch's sync debug mode."""
+    make_model, make_x = MODELS["transformer"]
+    torch.manual_seed(0)
+    model = make_model().cuda()
+    x, y = make_x(torch.Generator().manual_seed(0), 40).cuda(), torch.randint(0, 3, (40,)).cuda()
+    sampler = GraBSampler(40, balance=balance).attach(model, sketch=sketch)
+    sampler.set_epoch(0)
+    per_step = []
+    for step, index in enumerate(torch.from_numpy(sampler.global_order()).split(5)):
+        index = index.cuda()
+        nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sampler.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        model.zero_grad(set_to_none=True)
+        if step:  # the first step moves the sketch's projections to the device once
+            per_step.append(sum("synchronizing" in str(w.message) for w in caught))
+    assert per_step == [1] * len(per_step)

@@ -32,7 +32,12 @@ def test_ghost_rows_match_dense_rows(centre, prefix_rows):
         ghost, dense = ghost.prepend(prefix), dense.prepend(prefix)
     assert ghost.shape == dense.shape
     sums = torch.randn(3, d, generator=generator)
-    np.testing.assert_allclose(ghost.products(sums), dense.products(sums), rtol=1e-4, atol=1e-4)
+    (ghost_products, ghost_peaks), (dense_products, dense_peaks) = ghost.products(sums), dense.products(sums)
+    np.testing.assert_allclose(ghost_products, dense_products, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(ghost_peaks, sums.abs().amax(dim=1).double().numpy())
+    np.testing.assert_array_equal(dense_peaks, ghost_peaks)
+    watched = torch.randn(5, d, generator=generator)
+    np.testing.assert_array_equal(ghost.products(sums, watched)[1], watched.abs().amax(dim=1).double().numpy())
     weights = np.sign(np.random.default_rng(0).standard_normal((3, dense.shape[0])))
     ghost_sums, dense_sums = sums.clone(), sums.clone()
     ghost.add_weighted_to(ghost_sums, weights)

@@ -1,12 +1,13 @@
 """A step completes with finite state or raises and changes nothing; a load refuses any state
 ``state_dict()`` could not have produced, names the field, and changes nothing (issue 13)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from dataorder.ordering import GraBSampler, HerdingSampler
-from dataorder.ordering.rules import NonFiniteError
+from dataorder.ordering.rules import NonFiniteError, update_bound
 from dataorder.ordering.sources import UnsupportedDeviceError
 from dataorder.samplers import StateError, StateTypeError
 
@@ -68,6 +69,38 @@ def test_pair_differences_that_overflow_are_refused(fused):
     sampler = stepped("pair", fused, steps=2)  # 6 rows stepped: nothing pending
     rows = torch.tensor([[3e38, 0.0, 0.0, 0.0], [-3e38, 0.0, 0.0, 0.0]])  # the difference is inf in float32
     assert_step_refused(sampler, rows, NonFiniteError)
+
+
+def test_the_update_bound_is_never_below_an_entry_of_the_update_or_its_partial_sums():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        batch, width, count = rng.integers(1, 9), rng.integers(1, 6), rng.integers(1, 4)
+        scale = 10.0 ** rng.integers(-3, 30)
+        rows = rng.standard_normal((batch, width)) * scale
+        targets = rng.standard_normal((count, width)) * scale
+        weights = rng.choice([-1.0, 0.0, 1.0], size=(count, batch))
+        bound = update_bound(np.abs(targets).max(axis=1), weights, rows @ rows.T)
+        partial = targets.copy()
+        for j in rng.permutation(batch):  # any order of accumulation passes through such partial sums
+            partial += weights[:, j:j + 1] * rows[j]
+            assert (np.abs(partial).max(axis=1) <= bound * (1 + 1e-12)).all(), trial
+
+
+@pytest.mark.parametrize("balance", ["mean", "pair"])
+def test_the_gram_path_refuses_sums_within_half_of_float32s_range_and_accepts_below(balance):
+    """The device path proves an update finite from host scalars (no second transfer): it keeps
+    a factor of two of headroom, so sums beyond half of float32's largest value are refused."""
+    for peak, refused in ((3e38, True), (1e38, False)):
+        sampler = stepped(balance, fused=False)
+        state = sampler.state_dict()
+        state["tensors"]["sums"][0, 0] = peak
+        sampler.load_state_dict(state)
+        rows = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+        if refused:
+            assert_step_refused(sampler, rows, NonFiniteError, match="overflow")
+        else:
+            sampler.step(rows)
+            assert torch.isfinite(sampler.state_dict()["tensors"]["sums"]).all()
 
 
 @pytest.mark.parametrize("balance", ["mean", "pair", "recursive", "herding"])
