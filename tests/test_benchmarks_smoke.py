@@ -38,6 +38,14 @@ def test_grab_overhead_large_models_run_small() -> None:
 
 
 @pytest.mark.slow
+def test_sketch_overhead_quick_runs_the_gpu_rows_models_small() -> None:
+    out = run_quick("sketch_overhead.py", "--large", "--only", "LM-768", "ResNet-18", timeout=180)
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["LM-768"], ["ResNet-18"])]
+    steps = [(row[0], " ".join(row[3:5] if row[4] in ("ghost", "k=16") else row[3:4])) for row in rows]
+    assert steps == [(model, step) for model in ("LM-768", "ResNet-18") for step in ("plain", "exact ghost", "sketch k=16")]
+    assert all(row[-1] == "-" for row in rows)  # no CUDA here: no synchronisations to count
+
+
 def test_grab_overhead_grouping_table() -> None:
     out = run_quick("grab_overhead.py", "--only", "ghost", "--grouping", "--grouping-batch", "32", timeout=120)
     rows = [line for line in out.splitlines() if line.strip().startswith("MLP 512-1024-1024-10")]
