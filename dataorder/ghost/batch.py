@@ -66,7 +66,8 @@ class GhostBatch:
 
     def select(self, rows: Tensor | list[int]) -> GhostBatch:
         """The factors of a subset of the batch's examples (e.g. one example, to materialise it)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        rows = rows.to(self.device, torch.long) if isinstance(rows, Tensor) else \
+            upload(np.asarray(rows, dtype=np.int64), self.device, torch.long)  # without blocking on CUDA
         return GhostBatch([f.select(rows) for f in self._factors], self.names, len(rows), self.shapes, self.scale)
 
     def gathered(self, gather_many: Callable[[list[Tensor]], list[Tensor]], copies: int) -> GhostBatch:
