@@ -271,7 +271,26 @@ def test_group_norm_rule_gives_the_same_gradients_with_and_without_the_saved_sta
     for got in (fused.grads, recomputed.grads):
         assert torch.allclose(got["w"], (normalized * delta).sum(dim=(2, 3)), atol=1e-4)
         assert torch.allclose(got["b"], delta.sum(dim=(2, 3)), atol=1e-5)
-    assert saved_statistics(nn.LayerNorm(4), nn.LayerNorm(4)(torch.randn(2, 4))) == ()
+    assert saved_statistics(nn.GroupNorm(3, 6), x) == ()  # no norm's node behind it: recomputed
+
+
+@pytest.mark.parametrize("normalized_shape", [(6,), (3, 6)])
+def test_layer_norm_rule_gives_the_same_gradients_with_and_without_the_saved_statistics(normalized_shape):
+    from dataorder.ghost.rules import norm_rule, saved_statistics
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(normalized_shape)
+    x = torch.randn(4, 5, 3, 6) * 3 + 2
+    out = norm(x)
+    delta = torch.randn_like(out)
+    names = {"weight": "w", "bias": "b"}
+    saved = saved_statistics(norm, out)
+    assert [tuple(t.shape) for t in saved] == [(4, 5, 3, 1) if len(normalized_shape) == 1 else (4, 5, 1, 1)] * 2
+    reduce = tuple(range(1, x.dim() - len(normalized_shape)))
+    normalized = nn.functional.layer_norm(x, normalized_shape, None, None, norm.eps)
+    for got in (norm_rule(norm, names, (x, *saved), delta).grads, norm_rule(norm, names, (x,), delta).grads):
+        assert torch.allclose(got["w"], (normalized * delta).sum(dim=reduce), atol=1e-4)
+        assert torch.allclose(got["b"], delta.sum(dim=reduce), atol=1e-5)
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (1, 2)),
