@@ -25,6 +25,17 @@ def machine() -> str:
 STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "1000000000", "MALLOC_MMAP_THRESHOLD_": "1000000000"}
 
 
+def device_name(text: str) -> str:
+    """An argparse ``type`` for ``--device``: ``text`` if torch knows the device, else a one-line usage error."""
+    import argparse
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N") from None
+    return text
+
+
 def use_allocator(kind: str) -> str:
     """``"default"``: glibc malloc as it is; ``"steady"``: restart this script under :data:`STEADY_MALLOC`.
 

@@ -49,7 +49,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from _common import best_of, machine, print_table
+from _common import best_of, device_name, machine, print_table
 from ghost_models import BlockStack, ResNet18GN, TinyLM, lm_loss
 from dataorder.grads import PerExampleGrads
 from dataorder.models import LeNet, mlp
@@ -398,7 +398,7 @@ def interleaved(variants: dict, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--device", default="cpu", type=device_name, help="cpu | cuda")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="training steps per timed run")
     parser.add_argument("--repeats", type=int, default=5)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from _common import machine, print_table, use_allocator
+from _common import device_name, machine, print_table, use_allocator
 from ghost_models import ResNet18GN, SmallResNetGN, TinyLM, lm_loss
 from dataorder.models import LeNet, mlp
 from dataorder.ordering import GraBSampler
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(TARGETS), help=f"models ({', '.join(LARGE)} need --large)")
     parser.add_argument("--allocator", choices=("default", "steady"), default="default",
                         help="steady: rerun with glibc malloc keeping freed memory (no page faults per step)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--device", default="cpu", type=device_name, help="cpu | cuda")
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
                         help="add the GPT-2-small-width LM and the ResNet-18-size CNN (default: on with cuda)")
     parser.add_argument("--quick", action="store_true",

@@ -46,6 +46,14 @@ def test_sketch_overhead_quick_runs_the_gpu_rows_models_small() -> None:
     assert all(row[-1] == "-" for row in rows)  # no CUDA here: no synchronisations to count
 
 
+@pytest.mark.parametrize("script", ["sketch_overhead.py", "grab_overhead.py"])
+def test_an_unknown_device_is_a_one_line_usage_error(script) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--device", "gpu0"], cwd=BENCHMARKS,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("unknown device 'gpu0': use cpu, cuda or cuda:N")
+
+
 def test_grab_overhead_grouping_table() -> None:
     out = run_quick("grab_overhead.py", "--only", "ghost", "--grouping", "--grouping-batch", "32", timeout=120)
     rows = [line for line in out.splitlines() if line.strip().startswith("MLP 512-1024-1024-10")]
