@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -27,8 +28,6 @@ STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "1000000000", "MALLOC_MMAP_THRESHOLD_
 
 def device_name(text: str) -> str:
     """An argparse ``type`` for ``--device``: ``text`` if torch knows the device, else a one-line usage error."""
-    import argparse
-
     try:
         torch.device(text)
     except RuntimeError:

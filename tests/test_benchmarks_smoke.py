@@ -42,7 +42,8 @@ def test_sketch_overhead_quick_runs_the_gpu_rows_models_small() -> None:
     out = run_quick("sketch_overhead.py", "--large", "--only", "LM-768", "ResNet-18", timeout=180)
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["LM-768"], ["ResNet-18"])]
     steps = [(row[0], " ".join(row[3:5] if row[4] in ("ghost", "k=16") else row[3:4])) for row in rows]
-    assert steps == [(model, step) for model in ("LM-768", "ResNet-18") for step in ("plain", "exact ghost", "sketch k=16")]
+    assert steps == [(model, step) for model in ("LM-768", "ResNet-18")
+                     for step in ("plain", "exact ghost", "sketch k=16")]
     assert all(row[-1] == "-" for row in rows)  # no CUDA here: no synchronisations to count
 
 

@@ -267,7 +267,7 @@ class PairRule:
             if not ok:
                 _refuse_non_finite()
             # an unpaired last row is checked here, before it is kept; the kernel checked the sums
-            tail = dense[size - total % 2:].clone().to(sums.dtype)
+            tail = dense[size - total % 2:].to(sums.dtype, copy=True)
             _finite_tensor(tail)
         else:  # a finite Gram means finite rows, the unpaired last one included
             joined = rows.prepend(pending) if carried else rows
