@@ -22,13 +22,17 @@ one ``sampler.step()`` with torch's sync debug mode (target: 1, the products' do
 default settings each step faults in fresh pages for its large tensors, a cost that moves by
 ±20 % between processes and hides the arithmetic being compared (both rows are in RESULTS.md).
 
+``--plain-projections`` adds each ``k`` with float32 products and plain convolutions as the
+sketch's projections (the arithmetic before :mod:`dataorder.ghost.projections`), same run.
+
     python benchmarks/sketch_overhead.py [--ks 8 16] [--threads 1] [--steps 5] [--repeats 7] [--only LM]
-        [--allocator steady] [--device cuda] [--large] [--quick]
+        [--allocator steady] [--device cuda] [--large] [--quick] [--plain-projections]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -40,6 +44,7 @@ from torch import nn
 
 from _common import device_name, machine, print_table, use_allocator
 from ghost_models import ResNet18GN, SmallResNetGN, TinyLM, lm_loss
+from dataorder.ghost import projections
 from dataorder.models import LeNet, mlp
 from dataorder.ordering import GraBSampler
 
@@ -71,11 +76,15 @@ def workloads(seq_batch: int, large: bool, quick: bool = False) -> dict[str, tup
 
 
 def timed_variants(model: nn.Module, batch: tuple, loss_fn: Callable, ks: list[int], steps: int,
-                   positions: int, device: torch.device) -> dict[str, Callable]:
-    """name -> a callable running ``steps`` training steps (synchronised on CUDA); each has ``.syncs()``."""
+                   positions: int, device: torch.device, plain_projections: bool = False) -> dict[str, Callable]:
+    """name -> a callable running ``steps`` training steps (synchronised on CUDA); each has ``.syncs()``.
+
+    ``plain_projections`` adds each ``k`` with float32 products and plain convolutions as the
+    sketch's projections (:mod:`dataorder.ghost.projections` off), to show what they save.
+    """
     x, y = (t.to(device) for t in batch)
 
-    def variant(sketch: int | None, attach: bool) -> Callable:
+    def variant(sketch: int | None, attach: bool, plain: bool = False) -> Callable:
         net = copy.deepcopy(model).to(device)  # same weights; hooks on one copy never touch another
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
         sampler = GraBSampler(positions, balance="mean").attach(net, sketch=sketch) if attach else None
@@ -102,11 +111,28 @@ def timed_variants(model: nn.Module, batch: tuple, loss_fn: Callable, ks: list[i
         run.syncs = lambda: one_step(count_syncs=True) if device.type == "cuda" else None
         if sampler is not None:
             sampler.set_epoch(0)
+        if plain:  # the maps are made at the first step, with the settings of that moment
+            with plain_maps():
+                one_step()
         return run
 
     out = {"plain": variant(None, False), "exact ghost": variant(None, True)}
-    out.update({f"sketch k={k}": variant(k, True) for k in ks})
+    for k in ks:
+        out[f"sketch k={k}"] = variant(k, True)
+        if plain_projections:
+            out[f"sketch k={k}, float32 maps"] = variant(k, True, plain=True)
     return out
+
+
+@contextlib.contextmanager
+def plain_maps():
+    """Float32 products and plain convolutions for the maps made inside (the fast forms off)."""
+    saved = projections.PROJECTION_DTYPE, projections.SHIFTED_MAX_WIDTH
+    projections.PROJECTION_DTYPE, projections.SHIFTED_MAX_WIDTH = torch.float32, 0
+    try:
+        yield
+    finally:
+        projections.PROJECTION_DTYPE, projections.SHIFTED_MAX_WIDTH = saved
 
 
 def synchronisations(call: Callable[[], None]) -> int:
@@ -147,6 +173,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", type=device_name, help="cpu | cuda")
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=None,
                         help="add the GPT-2-small-width LM and the ResNet-18-size CNN (default: on with cuda)")
+    parser.add_argument("--plain-projections", action="store_true",
+                        help="also time each k with float32 products and plain convolutions as projections")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 step, 1 round, k=16, the --large models at d64 / width 8")
     args = parser.parse_args()
@@ -166,7 +194,8 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         positions = len(batch[0]) * args.steps * (args.repeats + 4)
-        variants = timed_variants(model, batch, loss_fn, args.ks, args.steps, positions, device)
+        variants = timed_variants(model, batch, loss_fn, args.ks, args.steps, positions, device,
+                                  args.plain_projections)
         times = interleaved(variants, args.repeats)
         base = times["plain"]
         d = sum(p.numel() for p in model.parameters())

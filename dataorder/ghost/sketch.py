@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors, LinearFactors
+from dataorder.ghost.projections import PatchMap, RowMap
 from dataorder.ghost.tied import TiedFactors
 
 __all__ = ["DENSE_SIDE_MAX", "GROUPED_CONV_COST", "Projection", "SketchRows", "Sketcher", "block_is_cheaper", "projection",
@@ -197,8 +198,8 @@ class _LinearPlan:
     weight_columns: slice | None
     bias_columns: slice | None
     block: bool  # materialise the per-example weight gradients, then project them
-    rows: Tensor | None  # (k_out, O) output-side matrix
-    cols: Tensor | None  # (k_in, I) input-side matrix
+    rows: RowMap | None  # (k_out, O) output-side map
+    cols: RowMap | None  # (k_in, I) input-side map
     out_width: int
     in_width: int
     bias_map: Tensor | None  # (k², O) when a long bias is projected
@@ -256,6 +257,7 @@ class Sketcher:
         self._plans: dict[tuple, tuple] = {}  # (name, shape, rows per example, device, conv) -> how to sketch it
         self._layouts: dict[tuple, tuple[dict[str, slice], int]] = {}
         self._linear_plans: dict[tuple, _LinearPlan] = {}  # (layout, weight, bias, rows per example, device)
+        self._fast_maps: dict[tuple, tuple] = {}  # (name, shape, device, geometry) -> the maps' fast forms
 
     def project(self, name: str, shape: tuple, axis: str, device: torch.device) -> Projection:
         key = (name, tuple(shape), axis, device)
@@ -333,8 +335,8 @@ class Sketcher:
                 per_example = d[:, :, None] * a[:, None, :] if single else torch.bmm(d.transpose(1, 2), a)
                 slot.add_(self.block(weight, tuple(weight_shape), per_example.reshape(batch, -1)))
             else:
-                out_side = d if plan.rows is None else F.linear(d, plan.rows)
-                in_side = a if plan.cols is None else F.linear(a, plan.cols)
+                out_side = d if plan.rows is None else plan.rows.right(d)
+                in_side = a if plan.cols is None else plan.cols.right(a)
                 matrices = slot.view(batch, plan.out_width, plan.in_width)
                 if single:
                     matrices.addcmul_(out_side[:, :, None], in_side[:, None, :])
@@ -355,7 +357,7 @@ class Sketcher:
             form, row_map, col_map = self._weight_plan(weight, shape, steps, device, False)
             block = form == "block"
             if form != "exact":
-                rows, cols = row_map.matrix, col_map.matrix
+                rows, cols = (None if m.matrix is None else RowMap.of(m.matrix) for m in (row_map, col_map))
                 out_width, in_width = row_map.width, col_map.width
                 if (not row_map.identity and rows is None) or (not col_map.identity and cols is None):
                     block = True  # a CountSketch side (longer than DENSE_SIDE_MAX): materialise, then project
@@ -396,9 +398,10 @@ class Sketcher:
     def _conv_weight(self, factor: ConvFactors, shape: tuple) -> Tensor:
         """``sum_l (R_out δ_l)(R_in p_l)^T`` with channels-first tensors throughout (no transposed copies).
 
-        The projected patches ``R_in p_l`` are a convolution of the input with ``k_in``
-        output channels whose kernel is ``R_in``; the projected output gradient is one
-        ``(k_out, O) @ (O, L)`` product per example.
+        The projected patches ``R_in p_l`` come from the input without forming the patches
+        (:class:`~dataorder.ghost.projections.PatchMap`: a convolution with ``k_in`` output
+        channels whose kernel is ``R_in``, or shifted products); the projected output
+        gradient is one ``(k_out, O) @ (O, L)`` product per example.
         """
         form, rows, cols = self._weight_plan(factor.weight, shape, factor.d.shape[1], factor.d.device, True)
         if form == "exact":
@@ -406,15 +409,22 @@ class Sketcher:
         if form == "block":
             return self.block(factor.weight, shape, factor._weight_block())
         batch = len(factor.x)
+        row_map, patch_map = self._conv_maps(factor, shape, rows, cols)
         delta = factor.delta.flatten(2)  # (B, O, L)
-        out_side = delta if rows.identity else torch.matmul(rows.dense(), delta)  # (B, ko, L)
-        if cols.identity:
-            in_side = factor.a.transpose(1, 2)  # (B, I, L) patches
-        else:
-            kernel, dilation, padding, stride = factor.geometry
-            weight = cols.dense().reshape(cols.width, factor.x.shape[1], *kernel)
-            in_side = F.conv2d(factor.x, weight, stride=stride, padding=padding, dilation=dilation).flatten(2)
+        out_side = delta if row_map is None else row_map.left(delta)  # (B, ko, L)
+        in_side = factor.a.transpose(1, 2) if patch_map is None else patch_map(factor.x)  # (B, ki, L)
         return torch.bmm(out_side, in_side.transpose(1, 2)).reshape(batch, -1)
+
+    def _conv_maps(self, factor: ConvFactors, shape: tuple, rows: Projection,
+                   cols: Projection) -> tuple[RowMap | None, PatchMap | None]:
+        key = (factor.weight, shape, factor.x.device, factor.geometry)
+        maps = self._fast_maps.get(key)
+        if maps is None:
+            row_map = None if rows.identity else RowMap.of(rows.dense())
+            kernel = None if cols.identity else cols.dense().reshape(cols.width, factor.x.shape[1],
+                                                                     *factor.geometry[0])
+            maps = self._fast_maps[key] = (row_map, None if kernel is None else PatchMap.of(kernel, factor.geometry))
+        return maps
 
     def _embedding(self, factor: EmbeddingFactors, shape: tuple) -> Tensor:
         batch, device = len(factor.idx), factor.d.device
@@ -422,7 +432,14 @@ class Sketcher:
             return factor.blocks()[factor.weight]
         rows, cols = self.project(factor.weight, shape, "rows", device), self.project(factor.weight, shape, "cols", device)
         hashed = rows.columns(factor.idx)  # (B, T, kr): R e_token
-        return torch.bmm(hashed.transpose(1, 2), cols.apply(factor.d)).reshape(batch, -1)
+        if cols.matrix is None:
+            projected = cols.apply(factor.d)
+        else:
+            key = (factor.weight, shape, device, None)
+            if key not in self._fast_maps:
+                self._fast_maps[key] = (RowMap.of(cols.matrix), None)
+            projected = self._fast_maps[key][0].right(factor.d)
+        return torch.bmm(hashed.transpose(1, 2), projected).reshape(batch, -1)
 
 
 def _batch_of(factor) -> int:
