@@ -18,7 +18,8 @@ inner products) as dense rows, at the cost of projecting the factors
 
 The package is split by job: :mod:`~dataorder.ghost.factors` holds the per-layer kernels,
 :mod:`~dataorder.ghost.rules` the per-module rules that build them (and
-:func:`register_ghost_rule`), :mod:`~dataorder.ghost.sketch` the sketches,
+:func:`register_ghost_rule`), :mod:`~dataorder.ghost.sketch` the sketches and
+:mod:`~dataorder.ghost.projections` the arithmetic of their projections,
 :mod:`~dataorder.ghost.batch` the batch the kernels answer for, :mod:`~dataorder.ghost.capture`
 the hooks.
 

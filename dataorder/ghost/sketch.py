@@ -18,7 +18,9 @@ Each projection is a pure function of ``(seed, parameter name, shape, axis)``
 state. A side longer than :data:`DENSE_SIDE_MAX` uses a CountSketch (a seeded hash and sign
 per coordinate, O(n) memory) instead of a Gaussian matrix -- a vocabulary, for instance.
 The input side of an embedding is then the hash of the token id (a CountSketch of the
-one-hot row); of a convolution, a convolution with ``k_in`` output channels.
+one-hot row); of a convolution, a convolution with ``k_in`` output channels. The dense maps'
+products run in :mod:`dataorder.ghost.projections` (bfloat16 on a CPU with native bf16, a
+convolution's input as shifted products).
 
 A tied parameter's sketch is the sum of the sketches of its uses, made with the same maps
 (the map depends on the parameter, not on the module): exact in expectation.
