@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["LOW_PRECISION_MIN_CHANNELS", "LOW_PRECISION_MIN_CONV_MACS", "LOW_PRECISION_MIN_MACS", "PROJECTION_DTYPE", "PatchMap", "RowMap",
-           "SHIFTED_MAX_WIDTH", "low_precision_dtype"]
+__all__ = ["LOW_PRECISION_MIN_CHANNELS", "LOW_PRECISION_MIN_CONV_MACS", "LOW_PRECISION_MIN_MACS", "PROJECTION_DTYPE",
+           "PatchMap", "RowMap", "SHIFTED_MAX_WIDTH", "low_precision_dtype"]
 
 #: The dtype projections run in: ``None`` picks bfloat16 on a CPU with native bf16 dot products
 #: and float32 elsewhere; ``torch.float32`` or ``torch.bfloat16`` force one. Read when a layer's

@@ -259,7 +259,8 @@ class Sketcher:
         self._plans: dict[tuple, tuple] = {}  # (name, shape, rows per example, device, conv) -> how to sketch it
         self._layouts: dict[tuple, tuple[dict[str, slice], int]] = {}
         self._linear_plans: dict[tuple, _LinearPlan] = {}  # (layout, weight, bias, rows per example, device)
-        self._fast_maps: dict[tuple, tuple] = {}  # (name, shape, device, geometry) -> the maps' fast forms
+        self._row_maps: dict[tuple, RowMap] = {}  # (name, shape, axis, device) -> a dense map's fast forms
+        self._patch_maps: dict[tuple, PatchMap] = {}  # (name, shape, device, geometry) -> a convolution's input side
 
     def project(self, name: str, shape: tuple, axis: str, device: torch.device) -> Projection:
         key = (name, tuple(shape), axis, device)
@@ -411,22 +412,25 @@ class Sketcher:
         if form == "block":
             return self.block(factor.weight, shape, factor._weight_block())
         batch = len(factor.x)
-        row_map, patch_map = self._conv_maps(factor, shape, rows, cols)
         delta = factor.delta.flatten(2)  # (B, O, L)
-        out_side = delta if row_map is None else row_map.left(delta)  # (B, ko, L)
-        in_side = factor.a.transpose(1, 2) if patch_map is None else patch_map(factor.x)  # (B, ki, L)
-        return torch.bmm(out_side, in_side.transpose(1, 2)).reshape(batch, -1)
+        out_side = delta  # (B, ko, L)
+        if not rows.identity:
+            out_side = self._fast_rows((factor.weight, shape, "rows", delta.device), rows.dense()).left(delta)
+        in_side = factor.a.transpose(1, 2) if cols.identity else self._patches(factor, shape, cols)(factor.x)
+        return torch.bmm(out_side, in_side.transpose(1, 2)).reshape(batch, -1)  # in_side: (B, ki, L)
 
-    def _conv_maps(self, factor: ConvFactors, shape: tuple, rows: Projection,
-                   cols: Projection) -> tuple[RowMap | None, PatchMap | None]:
+    def _fast_rows(self, key: tuple, matrix: Tensor) -> RowMap:
+        """``matrix`` with its fast forms (a :class:`~dataorder.ghost.projections.RowMap`), made once per key."""
+        if key not in self._row_maps:
+            self._row_maps[key] = RowMap.of(matrix)
+        return self._row_maps[key]
+
+    def _patches(self, factor: ConvFactors, shape: tuple, cols: Projection) -> PatchMap:
         key = (factor.weight, shape, factor.x.device, factor.geometry)
-        maps = self._fast_maps.get(key)
-        if maps is None:
-            row_map = None if rows.identity else RowMap.of(rows.dense())
-            kernel = None if cols.identity else cols.dense().reshape(cols.width, factor.x.shape[1],
-                                                                     *factor.geometry[0])
-            maps = self._fast_maps[key] = (row_map, None if kernel is None else PatchMap.of(kernel, factor.geometry))
-        return maps
+        if key not in self._patch_maps:
+            kernel = cols.dense().reshape(cols.width, factor.x.shape[1], *factor.geometry[0])
+            self._patch_maps[key] = PatchMap.of(kernel, factor.geometry)
+        return self._patch_maps[key]
 
     def _embedding(self, factor: EmbeddingFactors, shape: tuple) -> Tensor:
         batch, device = len(factor.idx), factor.d.device
@@ -434,13 +438,10 @@ class Sketcher:
             return factor.blocks()[factor.weight]
         rows, cols = self.project(factor.weight, shape, "rows", device), self.project(factor.weight, shape, "cols", device)
         hashed = rows.columns(factor.idx)  # (B, T, kr): R e_token
-        if cols.matrix is None:
+        if cols.matrix is None:  # a CountSketch (or the identity)
             projected = cols.apply(factor.d)
         else:
-            key = (factor.weight, shape, device, None)
-            if key not in self._fast_maps:
-                self._fast_maps[key] = (RowMap.of(cols.matrix), None)
-            projected = self._fast_maps[key][0].right(factor.d)
+            projected = self._fast_rows((factor.weight, shape, "cols", device), cols.matrix).right(factor.d)
         return torch.bmm(hashed.transpose(1, 2), projected).reshape(batch, -1)
 
 
