@@ -25,3 +25,17 @@ def ghost_form(request, monkeypatch):
     if request.param == "factored":
         monkeypatch.setattr(factors, "GROUPED_MIN_SAVING", -(2 ** 62))
     return request.param
+
+
+
+@pytest.fixture
+def force_projections(monkeypatch):
+    """``force_projections(dtype)``: every sketch projection in ``dtype``, whatever its size
+    (bfloat16 is emulated on a CPU without it)."""
+    from dataorder.ghost import projections
+
+    def force(dtype):
+        monkeypatch.setattr(projections, "PROJECTION_DTYPE", dtype)
+        monkeypatch.setattr(projections, "LOW_PRECISION_MIN_MACS", 0)
+        monkeypatch.setattr(projections, "LOW_PRECISION_MIN_CONV_MACS", 0)
+    return force

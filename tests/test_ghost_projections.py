@@ -6,14 +6,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from dataorder.ghost import GhostGrads, projections
+from dataorder.ordering import GraBSampler
 
 
 @pytest.fixture
-def bf16(monkeypatch):
-    """bfloat16 for every projection, whatever the size and the CPU (emulated where not native)."""
-    monkeypatch.setattr(projections, "PROJECTION_DTYPE", torch.bfloat16)
-    monkeypatch.setattr(projections, "LOW_PRECISION_MIN_MACS", 0)
-    monkeypatch.setattr(projections, "LOW_PRECISION_MIN_CONV_MACS", 0)
+def bf16(force_projections):
+    force_projections(torch.bfloat16)
 
 
 GEOMETRIES = [  # kernel, dilation, padding, stride; input (C, H, W)
@@ -85,6 +83,17 @@ def test_float32_and_an_unknown_dtype(monkeypatch):
         projections.low_precision_dtype(torch.device("cpu"))
 
 
+def test_a_bad_dtype_is_refused_at_attach_and_leaves_no_hooks(monkeypatch):
+    monkeypatch.setattr(projections, "PROJECTION_DTYPE", "bf16")
+    model = nn.Linear(3, 2)
+    sampler = GraBSampler(4)
+    with pytest.raises(ValueError, match="PROJECTION_DTYPE must be None"):
+        sampler.attach(model, sketch=2)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    with pytest.raises(ValueError, match="needs sampler.attach"):
+        sampler.step()  # nothing was attached
+
+
 def test_auto_keeps_float32_off_the_cpu():
     assert projections.low_precision_dtype(torch.device("meta")) is None
 
@@ -116,12 +125,10 @@ def sketch_rows(k, seed=0):
     return rows
 
 
-def test_bf16_sketch_rows_are_deterministic_and_near_the_float32_ones(monkeypatch):
+def test_bf16_sketch_rows_are_deterministic_and_near_the_float32_ones(monkeypatch, force_projections):
     monkeypatch.setattr(projections, "PROJECTION_DTYPE", torch.float32)
     reference = sketch_rows(4)
-    monkeypatch.setattr(projections, "PROJECTION_DTYPE", torch.bfloat16)
-    monkeypatch.setattr(projections, "LOW_PRECISION_MIN_MACS", 0)
-    monkeypatch.setattr(projections, "LOW_PRECISION_MIN_CONV_MACS", 0)
+    force_projections(torch.bfloat16)
     first, again = sketch_rows(4), sketch_rows(4)
     assert torch.equal(first, again)
     assert not torch.equal(first, reference)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dataorder.ghost import GhostGrads, UnsupportedLayerError, register_ghost_rule
-from dataorder.ghost import projections, rules, sketch
+from dataorder.ghost import rules, sketch
 from dataorder.ghost.factors import DenseFactors
 from dataorder.ordering import GraBSampler
 from reference_grads import per_example_grads
@@ -87,19 +87,12 @@ def sketch_rows(model, x, y, k, seed):
     return rows.double()
 
 
-def use_projections(monkeypatch, dtype):
-    """Projections in ``dtype`` at every size (bfloat16 is emulated on a CPU without it)."""
-    monkeypatch.setattr(projections, "PROJECTION_DTYPE", dtype)
-    monkeypatch.setattr(projections, "LOW_PRECISION_MIN_MACS", 0)
-    monkeypatch.setattr(projections, "LOW_PRECISION_MIN_CONV_MACS", 0)
-
-
 @pytest.mark.parametrize("side_max, dtype", [(4096, torch.float32), (4096, torch.bfloat16), (4, torch.float32)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sketched_inner_products_are_unbiased(case, side_max, dtype, monkeypatch):
+def test_sketched_inner_products_are_unbiased(case, side_max, dtype, monkeypatch, force_projections):
     """Gaussian maps in float32 and in bfloat16 products; CountSketch maps (hashes) for every long side."""
     monkeypatch.setattr(sketch, "DENSE_SIDE_MAX", side_max)
-    use_projections(monkeypatch, dtype)
+    force_projections(dtype)
     model, x, y = build(case)
     reference = reference_of(case).double()
     exact = reference @ reference.T
@@ -125,8 +118,8 @@ def test_sketched_inner_products_are_unbiased(case, side_max, dtype, monkeypatch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_k_covering_every_side_gives_the_exact_rows(case, dtype, monkeypatch):
-    use_projections(monkeypatch, dtype)  # a side kept exact is never projected: no rounding reaches it
+def test_k_covering_every_side_gives_the_exact_rows(case, dtype, force_projections):
+    force_projections(dtype)  # a side kept exact is never projected: no rounding reaches it
     model, x, y = build(case)
     reference = reference_of(case)
     rows = sketch_rows(model, x, y, 64, seed=5).float()
@@ -290,8 +283,8 @@ def test_argument_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sketched_grab_resumes_bit_exact_mid_epoch(dtype, monkeypatch):
-    use_projections(monkeypatch, dtype)
+def test_sketched_grab_resumes_bit_exact_mid_epoch(dtype, force_projections):
+    force_projections(dtype)
     n, batch = 24, 4
     torch.manual_seed(0)
     x, y = torch.randn(n, 12), torch.randint(0, 3, (n,))

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors, LinearFactors
-from dataorder.ghost.projections import PatchMap, RowMap
+from dataorder.ghost.projections import PatchMap, RowMap, low_precision_dtype
 from dataorder.ghost.tied import TiedFactors
 
 __all__ = ["DENSE_SIDE_MAX", "GROUPED_CONV_COST", "Projection", "SketchRows", "Sketcher", "block_is_cheaper", "projection",
@@ -254,6 +254,7 @@ class Sketcher:
     """
 
     def __init__(self, k: int, seed: int = 0) -> None:
+        low_precision_dtype(torch.device("cpu"))  # a bad PROJECTION_DTYPE fails here, not inside a backward
         self.k, self.seed = int(k), int(seed)
         self._cache: dict[tuple, Projection] = {}
         self._plans: dict[tuple, tuple] = {}  # (name, shape, rows per example, device, conv) -> how to sketch it
@@ -360,7 +361,8 @@ class Sketcher:
             form, row_map, col_map = self._weight_plan(weight, shape, steps, device, False)
             block = form == "block"
             if form != "exact":
-                rows, cols = (None if m.matrix is None else RowMap.of(m.matrix) for m in (row_map, col_map))
+                rows, cols = (None if m.matrix is None else self._fast_rows((weight, shape, axis, device), m.matrix)
+                              for m, axis in ((row_map, "rows"), (col_map, "cols")))
                 out_width, in_width = row_map.width, col_map.width
                 if (not row_map.identity and rows is None) or (not col_map.identity and cols is None):
                     block = True  # a CountSketch side (longer than DENSE_SIDE_MAX): materialise, then project
