@@ -141,10 +141,11 @@ class PatchMap:
     @classmethod
     def of(cls, kernel: Tensor, geometry: tuple) -> PatchMap:
         width, channels, kh, kw = kernel.shape
-        low = low_precision_dtype(kernel.device) if channels >= LOW_PRECISION_MIN_CHANNELS else None
-        shifted = (kernel.device.type == "cpu" and tuple(geometry[3]) == (1, 1) and width <= SHIFTED_MAX_WIDTH
-                   and channels >= LOW_PRECISION_MIN_CHANNELS)  # on a GPU one convolution beats kh·kw launches
-        if shifted:
+        if channels < LOW_PRECISION_MIN_CHANNELS:  # few channels: the plain float32 convolution is fastest
+            return cls(kernel, geometry)
+        low = low_precision_dtype(kernel.device)
+        # on a GPU one convolution beats kh·kw launches
+        if kernel.device.type == "cpu" and tuple(geometry[3]) == (1, 1) and width <= SHIFTED_MAX_WIDTH:
             stacked = kernel.permute(2, 3, 0, 1).reshape(kh * kw * width, channels).contiguous()
             return cls(kernel, geometry, RowMap(stacked, None if low is None else stacked.to(low)))
         return cls(kernel, geometry, None, None if low is None else kernel.to(low))

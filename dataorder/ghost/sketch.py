@@ -361,7 +361,7 @@ class Sketcher:
             form, row_map, col_map = self._weight_plan(weight, shape, steps, device, False)
             block = form == "block"
             if form != "exact":
-                rows, cols = (None if m.matrix is None else self._fast_rows((weight, shape, axis, device), m.matrix)
+                rows, cols = (None if m.matrix is None else self._fast_rows((weight, shape, axis, device), m)
                               for m, axis in ((row_map, "rows"), (col_map, "cols")))
                 out_width, in_width = row_map.width, col_map.width
                 if (not row_map.identity and rows is None) or (not col_map.identity and cols is None):
@@ -417,14 +417,14 @@ class Sketcher:
         delta = factor.delta.flatten(2)  # (B, O, L)
         out_side = delta  # (B, ko, L)
         if not rows.identity:
-            out_side = self._fast_rows((factor.weight, shape, "rows", delta.device), rows.dense()).left(delta)
+            out_side = self._fast_rows((factor.weight, shape, "rows", delta.device), rows).left(delta)
         in_side = factor.a.transpose(1, 2) if cols.identity else self._patches(factor, shape, cols)(factor.x)
         return torch.bmm(out_side, in_side.transpose(1, 2)).reshape(batch, -1)  # in_side: (B, ki, L)
 
-    def _fast_rows(self, key: tuple, matrix: Tensor) -> RowMap:
-        """``matrix`` with its fast forms (a :class:`~dataorder.ghost.projections.RowMap`), made once per key."""
+    def _fast_rows(self, key: tuple, projection: Projection) -> RowMap:
+        """``projection``'s matrix with its fast forms (a :class:`~dataorder.ghost.projections.RowMap`), made once."""
         if key not in self._row_maps:
-            self._row_maps[key] = RowMap.of(matrix)
+            self._row_maps[key] = RowMap.of(projection.dense())
         return self._row_maps[key]
 
     def _patches(self, factor: ConvFactors, shape: tuple, cols: Projection) -> PatchMap:
@@ -443,7 +443,7 @@ class Sketcher:
         if cols.matrix is None:  # a CountSketch (or the identity)
             projected = cols.apply(factor.d)
         else:
-            projected = self._fast_rows((factor.weight, shape, "cols", device), cols.matrix).right(factor.d)
+            projected = self._fast_rows((factor.weight, shape, "cols", device), cols).right(factor.d)
         return torch.bmm(hashed.transpose(1, 2), projected).reshape(batch, -1)
 
 
