@@ -91,6 +91,10 @@ class RowMap:
     ``right(x)`` maps the last dim (``(..., size) -> (..., width)``), ``left(x)`` the middle
     one (``(B, size, L) -> (B, width, L)``); each runs in the low dtype when the product is
     large enough (:data:`LOW_PRECISION_MIN_MACS`) and returns float32.
+
+    >>> rows = RowMap.of(torch.randn(4, 10))
+    >>> rows.right(torch.randn(3, 10)).shape, rows.left(torch.randn(2, 10, 5)).shape
+    (torch.Size([3, 4]), torch.Size([2, 4, 5]))
     """
 
     matrix: Tensor
