@@ -84,10 +84,12 @@ class GhostGrads:
         self._sketch_rows: dict[int, SketchRows] = {}  # forward -> its sketch rows, filled during the backward
         self._batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self._handles = [model.register_forward_pre_hook(self._count_forward, with_kwargs=True)]
+        self.hooked: list[nn.Module] = []  # the modules whose calls are captured
         for module_name, module in model.named_modules():
             names = owners.get(module_name, {})
             if names:
                 self._handles.append(module.register_forward_hook(self._make_hook(module_name, names)))
+                self.hooked.append(module)
         uses = [full for names in owners.values() for full in names.values()]
         self.tied = {name for name in uses if uses.count(name) > 1}  # used by several modules
 

@@ -12,6 +12,7 @@ picks the rule (:mod:`dataorder.ordering.rules`) and the source of the rows
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sized
 from typing import Any
 
@@ -121,6 +122,10 @@ class GraBSampler(GradientOrderSampler):
         Under ``torch.distributed`` (e.g. ``model`` wrapped in DDP) each ``step()`` all-gathers
         what the layers captured and balances the global batch on every rank (CD-GraB).
 
+        A model balances for one sampler at a time: attaching a second sampler to it (say, a
+        notebook cell run again) removes the first one's hooks, with a warning, and that
+        sampler's ``step()`` then raises ``ValueError``.
+
         Example::
 
             >>> from torch import nn
@@ -141,11 +146,20 @@ class GraBSampler(GradientOrderSampler):
                              f"got {sketch!r}")
         source = GhostSource(model, params) if sketch is None else SketchSource(model, params, int(sketch), self.seed)
         self.detach()
+        if source.claim():
+            warnings.warn("GraBSampler.attach: the model was attached to another GraBSampler, whose hooks are now "
+                          "removed (a model balances for one sampler at a time; that sampler's step() now raises)",
+                          stacklevel=2)
+        source.release_with(self)
         self._source = source
         return self
 
     def detach(self) -> None:
-        """Remove the hooks that :meth:`attach` registered (a no-op if none)."""
+        """Remove the hooks that :meth:`attach` registered (a no-op if none).
+
+        They are removed as well when the sampler is garbage-collected, or when another
+        sampler attaches to the same model (a model balances for one sampler at a time).
+        """
         if getattr(self, "_source", None) is not None:
             self._source.remove()
         self._source = None

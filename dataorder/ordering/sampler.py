@@ -182,6 +182,10 @@ class GradientOrderSampler(IndexSampler):
         if self._source is None:
             raise ValueError("step() with no gradients needs sampler.attach(model) first; or pass "
                              "per-example gradients, e.g. sampler.step(PerExampleGrads(model, loss_fn)(x, y).grads)")
+        if self._source.displaced:
+            raise ValueError("this sampler's hooks were removed when another GraBSampler attached to the same model "
+                             "(a model balances for one sampler at a time): call attach(model) again to balance "
+                             "with this sampler")
         batches = self._source.collect()
         if not batches:
             raise ValueError("no backward pass since the last step(): call loss.backward() before sampler.step()")

@@ -22,6 +22,7 @@ products) and :class:`SketchSource` (hooks, per-layer sketched rows, balanced as
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,8 +34,8 @@ from dataorder._device import download, upload
 from dataorder.distributed import gather_global_batch, gather_global_batches
 from dataorder.ordering.kernels import apply_signs, balance_products
 
-__all__ = ["DenseRows", "GhostRows", "GhostSource", "SketchSource", "UnsupportedDeviceError", "check_device",
-           "dense_rows", "grads_width"]
+__all__ = ["DenseRows", "GhostRows", "GhostSource", "HookSource", "SketchSource", "UnsupportedDeviceError",
+           "check_device", "dense_rows", "grads_width"]
 
 
 class UnsupportedDeviceError(ValueError):
@@ -107,7 +108,63 @@ def dense_rows(grads: Any, dim: int | None, dtype: torch.dtype | None) -> Tensor
     return grads.detach().to(dtype)
 
 
-class GhostSource:
+#: The hook source each hooked module is attached to (both held weakly): see :meth:`HookSource.claim`.
+_HOLDERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+class HookSource:
+    """What the hook sources share: a :class:`~dataorder.ghost.GhostGrads`' hooks, held by one sampler.
+
+    Every live source captures every backward through the modules it hooks, so a model
+    balances for one sampler at a time: :meth:`claim` takes the hooked modules over from any
+    other live source (whose hooks are removed and which is marked ``displaced``), and
+    :meth:`release_with` removes the hooks when the owning sampler is garbage-collected.
+    Without these, a sampler attached again in a notebook would leave the old one's hooks
+    capturing (and, on the exact path, keeping) every batch for good.
+
+    Example::
+
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2)
+        >>> first, second = GhostSource(model), GhostSource(model)
+        >>> first.claim(), second.claim() == [first], first.displaced
+        ([], True, True)
+        >>> second.remove()
+    """
+
+    def __init__(self, ghost: Any) -> None:
+        self.ghost = ghost
+        self.displaced = False  # another source claimed the modules: its owner must attach again
+        self.removed = False
+        self._release: weakref.finalize | None = None
+
+    def claim(self) -> list[HookSource]:
+        """Become the source of the hooked modules; the other live sources there are removed and returned."""
+        displaced: list[HookSource] = []
+        for module in self.ghost.hooked:
+            holder = _HOLDERS.get(module)
+            other = holder() if holder is not None else None
+            if other is not None and other is not self and not other.removed and all(o is not other for o in displaced):
+                displaced.append(other)
+            _HOLDERS[module] = weakref.ref(self)
+        for other in displaced:
+            other.remove()
+            other.displaced = True
+        return displaced
+
+    def release_with(self, owner: object) -> None:
+        """Remove the hooks when ``owner`` is garbage-collected (if :meth:`remove` has not run by then)."""
+        self._release = weakref.finalize(owner, self.ghost.remove)
+
+    def remove(self) -> None:
+        self.removed = True
+        if self._release is not None:
+            self._release()  # runs ghost.remove() once: not again when the owner is collected
+        else:
+            self.ghost.remove()
+
+
+class GhostSource(HookSource):
     """Rows from hooks: each backward since the last step becomes one :class:`GhostRows` (exact products).
 
     Example::
@@ -124,7 +181,7 @@ class GhostSource:
     def __init__(self, model: torch.nn.Module, params: Any = None) -> None:
         from dataorder.ghost import GhostGrads
 
-        self.ghost = GhostGrads(model, params=params)
+        super().__init__(GhostGrads(model, params=params))
 
     def collect(self) -> list[GhostRows]:
         """One rows object per micro-batch captured since the last call, in order."""
@@ -134,31 +191,34 @@ class GhostSource:
         """The global batch of each micro-batch: every layer's captured factors all-gathered (CD-GraB)."""
         return [GhostRows(rows.batch.gathered(gather_global_batches, world)) for rows in batches]
 
-    def remove(self) -> None:
-        self.ghost.remove()
 
-
-class SketchSource:
+class SketchSource(HookSource):
     """Rows from hooks as per-layer Kronecker sketches (at most ``sketch²`` values per weight), balanced densely.
 
     The sketch is a pure function of ``seed`` and each parameter's name and shape, so every
     rank (and every resumed run) draws the same one; under ``torch.distributed`` the dense
     sketch rows are all-gathered like ``step(grads)``'s.
+
+    Example::
+
+        >>> from torch import nn
+        >>> source = SketchSource(nn.Linear(30, 20), None, sketch=4, seed=0)
+        >>> source.ghost.model(torch.randn(5, 30)).pow(2).mean().backward()
+        >>> [rows] = source.collect(); rows.shape       # 4 × 4 weight values, 20 bias values projected to 16
+        (5, 32)
+        >>> source.remove()
     """
 
     def __init__(self, model: torch.nn.Module, params: Any, sketch: int, seed: int) -> None:
         from dataorder.ghost import GhostGrads
 
-        self.ghost = GhostGrads(model, params=params, sketch=sketch, seed=seed)
+        super().__init__(GhostGrads(model, params=params, sketch=sketch, seed=seed))
 
     def collect(self) -> list[DenseRows]:
         return [DenseRows(block.detach().float()) for block in self.ghost.collect_sketch()]
 
     def globalise(self, batches: list[DenseRows], world: int) -> list[DenseRows]:
         return [DenseRows(gather_global_batch(rows.rows)) for rows in batches]
-
-    def remove(self) -> None:
-        self.ghost.remove()
 
 
 def _stack_rows(blocks: list[Tensor]) -> Tensor:

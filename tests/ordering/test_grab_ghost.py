@@ -1,6 +1,7 @@
 """GraB's ghost path (attach + step()) equals the materialised path (step(grads))."""
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -209,6 +210,79 @@ def test_attach_checks_the_sketch_argument():
     if not _has_sketch():
         with pytest.raises(NotImplementedError, match="collect_sketch"):
             GraBSampler(4).attach(nn.Linear(2, 2), sketch=4)
+
+
+def _forward_hooks(model):
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def _train_steps(model, sampler, steps=2, batch=4):
+    sampler.set_epoch(0)
+    indices = iter(sampler)
+    for _ in range(steps):
+        idx = torch.tensor([next(indices) for _ in range(batch)])
+        x, y = torch.randn(batch, 6, generator=torch.Generator().manual_seed(int(idx[0]))), idx % 3
+        nn.functional.cross_entropy(model(x), y).backward()
+        sampler.step()
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_a_second_sampler_on_one_model_takes_it_over_and_the_first_one_says_so(sketch):
+    """A cell run again: the old sampler's hooks must not keep capturing (and holding) every batch."""
+    model = MODELS["linear"][0]()                          # two Linear layers: two forward hooks per sampler
+    old = GraBSampler(16, seed=1).attach(model, sketch=sketch)
+    with pytest.warns(UserWarning, match="attached to another GraBSampler, whose hooks are now removed"):
+        new = GraBSampler(16, seed=1).attach(model, sketch=sketch)
+    assert _forward_hooks(model) == 2 and len(model._forward_pre_hooks) == 1
+    _train_steps(model, new)
+    assert old._source.ghost._records == [] and old._source.ghost._sketch_rows == {}   # nothing captured
+    with pytest.raises(ValueError, match=r"^this sampler's hooks were removed when another GraBSampler attached"):
+        old.step()
+    old.detach()                                           # a no-op now, without error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # attaching the same sampler again is no takeover
+        new.attach(model, sketch=sketch)
+    assert _forward_hooks(model) == 2
+    _train_steps(model, new)
+
+
+def test_a_wrapper_and_its_inner_module_are_one_model():
+    """DDP-style aliasing: a sampler on the wrapper and one on the wrapped module hook the same layers."""
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    inner = MODELS["linear"][0]()
+    first = GraBSampler(16).attach(Wrapper(inner))
+    with pytest.warns(UserWarning, match="attached to another GraBSampler"):
+        GraBSampler(16).attach(inner)
+    assert first._source.displaced
+
+
+def test_samplers_on_disjoint_parameters_do_not_displace_each_other():
+    model = MODELS["linear"][0]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = GraBSampler(16).attach(model, params=["0.weight", "0.bias"])
+        second = GraBSampler(16).attach(model, params=["2.weight", "2.bias"])
+    assert not first._source.displaced and not second._source.displaced
+
+
+def test_a_collected_sampler_takes_its_hooks_with_it():
+    model = MODELS["linear"][0]()
+    GraBSampler(16).attach(model, sketch=4)                # never kept: collected at once
+    gc.collect()
+    assert _forward_hooks(model) == 0 and not model._forward_pre_hooks
+    kept = GraBSampler(16).attach(model)
+    gc.collect()
+    assert _forward_hooks(model) > 0
+    kept.detach()
+    assert _forward_hooks(model) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
