@@ -144,6 +144,7 @@ class GraBSampler(GradientOrderSampler):
         if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, numbers.Integral) or sketch < 1):
             raise ValueError(f"sketch must be None (exact) or a positive int k (at most k*k values per weight), "
                              f"got {sketch!r}")
+        self._check_rows_sketch(None if sketch is None else int(sketch))
         source = GhostSource(model, params) if sketch is None else SketchSource(model, params, int(sketch), self.seed)
         self.detach()
         if source.claim():

@@ -82,6 +82,7 @@ class GradientOrderSampler(IndexSampler):
         self._dtype: torch.dtype | None = None  # accumulation dtype: float32, or float64
         self._sketch = None
         self._source = None  # where step() with no argument takes its rows (see GraBSampler.attach)
+        self._rows_sketch: int | None = None  # the attach(sketch=k) the running sums' rows came from (None: exact)
         self._awaiting: list[tuple[int, dict]] = []  # states taken ahead of step(): (position they await, state)
         self._order_tensor: Tensor | None = None  # this epoch's order as saved (cached: it is fixed per epoch)
 
@@ -176,7 +177,7 @@ class GradientOrderSampler(IndexSampler):
         rows = DenseRows(rows)
         if world > 1 or global_batch:
             rows = rows.head(self._global_length() - self._visited)  # drop the padding's duplicates
-        self._advance([rows], dim)
+        self._advance([rows], dim, rows_sketch=None)
 
     def _step_source(self) -> None:
         if self._source is None:
@@ -200,9 +201,16 @@ class GradientOrderSampler(IndexSampler):
                 position += rows.shape[0]
                 cut.append(rows)
             batches = [rows for rows in cut if rows.shape[0]] or cut[:1]
-        self._advance(batches, batches[0].shape[1])
+        self._advance(batches, batches[0].shape[1], rows_sketch=self._source.sketch)
 
-    def _advance(self, batches: list, dim: int) -> None:
+    def _check_rows_sketch(self, rows_sketch: int | None) -> None:
+        """Refuse rows of another space than the running sums': ``attach(model, sketch=k)`` rows
+        (``rows_sketch=k``) and exact rows (``None``: ``step(grads)`` or ``attach(model)``) never mix."""
+        if self._dim is not None and rows_sketch != self._rows_sketch:
+            raise ValueError(f"this sampler's running sums were balanced on {_rows_space(self._rows_sketch)}, so it "
+                             f"cannot balance {_rows_space(rows_sketch)}: keep to the first, or start a fresh sampler")
+
+    def _advance(self, batches: list, dim: int, rows_sketch: int | None) -> None:
         """Balance ``batches`` (one per micro-batch, in order) as consecutive positions: all or none."""
         start = self._visited
         total = sum(rows.shape[0] for rows in batches)
@@ -213,6 +221,7 @@ class GradientOrderSampler(IndexSampler):
                 f"remain ({start} stepped of {self._global_length()}); feed each batch once, in loader order, "
                 "and call set_epoch at the start of each epoch"
             )
+        self._check_rows_sketch(rows_sketch)
         if self._dim is not None and dim != self._dim:
             raise ValueError(f"this step's gradients have d={dim} but earlier steps had d={self._dim}; feed the "
                              "same parameters every step")
@@ -234,7 +243,7 @@ class GradientOrderSampler(IndexSampler):
             self._buckets[first:start + total] = saved
             self._visited = start
             raise
-        self._dim = dim
+        self._dim, self._rows_sketch = dim, rows_sketch
         self._dtype = self._dtype or batches[0].dtype
         if self._awaiting:
             self._complete_awaiting()
@@ -299,6 +308,7 @@ class GradientOrderSampler(IndexSampler):
             "visited": visited,
             "buckets": torch.from_numpy(self._buckets[:visited].copy()),
             "dim": self._dim,
+            "ghost_sketch": self._rows_sketch,
             "dtype": None if self._dtype is None else str(self._dtype).removeprefix("torch."),
             **self._settings(),
         }
@@ -312,6 +322,7 @@ class GradientOrderSampler(IndexSampler):
             reader.same(key, value)
         sketch_dim = self._saved_sketch_dim(reader)
         dim = None if reader.field("dim") is None else reader.int("dim", low=1)
+        self._check_saved_rows_sketch(reader, dim)
         if reader.field("dtype") is not None and reader.str("dtype") not in ("float32", "float64"):
             raise StateError(f"state's dtype={state['dtype']!r} is not None, 'float32' or 'float64'; the state is corrupt")
         visited = reader.int("visited", high=self._global_length())
@@ -333,6 +344,15 @@ class GradientOrderSampler(IndexSampler):
         width = None if dim is None else (sketch_dim or dim)
         self.rule.check_state(state, width, visited)
 
+    def _check_saved_rows_sketch(self, reader: StateReader, dim: int | None) -> None:
+        """The state's ``ghost_sketch`` must fit its steps and the source this sampler is attached to."""
+        saved = None if reader.field("ghost_sketch") is None else reader.int("ghost_sketch", low=1)
+        if saved is not None and dim is None:
+            raise StateError("state has a ghost_sketch but no balanced steps (dim); the state is corrupt")
+        if dim is not None and self._source is not None and saved != self._source.sketch:
+            raise StateError(f"state's running sums were balanced on {_rows_space(saved)} but this sampler is "
+                             f"attached for {_rows_space(self._source.sketch)}: attach it as the saved run was")
+
     def _saved_sketch_dim(self, reader: StateReader) -> int | None:
         """The state's sketch width: this sampler's, or one a sampler built with ``sketch_dim=None`` chose
         at its first distributed step (``sketch_auto``), which such a sampler adopts."""
@@ -348,6 +368,7 @@ class GradientOrderSampler(IndexSampler):
         if state["sketch_auto"] and self._sketch_auto:
             self.sketch_dim = int(state["sketch_dim"])
         self._dim = None if state["dim"] is None else int(state["dim"])
+        self._rows_sketch = None if state["ghost_sketch"] is None else int(state["ghost_sketch"])
         self._dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
         order = state["order"]
         self._order = self._first_order(int(state["epoch"])) if order is None else order.cpu().numpy().astype(np.int64)
@@ -373,6 +394,13 @@ class GradientOrderSampler(IndexSampler):
                 f"step() (position {self.position} yielded, {self._visited} stepped): the next step() balances "
                 f"position {self._visited}; take states after step() for a loader that resumes where it had yielded",
                 stacklevel=2)
+
+
+def _rows_space(rows_sketch: int | None) -> str:
+    """Words for the rows of ``attach(model, sketch=rows_sketch)`` (``None``: exact rows)."""
+    if rows_sketch is None:
+        return "exact rows (step(grads) or attach(model))"
+    return f"sketch={rows_sketch} rows (attach(model, sketch={rows_sketch}))"
 
 
 def _check_sketch_dim(sketch_dim: Any) -> int | None:

@@ -138,6 +138,11 @@ class HookSource:
         self.removed = False
         self._release: weakref.finalize | None = None
 
+    @property
+    def sketch(self) -> int | None:
+        """The ``k`` of the sketched rows, None for exact rows."""
+        return self.ghost.sketch
+
     def claim(self) -> list[HookSource]:
         """Become the source of the hooked modules; the other live sources there are removed and returned."""
         displaced: list[HookSource] = []

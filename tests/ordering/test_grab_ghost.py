@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from dataorder.ordering import GraBSampler
+from dataorder.samplers import StateError
 from reference_grads import per_example_grads
+from state_checks import same_state
 
 
 class Block(nn.Module):
@@ -283,6 +285,65 @@ def test_a_collected_sampler_takes_its_hooks_with_it():
     assert _forward_hooks(model) > 0
     kept.detach()
     assert _forward_hooks(model) == 0
+
+
+def _stepped(sketch, steps=2):
+    model = MODELS["linear"][0]()
+    sampler = GraBSampler(16, seed=1).attach(model, sketch=sketch)
+    _train_steps(model, sampler, steps)
+    return model, sampler
+
+
+@pytest.mark.parametrize("saved, attached", [(4, None), (4, 2), (None, 4)])
+def test_a_state_is_refused_by_a_sampler_attached_for_other_rows_and_changes_nothing(saved, attached):
+    """Sums of sketch=4 rows and of exact rows live in different spaces: resuming one with the other is wrong."""
+    state = _stepped(saved)[1].state_dict()
+    model, sampler = _stepped(attached, steps=1)
+    before = sampler.state_dict()
+    with pytest.raises(StateError, match=r"^state's running sums were balanced on (sketch=4|exact) rows .* but this "
+                                         r"sampler is attached for (sketch=\d|exact) rows"):
+        sampler.load_state_dict(state)
+    assert same_state(sampler.state_dict(), before)
+
+
+def test_attach_refuses_rows_of_another_space_than_the_sums_and_keeps_the_old_hooks():
+    model, sampler = _stepped(4)
+    for other in (None, 2):
+        with pytest.raises(ValueError, match=r"^this sampler's running sums were balanced on sketch=4 rows "
+                                             r"\(attach\(model, sketch=4\)\), so it cannot balance"):
+            sampler.attach(model, sketch=other)
+    assert _forward_hooks(model) == 2 and sampler._source.sketch == 4
+    _train_steps(model, sampler, 1)                        # still balancing sketch=4 rows
+    with pytest.raises(ValueError, match="cannot balance exact rows"):
+        sampler.step(torch.randn(4, sampler.state_dict()["dim"]))   # exact rows of the same width
+
+
+def test_a_state_loaded_before_attach_needs_the_saved_sketch_and_then_resumes_exactly():
+    model, original = _stepped(4)
+    state, weights = original.state_dict(), copy.deepcopy(model.state_dict())
+    _train_steps(model, original, 1)
+    resumed_model = MODELS["linear"][0]()
+    resumed_model.load_state_dict(weights)
+    resumed = GraBSampler(16, seed=1)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="balanced on sketch=4 rows"):
+        resumed.attach(resumed_model)
+    assert _forward_hooks(resumed_model) == 0              # refused before any hook went on
+    resumed.attach(resumed_model, sketch=4)
+    _train_steps(resumed_model, resumed, 1)
+    assert same_state(resumed.state_dict(), original.state_dict())
+
+
+@pytest.mark.parametrize("bad, match", [(0, "ghost_sketch"), ("4", "ghost_sketch"), (True, "ghost_sketch"),
+                                        (None, "exact rows")])
+def test_a_tampered_ghost_sketch_is_refused(bad, match):
+    state = _stepped(4)[1].state_dict()
+    sampler = _stepped(4, steps=1)[1]
+    with pytest.raises(StateError, match=match):
+        sampler.load_state_dict({**state, "ghost_sketch": bad})
+    fresh = GraBSampler(16, seed=1).state_dict()
+    with pytest.raises(StateError, match="ghost_sketch but no balanced steps"):
+        GraBSampler(16, seed=1).load_state_dict({**fresh, "ghost_sketch": 4})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

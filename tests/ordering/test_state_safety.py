@@ -10,14 +10,7 @@ from dataorder.ordering import GraBSampler, HerdingSampler
 from dataorder.ordering.rules import NonFiniteError, update_bound
 from dataorder.ordering.sources import UnsupportedDeviceError
 from dataorder.samplers import StateError, StateTypeError
-
-
-def same_state(a, b):
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-    return type(a) is type(b) and a == b
+from state_checks import same_state
 
 
 def stepped(balance="mean", fused=True, n=12, steps=1, batch=3, width=4):
