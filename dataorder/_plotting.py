@@ -1,15 +1,51 @@
 """The one stacked-area picture of mixture weights, shared by ``dataorder schedule plot`` and
-:func:`dataorder.samplers.adaptive.plot_weights`. Needs matplotlib (the ``[plot]`` extra),
-imported only when a picture is drawn."""
+:func:`dataorder.samplers.adaptive.plot_weights`, and the check that a figure can be saved
+where asked. Needs matplotlib (the ``[plot]`` extra), imported only when a picture is drawn
+or a file format is checked."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_shares"]
+__all__ = ["check_figure_path", "plot_shares"]
+
+
+def check_figure_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if a figure can be saved there, else a one-line ``ValueError``.
+
+    Its folder must exist and it must not be a folder itself; a suffix must be a format
+    matplotlib writes (none: PNG). A command that trains before it plots checks first, so a
+    typo costs no training run.
+
+    >>> check_figure_path("/no/such/folder/curves.png")
+    Traceback (most recent call last):
+    ...
+    ValueError: /no/such/folder is not a folder: create it, or save the figure elsewhere
+    >>> check_figure_path("curves.txt")
+    Traceback (most recent call last):
+    ...
+    ValueError: matplotlib cannot save a figure as .txt: use .png, .pdf, .svg or another of ...
+    """
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder: create it, or save the figure elsewhere")
+    if target.is_dir():
+        raise ValueError(f"{target} is a folder: give a file name, e.g. {target / 'curves.png'}")
+    suffix = target.suffix.lstrip(".").lower()
+    if suffix:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in formats:
+            others = ", ".join(f".{name}" for name in sorted(set(formats) - {"png", "pdf", "svg"}))
+            raise ValueError(f"matplotlib cannot save a figure as .{suffix}: use .png, .pdf, .svg or another of "
+                             f"{others}")
+    return target
 
 
 def plot_shares(x: np.ndarray, weights: np.ndarray, names: Sequence[str], out: str | os.PathLike, *,

@@ -136,6 +136,17 @@ def test_compare_usage_errors(argv, capsys):
     assert err.startswith("dataorder compare: error:") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("plot, message", [("{tmp}/missing/curves.png", "missing is not a folder"),
+                                           ("{tmp}", "is a folder: give a file name"),
+                                           ("{tmp}/curves.txt", "cannot save a figure as .txt")])
+def test_a_plot_that_cannot_be_saved_is_refused_before_anything_trains(plot, message, tmp_path, capsys):
+    assert main(["compare", "--epochs", "1", "--seeds", "1", "--plot", plot.format(tmp=tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""                              # no header, no table: nothing was trained
+    assert captured.err.startswith("dataorder compare: error: --plot: ") and message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_compare_runs_the_stdlib_lm(tmp_path, capsys):
     plot = tmp_path / "lm.png"

@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="GraB family: ghost balancing from a plain backward (default) or "
                              "torch.func per-example gradients (vmap)")
     parser.add_argument("--plot", metavar="PNG", help="save full-train loss against epochs and against training "
-                        "wall-clock time (mean over seeds) to this PNG")
+                        "wall-clock time (mean over seeds) to this PNG (checked before anything trains)")
     parser.add_argument("--augment", metavar="qmc,iid", help="train on digits shifted by up to 1 pixel, shifts "
                         "drawn per (example, epoch) by QMC and/or i.i.d. points; rows become ORDER/AUGMENT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -112,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--augment: choose from qmc, iid (comma-separated), got {args.augment!r}")
     if augments != [None] and args.data != "digits":
         raise UsageError("--augment shifts digits only: use it with --data digits")
+    if args.plot:
+        from dataorder._plotting import check_figure_path
+
+        try:
+            check_figure_path(args.plot)
+        except ValueError as error:
+            raise UsageError(f"--plot: {error}") from error
     split = _load_split(args, augment=augments != [None])
     try:
         inits = [initial_state(split, args.model, seed) for seed in range(args.seeds)]
