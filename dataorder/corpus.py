@@ -188,6 +188,10 @@ def byte_windows(documents: Sequence[Document], context: int, *, max_windows_per
     """
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise ValueError(f"context must be a positive int, got {context!r}")
+    if max_windows_per_document is not None and (isinstance(max_windows_per_document, bool) or not isinstance(
+            max_windows_per_document, int) or max_windows_per_document < 1):
+        raise ValueError(f"max_windows_per_document must be a positive int or None (every window), got "
+                         f"{max_windows_per_document!r}")
     names = tuple(domains) if domains is not None else tuple(dict.fromkeys(doc.domain for doc in documents))
     rows, domain_ids, doc_ids = [], [], []
     for d, doc in enumerate(documents):
@@ -202,7 +206,7 @@ def byte_windows(documents: Sequence[Document], context: int, *, max_windows_per
         domain_ids.append(np.full(count, names.index(doc.domain)))
         doc_ids.append(np.full(count, d))
     if not rows:
-        raise ValueError(f"no document is longer than context={context} bytes; lower --context")
+        raise ValueError(f"no document is longer than context={context} bytes; lower the context")
     return WindowSet(torch.from_numpy(np.concatenate(rows).astype(np.int64)),
                      torch.from_numpy(np.concatenate(domain_ids).astype(np.int64)),
                      torch.from_numpy(np.concatenate(doc_ids).astype(np.int64)), names)

@@ -75,6 +75,13 @@ def test_byte_windows_are_exact_and_labelled():
         byte_windows(docs, context=100)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_a_bad_window_cap_names_itself(bad):
+    docs = [Document("a", "code", "train", "abcdefg")]
+    with pytest.raises(ValueError, match=r"^max_windows_per_document must be a positive int or None"):
+        byte_windows(docs, 2, max_windows_per_document=bad)
+
+
 def test_byte_lm_is_causal():
     torch.manual_seed(0)
     model = ByteLM(context=8, dim=16, layers=1, heads=2)
