@@ -247,8 +247,9 @@ class GhostGrads:
         """Every balanced parameter got a gradient in this forward, and one is left to balance."""
         missing = [name for name in names if name not in covered]
         if missing:
-            raise RuntimeError(f"no gradient was captured for {missing}: was every selected parameter used "
-                               "in the forward pass?")
+            raise RuntimeError(f"no gradient was captured for {missing} in this forward: every selected parameter "
+                               "must be used through its own module in every forward (not skipped by a branch, "
+                               "not used by a functional call); leave such parameters out with params=")
         if not names:
             raise ValueError("every selected parameter belongs to a module whose input is shared by the batch: "
                              "nothing is left to balance; select other parameters with params=")

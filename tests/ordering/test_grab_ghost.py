@@ -346,6 +346,42 @@ def test_a_tampered_ghost_sketch_is_refused(bad, match):
         GraBSampler(16, seed=1).load_state_dict({**fresh, "ghost_sketch": 4})
 
 
+class Branchy(nn.Module):
+    """A head that some forwards skip (conditional computation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x, heads=("a", "b")):
+        h = torch.relu(self.body(x))
+        return sum(getattr(self, head)(h) for head in heads) / len(heads)
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_a_parameter_a_forward_skipped_is_named_with_the_fix_and_the_step_can_be_retried(sketch):
+    model = Branchy()
+    sampler = GraBSampler(16).attach(model, sketch=sketch)
+    sampler.set_epoch(0)
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    before = sampler.state_dict()
+    nn.functional.cross_entropy(model(x, heads=("a",)), y).backward()
+    with pytest.raises(RuntimeError, match=r"^no gradient was captured for \['b.weight', 'b.bias'\] in this forward: "
+                                           r".*leave such parameters out with params=$"):
+        sampler.step()
+    assert same_state(sampler.state_dict(), before)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()    # the captured batch was dropped: a clean retry
+    sampler.step()
+    assert sampler.state_dict()["visited"] == 4
+    sampler.detach()
+    skipping = GraBSampler(16).attach(model, sketch=sketch, params=lambda name, p: not name.startswith("b."))
+    skipping.set_epoch(0)
+    nn.functional.cross_entropy(model(x, heads=("a",)), y).backward()
+    skipping.step()                                        # the fix the message names
+    assert skipping.state_dict()["visited"] == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("sketch", [None, 4])
 @pytest.mark.parametrize("balance", ["mean", "pair", "recursive"])
