@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import numbers
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,12 @@ class GhostGrads:
     ``params`` selects parameters like :class:`~dataorder.grads.PerExampleGrads`: ``None``
     (all trainable), a list of names, or a predicate ``(name, param) -> bool``.
 
+    A forward that is never backpropagated (evaluation without ``torch.no_grad()``) costs no
+    memory past its graph's life: a call's record is held by the hook on its output's graph
+    until its gradient arrives, so dropping the graph drops the record and its inputs.
+    ``keep_outputs=True`` also keeps each call's output, for :meth:`pending_outputs` (and
+    keeps every recorded forward's graph until :meth:`collect`).
+
     Tied weights (one parameter used by several modules, e.g. GPT-2's token embedding and
     output head) get the sum of their uses' gradients: exact on :meth:`collect` (which then
     holds ``B × |param|`` values for that parameter), a sum of sketches on
@@ -61,8 +68,12 @@ class GhostGrads:
         torch.Size([4, 114])
     """
 
-    def __init__(self, model: nn.Module, *, params=None, sketch: int | None = None, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, *, params=None, sketch: int | None = None, seed: int = 0,
+                 keep_outputs: bool = False) -> None:
         self.sketch = _check_sketch(sketch)
+        if not isinstance(keep_outputs, bool):
+            raise TypeError(f"keep_outputs must be a bool, got {keep_outputs!r}")
+        self.keep_outputs = keep_outputs
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {seed!r}")
         check_no_batch_statistics(model)
@@ -77,7 +88,8 @@ class GhostGrads:
         owners = _direct_owners(model, {id(p): name for name, p in named.items() if name in selected})
         self._forward_count = 0
         self._batch_sizes: dict[int, tuple[int | None, int]] = {}  # forward -> (batch size, input rank)
-        self._records: list[_Record] = []
+        self._records: list[weakref.ref] = []  # every recorded call, in forward order (held as said below)
+        self._held: list[_Record] = []  # the records with a gradient (with keep_outputs: all of them)
         self._warned: set[str] = set()
         self._excluded: set[str] = set()  # modules left out: their input is shared by the batch
         self._left_out: set[str] = set()  # the parameters of those modules
@@ -97,6 +109,8 @@ class GhostGrads:
         if any(m.training for m in self._batch_norms):
             check_no_batch_statistics(self.model)  # switched to train mode after construction
         self._forward_count += 1
+        if len(self._records) > 4 * len(self._held) + 256:  # forwards with no backward: forget their dead records
+            self._records = [ref for ref in self._records if ref() is not None]
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
         size = None if first is None or first.dim() == 0 else first.shape[0]
         self._batch_sizes[self._forward_count] = (size, 0 if first is None else first.dim())
@@ -119,9 +133,12 @@ class GhostGrads:
                               f"('{module_name}'): using torch.func per-example gradients for this module only "
                               "(dataorder.register_ghost_rule adds one)", stacklevel=2)
             if self._sketcher is None:
-                record = _Record(self._forward_count, module_name, module, names, tensors, output)
-                self._records.append(record)
-                output.register_hook(record.add_grad)
+                record = _Record(self._forward_count, module_name, module, names, tensors,
+                                 output if self.keep_outputs else None)
+                self._records.append(weakref.ref(record))
+                if self.keep_outputs:
+                    self._held.append(record)
+                output.register_hook(functools.partial(self._add_grad, record))  # the graph holds the record
                 return
             # sketched: the call is reduced to its sketch as soon as its output gradient arrives
             record = _Record(self._forward_count, module_name, module, names, tensors, None)
@@ -164,14 +181,32 @@ class GhostGrads:
             for factors in _apply_rule(record, record.names, delta):
                 self._sketcher.add(rows, factors, self.shapes)
 
+    def _add_grad(self, record: _Record, grad: Tensor) -> None:
+        if record.grad is None and not self.keep_outputs:
+            self._held.append(record)  # kept past its graph from here on, until collect()
+        record.add_grad(grad)
+
     def pending_outputs(self) -> list[Tensor]:
-        """Outputs of the recorded module calls still waiting for their gradient.
+        """Outputs of the recorded module calls still waiting for their gradient (needs ``keep_outputs=True``).
 
         ``torch.autograd.grad(loss, ghost.pending_outputs())`` fills the records without
         computing any parameter gradient (cheaper than a full backward when only the
         products are wanted, as for gradient norms).
+
+        >>> model = nn.Linear(3, 2)
+        >>> ghost = GhostGrads(model, keep_outputs=True)
+        >>> loss = model(torch.randn(4, 3)).square().mean()
+        >>> _ = torch.autograd.grad(loss, ghost.pending_outputs())
+        >>> [batch] = ghost.collect(); batch.sq_norms().shape, model.weight.grad is None
+        (torch.Size([4]), True)
         """
-        return [record.output for record in self._records if record.grad is None]
+        if self._sketcher is None and not self.keep_outputs:
+            raise ValueError("pending_outputs() needs GhostGrads(model, keep_outputs=True): without it the records "
+                             "keep no outputs, so that a forward with no backward frees its graph")
+        return [record.output for record in self._live_records() if record.grad is None]
+
+    def _live_records(self) -> list[_Record]:
+        return [record for record in (ref() for ref in self._records) if record is not None]
 
     def collect(self) -> list[GhostBatch]:
         """One :class:`GhostBatch` per model forward followed by a backward; clears the records."""
@@ -216,7 +251,7 @@ class GhostGrads:
 
     def _groups(self):
         """``(batch size, factors, balanced names)`` per captured forward with a backward; clears the records."""
-        records, self._records = self._records, []
+        records, self._records, self._held = self._live_records(), [], []
         sizes, self._batch_sizes = self._batch_sizes, {}
         groups: dict[int, list[_Record]] = {}
         for record in records:
@@ -284,7 +319,7 @@ class GhostGrads:
         """Remove the hooks from the model."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._records, self._sketch_rows = [], [], {}
+        self._handles, self._records, self._held, self._sketch_rows = [], [], [], {}
 
 
 def _direct_owners(model: nn.Module, selected: dict[int, str]) -> dict[str, dict[str, str]]:

@@ -51,7 +51,7 @@ def ghost_batch(model: nn.Module, x: torch.Tensor, batch_loss: Callable[[torch.T
     >>> batch.sq_norms().shape, out.requires_grad
     (torch.Size([4]), False)
     """
-    ghost = GhostGrads(model, params=None if params is None else list(params))
+    ghost = GhostGrads(model, params=None if params is None else list(params), keep_outputs=True)
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the torch.func fallback of a layer is exact, only slower

@@ -3,6 +3,7 @@
 import copy
 import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -344,6 +345,56 @@ def test_a_tampered_ghost_sketch_is_refused(bad, match):
     fresh = GraBSampler(16, seed=1).state_dict()
     with pytest.raises(StateError, match="ghost_sketch but no balanced steps"):
         GraBSampler(16, seed=1).load_state_dict({**fresh, "ghost_sketch": 4})
+
+
+def test_forwards_without_a_backward_keep_no_graph_alive():
+    """Evaluation without torch.no_grad() between steps: each batch's graph goes when the loop drops it."""
+    model = MODELS["linear"][0]()
+    sampler = GraBSampler(16).attach(model)
+    sampler.set_epoch(0)
+    outputs = []
+    for _ in range(300):                                   # a validation loop that forgot no_grad
+        out = model(torch.randn(8, 6))
+        outputs.append(weakref.ref(out))
+    del out
+    gc.collect()
+    assert not any(ref() is not None for ref in outputs)   # no graph (nor its inputs) kept by the hooks
+    assert len(sampler._source.ghost._records) <= 256 + 2  # dead records forgotten as forwards go on
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    nn.functional.cross_entropy(model(x), y).backward()
+    gc.collect()                                           # the graph is gone; the gradients it gave stay
+    sampler.step()
+    assert sampler.state_dict()["visited"] == 4
+
+
+def test_two_forwards_then_one_backward_are_two_micro_batches():
+    model = MODELS["linear"][0]()
+    sampler = GraBSampler(16, seed=2).attach(model)
+    reference = GraBSampler(16, seed=2)
+    sampler.set_epoch(0), reference.set_epoch(0)
+    order = list(sampler)
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    first, second = order[:4], order[4:8]
+    loss = (nn.functional.cross_entropy(model(x[first]), y[first])
+            + nn.functional.cross_entropy(model(x[second]), y[second]))
+    gc.collect()                                           # both graphs live on in loss only
+    loss.backward()
+    sampler.step()
+    reference.step(torch.cat([per_example_grads(model, x[first], y[first]),
+                              per_example_grads(model, x[second], y[second])]))
+    assert torch.equal(sampler.state_dict()["buckets"], reference.state_dict()["buckets"])
+    assert torch.allclose(sampler.state_dict()["tensors"]["sums"], reference.state_dict()["tensors"]["sums"],
+                          atol=1e-5)
+
+
+def test_pending_outputs_needs_keep_outputs():
+    from dataorder.ghost import GhostGrads
+
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"^pending_outputs\(\) needs GhostGrads\(model, keep_outputs=True\)"):
+        GhostGrads(model).pending_outputs()
+    with pytest.raises(TypeError, match="keep_outputs must be a bool"):
+        GhostGrads(model, keep_outputs="yes")
 
 
 class Branchy(nn.Module):
