@@ -88,7 +88,7 @@ class GhostGrads:
         owners = _direct_owners(model, {id(p): name for name, p in named.items() if name in selected})
         self._forward_count = 0
         self._batch_sizes: dict[int, tuple[int | None, int]] = {}  # forward -> (batch size, input rank)
-        self._records: list[weakref.ref] = []  # every recorded call, in forward order (held as said below)
+        self._records: list[weakref.ref] = []  # exact-path calls in forward order; their graph's hook holds them
         self._held: list[_Record] = []  # the records with a gradient (with keep_outputs: all of them)
         self._warned: set[str] = set()
         self._excluded: set[str] = set()  # modules left out: their input is shared by the batch
