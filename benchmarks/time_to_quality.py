@@ -111,8 +111,16 @@ def main() -> None:
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
-    if args.seeds < 1 or (args.evals_per_epoch is not None and args.evals_per_epoch < 1):
-        parser.error("--seeds and --evals-per-epoch must be >= 1")
+    for flag, value in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--evals-per-epoch", args.evals_per_epoch),
+                        ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.orders is not None:
+        try:
+            for order in args.orders.split(","):
+                make_ordering(order.strip())  # every name checked before anything trains
+        except ValueError as error:
+            parser.error(f"--orders: {error}")
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
     print(f"machine: {machine()}")

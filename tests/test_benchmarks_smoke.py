@@ -55,6 +55,16 @@ def test_an_unknown_device_is_a_one_line_usage_error(script) -> None:
     assert result.stderr.strip().splitlines()[-1].endswith("unknown device 'gpu0': use cpu, cuda or cuda:N")
 
 
+@pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "--epochs must be >= 1, got 0"),
+                                           (["--threads", "0"], "--threads must be >= 1, got 0"),
+                                           (["--orders", "rr,bogus"], "--orders: unknown ordering 'bogus'")])
+def test_time_to_quality_refuses_bad_arguments_in_one_line_before_training(argv, message) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "time_to_quality.py"), *argv], cwd=BENCHMARKS,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
 def test_grab_overhead_grouping_table() -> None:
     out = run_quick("grab_overhead.py", "--only", "ghost", "--grouping", "--grouping-batch", "32", timeout=120)
     rows = [line for line in out.splitlines() if line.strip().startswith("MLP 512-1024-1024-10")]
