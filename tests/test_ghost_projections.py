@@ -133,3 +133,56 @@ def test_bf16_sketch_rows_are_deterministic_and_near_the_float32_ones(monkeypatc
     assert torch.equal(first, again)
     assert not torch.equal(first, reference)
     assert torch.allclose(first, reference, atol=2e-2 * float(reference.abs().max()))
+
+
+class Mlp(nn.Module):
+    """Linear layers on sequences and on rows, a bias longer than k², a side kept exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(12, 40), nn.Linear(40, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.down(F.gelu(self.up(x))).mean(dim=1))
+
+
+def autocast_rows(k, to_float32):
+    """Sketch rows of one bf16-autocast step; ``to_float32``: the captured tensors widened first (the old way)."""
+    torch.manual_seed(0)
+    model = Mlp()
+    x = torch.randn(5, 7, 12, generator=torch.Generator().manual_seed(1))
+    ghost = GhostGrads(model, sketch=k)
+    add_linear, seen = ghost._sketcher.add_linear, set()
+
+    def spy(target, weight, bias, a, d, shape):
+        seen.update({a.dtype, d.dtype})
+        return add_linear(target, weight, bias, a.float() if to_float32 else a, d.float() if to_float32 else d, shape)
+    ghost._sketcher.add_linear = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), torch.arange(5) % 3)
+    loss.backward()
+    [rows] = ghost.collect_sketch()
+    ghost.remove()
+    assert torch.bfloat16 in seen                          # the layers' captures really are bf16
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [4, 16])
+def test_autocast_inputs_are_projected_as_captured_with_the_same_rows(dtype, k, force_projections):
+    """bf16 → float32 → bf16 is exact, so projecting a bf16 capture as it is changes no bit (and skips two copies)."""
+    force_projections(dtype)
+    rows = autocast_rows(k, to_float32=False)
+    assert rows.dtype == torch.float32 and torch.isfinite(rows).all()
+    assert torch.equal(rows, autocast_rows(k, to_float32=True))
+
+
+def test_a_row_map_takes_bf16_inputs_on_both_paths(force_projections):
+    x = torch.randn(6, 30).bfloat16()
+    matrix = torch.randn(4, 30)
+    small = projections.RowMap(matrix)                     # no low copy: float32 product
+    assert torch.equal(small.right(x), F.linear(x.float(), matrix))
+    assert torch.equal(small.left(x.T[None]), torch.matmul(matrix, x.T[None].float()))
+    force_projections(torch.bfloat16)
+    low = projections.RowMap.of(matrix)
+    assert torch.equal(low.right(x), F.linear(x, matrix.bfloat16()).float())

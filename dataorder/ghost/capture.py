@@ -170,14 +170,13 @@ class GhostGrads:
             if rows is None:
                 rows = self._sketcher.new_rows(self.names, self.shapes, grad.shape[0], grad.device)
                 self._sketch_rows[record.forward] = rows
-            delta = grad.detach().float()
             rule = rule_for(record.module)
             if rule is linear_rule:  # the common case, without building factor objects
-                x = record.inputs[0]
+                # bf16 under autocast stays bf16 here: add_linear converts what it uses, as it uses it
                 self._sketcher.add_linear(rows, record.names.get("weight"), record.names.get("bias"),
-                                          x.float() if x.is_floating_point() else x, delta,
-                                          record.module.weight.shape)
+                                          record.inputs[0], grad.detach(), record.module.weight.shape)
                 return
+            delta = grad.detach().float()
             for factors in _apply_rule(record, record.names, delta):
                 self._sketcher.add(rows, factors, self.shapes)
 

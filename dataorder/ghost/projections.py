@@ -90,7 +90,9 @@ class RowMap:
 
     ``right(x)`` maps the last dim (``(..., size) -> (..., width)``), ``left(x)`` the middle
     one (``(B, size, L) -> (B, width, L)``); each runs in the low dtype when the product is
-    large enough (:data:`LOW_PRECISION_MIN_MACS`) and returns float32.
+    large enough (:data:`LOW_PRECISION_MIN_MACS`) and returns float32. ``x`` may be float32 or
+    already in the low dtype (a layer's input or output gradient under ``torch.autocast``),
+    which then goes into the product as it is, without a round trip through float32.
 
     >>> rows = RowMap.of(torch.randn(4, 10))
     >>> rows.right(torch.randn(3, 10)).shape, rows.left(torch.randn(2, 10, 5)).shape
@@ -111,12 +113,12 @@ class RowMap:
     def right(self, x: Tensor) -> Tensor:
         if self._use_low(x):
             return F.linear(x.to(self.low.dtype), self.low).float()
-        return F.linear(x, self.matrix)
+        return F.linear(x.float(), self.matrix)
 
     def left(self, x: Tensor) -> Tensor:
         if self._use_low(x):
             return torch.matmul(self.low, x.to(self.low.dtype)).float()
-        return torch.matmul(self.matrix, x)
+        return torch.matmul(self.matrix, x.float())
 
 
 @dataclass(frozen=True)

@@ -321,6 +321,8 @@ class Sketcher:
         One row per example (an MLP layer): ``slot += (R_out d) ⊗ (R_in a)``, two thin
         products and one fused multiply-add; several rows: one batched product. What to do
         is planned once per layer and layout (:class:`_LinearPlan`): a step runs only the products.
+        ``a`` and ``d`` may be in a reduced dtype (``torch.autocast``): a projection takes them as
+        they are (:class:`~dataorder.ghost.projections.RowMap`), anything else in float32.
         """
         batch = d.shape[0]
         single = d.dim() == 2
@@ -336,11 +338,12 @@ class Sketcher:
             target.written.add(weight)
             slot = values[:, plan.weight_columns]
             if plan.block:
+                a, d = a.float(), d.float()
                 per_example = d[:, :, None] * a[:, None, :] if single else torch.bmm(d.transpose(1, 2), a)
                 slot.add_(self.block(weight, tuple(weight_shape), per_example.reshape(batch, -1)))
             else:
-                out_side = d if plan.rows is None else plan.rows.right(d)
-                in_side = a if plan.cols is None else plan.cols.right(a)
+                out_side = d.float() if plan.rows is None else plan.rows.right(d)
+                in_side = a.float() if plan.cols is None else plan.cols.right(a)
                 matrices = slot.view(batch, plan.out_width, plan.in_width)
                 if single:
                     matrices.addcmul_(out_side[:, :, None], in_side[:, None, :])
@@ -348,7 +351,7 @@ class Sketcher:
                     matrices.baddbmm_(out_side.transpose(1, 2), in_side)
         if plan.bias_columns is not None:
             target.written.add(bias)
-            rows = d if single else d.sum(dim=1)
+            rows = d.float() if single else d.sum(dim=1, dtype=torch.float32)
             values[:, plan.bias_columns].add_(rows if plan.bias_map is None else F.linear(rows, plan.bias_map))
 
     def _plan_linear(self, slots: Mapping[str, slice], weight: str | None, bias: str | None, shape: tuple,
