@@ -383,6 +383,8 @@ class HerdingRule:
         if width is None:
             raise ValueError("state holds stored gradients but no gradient width (dim); it is corrupt")
         check_state_tensor("stored", stored, (visited, width))
+        if stored.dtype != torch.float32:
+            raise TypeError(f"state's stored must be float32 (herding keeps float32 rows), got {stored.dtype}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         stored = state["stored"]
@@ -398,11 +400,16 @@ def _rule_tensors(state: dict[str, Any], width: int | None, names: set[str]) -> 
         raise ValueError("state is missing ['tensors']; pass a dict from GraBSampler.state_dict()")
     tensors = state["tensors"]
     if tensors is None:
+        if width is not None:
+            raise ValueError("state has balanced steps (dim) but no balancing sums (tensors); it is corrupt")
         return None
     if width is None:
         raise ValueError("state holds balancing sums but no gradient width (dim); it is corrupt")
     if not isinstance(tensors, dict) or set(tensors) != names:
         raise ValueError(f"state's tensors must be a dict of {sorted(names)}; it is corrupt")
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if isinstance(t, Tensor)}
+    if dtypes - {state.get("dtype")}:
+        raise TypeError(f"state's tensors are {sorted(dtypes)} but its dtype is {state.get('dtype')!r}; it is corrupt")
     return tensors
 
 

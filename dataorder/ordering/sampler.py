@@ -14,6 +14,8 @@ has got. See ``docs/grab-resume.md`` for ``StatefulDataLoader`` with workers.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import numbers
 import warnings
 from collections.abc import Mapping, Sized
@@ -32,6 +34,8 @@ __all__ = ["GradientOrderSampler"]
 
 #: How many states taken ahead of step() are completed at most (a prefetching loader holds a few).
 MAX_AWAITING = 256
+#: The widest CountSketch (``sketch_dim``): its ``(B, k)`` rows are dense.
+MAX_SKETCH_DIM = 2**31 - 1
 
 
 class GradientOrderSampler(IndexSampler):
@@ -137,9 +141,23 @@ class GradientOrderSampler(IndexSampler):
         """How many positions of the current epoch's global order :meth:`step` has consumed."""
         return self._visited
 
-    def _distributed(self) -> int:
-        """The process group's size when this sampler balances across ranks (CD-GraB), else 1."""
-        return active_world() if self.world_size > 1 else 1
+    def _distributed(self, global_batch: bool = False) -> int:
+        """The process group's size when this sampler balances across ranks (CD-GraB), else 1.
+
+        A sampler of ``world_size > 1`` balances the global batch: it needs the process group
+        to gather it, unless the caller passes it whole (``global_batch=True``).
+        """
+        if self.world_size == 1:
+            return 1
+        world = active_world()
+        if world == 1 and not global_batch:
+            raise ValueError(f"this {type(self).__name__} has world_size={self.world_size} but torch.distributed is "
+                             "not initialised, so step() cannot gather the other ranks' rows: call "
+                             "init_process_group first, or pass the whole global batch with global_batch=True")
+        if world not in (1, self.world_size):
+            raise ValueError(f"this {type(self).__name__} has world_size={self.world_size} but the process group has "
+                             f"{world} ranks: construct it with world_size={world} (or leave world_size to the group)")
+        return world
 
     @torch.no_grad()
     def step(self, grads: Tensor | Mapping[str, Tensor] | None = None, *, global_batch: bool = False) -> None:
@@ -156,9 +174,13 @@ class GradientOrderSampler(IndexSampler):
         same balancing. Pass ``global_batch=True`` when ``grads`` already hold the whole
         global batch, e.g. from :func:`dataorder.distributed.gather_global_batch`.
         """
+        with _outside_autocast():
+            self._step(grads, global_batch)
+
+    def _step(self, grads: Tensor | Mapping[str, Tensor] | None, global_batch: bool) -> None:
         if grads is None:
             return self._step_source()
-        world = self._distributed()
+        world = self._distributed(global_batch)
         if world > 1 and self._sketch_auto and self._dim is None and self.sketch_dim is None:
             width = grads_width(grads)
             if width > self.AUTO_SKETCH_ABOVE:
@@ -187,10 +209,10 @@ class GradientOrderSampler(IndexSampler):
             raise ValueError("this sampler's hooks were removed when another GraBSampler attached to the same model "
                              "(a model balances for one sampler at a time): call attach(model) again to balance "
                              "with this sampler")
+        world = self._distributed()
         batches = self._source.collect()
         if not batches:
             raise ValueError("no backward pass since the last step(): call loss.backward() before sampler.step()")
-        world = self._distributed()
         if world > 1:
             if self._dim is None:
                 self._check_ranks_agree(batches[0].shape[0], batches[0].shape[1])
@@ -325,6 +347,8 @@ class GradientOrderSampler(IndexSampler):
         self._check_saved_rows_sketch(reader, dim)
         if reader.field("dtype") is not None and reader.str("dtype") not in ("float32", "float64"):
             raise StateError(f"state's dtype={state['dtype']!r} is not None, 'float32' or 'float64'; the state is corrupt")
+        if (reader.field("dtype") is None) != (dim is None):
+            raise StateError("state's dtype and dim are set together, at the first step; the state is corrupt")
         visited = reader.int("visited", high=self._global_length())
         if reader.field("order") is None:
             if dim is not None:
@@ -375,6 +399,7 @@ class GradientOrderSampler(IndexSampler):
         self._visited = int(state["visited"])
         self._buckets = np.zeros(self.n, dtype=np.int16)
         self._buckets[:self._visited] = state["buckets"].cpu().numpy()
+        self.rule = copy.copy(self.rule)  # this is a candidate: the live sampler's rule stays as it was
         self.rule.load_state_dict(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -396,6 +421,16 @@ class GradientOrderSampler(IndexSampler):
                 stacklevel=2)
 
 
+@contextlib.contextmanager
+def _outside_autocast():
+    """The step's arithmetic at the rows' precision, also when ``step()`` is called inside ``torch.autocast``."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
 def _rows_space(rows_sketch: int | None) -> str:
     """Words for the rows of ``attach(model, sketch=rows_sketch)`` (``None``: exact rows)."""
     if rows_sketch is None:
@@ -408,6 +443,6 @@ def _check_sketch_dim(sketch_dim: Any) -> int | None:
         return None
     if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, numbers.Integral):
         raise TypeError(f"sketch_dim must be None or a positive int, got {sketch_dim!r}")
-    if sketch_dim < 1:
-        raise ValueError(f"sketch_dim must be a positive int (e.g. 1024), got {sketch_dim}")
+    if not 1 <= sketch_dim <= MAX_SKETCH_DIM:
+        raise ValueError(f"sketch_dim must be a positive int up to 2**31 - 1 (e.g. 1024), got {sketch_dim}")
     return int(sketch_dim)

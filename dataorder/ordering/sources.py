@@ -89,11 +89,15 @@ def dense_rows(grads: Any, dim: int | None, dtype: torch.dtype | None) -> Tensor
             if not isinstance(value, Tensor):
                 raise TypeError(f"grads[{name!r}] must be a (B, *shape) tensor of per-example gradients, "
                                 f"got {type(value).__name__}")
+            if value.layout != torch.strided:
+                raise TypeError(f"grads[{name!r}] must be a dense tensor, got layout {value.layout}; pass .to_dense()")
         grads = flatten_per_example(grads)
     if not isinstance(grads, Tensor):
         raise TypeError(
             f"grads must be a (B, d) tensor or torch.func's dict of per-example gradients, got {type(grads).__name__}"
         )
+    if grads.layout != torch.strided:
+        raise TypeError(f"grads must be a dense tensor, got layout {grads.layout}; pass grads.to_dense()")
     check_device(grads.device)
     if grads.dim() != 2 or grads.shape[0] == 0 or grads.shape[1] == 0:
         raise ValueError(f"grads must be a non-empty (B, d) tensor, one row per example; got shape {tuple(grads.shape)}")

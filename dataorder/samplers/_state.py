@@ -25,7 +25,8 @@ import torch
 
 from dataorder._validate import INT64_LIMIT, SEED_LIMIT
 
-__all__ = ["Cursor", "StateError", "StateReader", "StateTypeError", "check_tensors", "resume_position"]
+__all__ = ["Cursor", "StateError", "StateReader", "StateTypeError", "check_tensors", "refuse_unknown_fields",
+           "resume_position"]
 
 #: Tensor dtypes a sampler's state may hold (no complex, quantized or unsigned wide types).
 TENSOR_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -187,6 +188,8 @@ def check_tensors(value: Any, name: str = "state") -> None:
             raise StateTypeError(f"{name} has dtype {value.dtype}, which no sampler saves; the state is corrupt")
         if value.is_meta or value.device.type == "meta":
             raise StateError(f"{name} is on the meta device (it holds no data); save the state from a real sampler")
+        if value.requires_grad:
+            raise StateError(f"{name} requires grad, which no sampler's state does; pass state_dict()'s own tensors")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise StateError(f"{name} holds NaN or inf; the state is corrupt")
     elif isinstance(value, Mapping):
@@ -197,6 +200,21 @@ def check_tensors(value: Any, name: str = "state") -> None:
             check_tensors(item, f"{name}[{position}]")
     elif isinstance(value, float) and not math.isfinite(value):
         raise StateError(f"{name} is {value}; the state is corrupt")
+
+
+def refuse_unknown_fields(state: Mapping, produced: Mapping, owner: str) -> None:
+    """Refuse the fields of ``state`` that ``produced`` (what ``owner.state_dict()`` gives) lacks.
+
+    A misspelled or foreign field would otherwise be ignored silently.
+
+    >>> refuse_unknown_fields({"epoch": 0, "positon": 3}, {"epoch": 0, "position": 0}, "X")
+    Traceback (most recent call last):
+    dataorder.samplers._state.StateError: state has field ['positon'] that X.state_dict() does not produce; pass a dict from X.state_dict()
+    """
+    unknown = sorted((key for key in state if key not in produced), key=repr)
+    if unknown:
+        raise StateError(f"state has field {unknown} that {owner}.state_dict() does not produce; "
+                         f"pass a dict from {owner}.state_dict()")
 
 
 class StateReader:
@@ -308,11 +326,12 @@ class StateReader:
             raise StateError(f"state's {key} has shape {tuple(value.shape)}, expected {expected}; the state is corrupt")
         return value.cpu()  # check_tensors already refused the meta device
 
-    def same(self, key: str, expected: Any) -> None:
+    def same(self, key: str, expected: Any, *, fix: str | None = None) -> None:
         """Refuse the state unless ``state[key] == expected`` (a setting the sampler was built with).
 
         Containers are compared entry by entry with their types, so ``1.0`` does not stand
-        for ``1`` nor ``True`` for ``1`` anywhere inside them.
+        for ``1`` nor ``True`` for ``1`` anywhere inside them. ``fix`` replaces the advice
+        "construct it with key=saved" (for a field that is not a constructor argument).
         """
         value = self.field(key)
         if not _same_types(value, expected):
@@ -320,4 +339,4 @@ class StateReader:
                                  f"got {value!r} ({type(value).__name__})")
         if value != expected:
             raise StateError(f"state was saved with {key}={value!r} but this {self.owner} has {key}={expected!r}; "
-                             f"construct it with {key}={value!r}")
+                             f"{fix or f'construct it with {key}={value!r}'}")

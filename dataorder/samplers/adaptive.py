@@ -336,7 +336,11 @@ class AdaptiveMixtureSampler(MixtureSampler):
         for column, name in enumerate(self.schedule.names):
             if name in losses:
                 value = losses[name]
-                value = value.item() if isinstance(value, torch.Tensor) else value
+                if isinstance(value, torch.Tensor):
+                    if value.numel() != 1:
+                        raise ValueError(f"losses[{name!r}] must be one number (the domain's mean loss), got a tensor "
+                                         f"of shape {tuple(value.shape)}; report its .mean()")
+                    value = value.item()
                 if isinstance(value, bool) or not isinstance(value, numbers.Real):
                     raise TypeError(f"losses[{name!r}] must be a number, got {value!r}")
                 row[column] = math.inf if math.isnan(float(value)) else float(value)  # NaN marks "absent"

@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import Sampler
 
 from dataorder._validate import INT64_LIMIT, check_bool, check_epoch, check_rank, check_seed, check_world_size
-from dataorder.samplers._state import Cursor, StateError, StateReader, StateTypeError, resume_position
+from dataorder.samplers._state import (Cursor, StateError, StateReader, StateTypeError, refuse_unknown_fields,
+                                      resume_position)
 
 __all__ = [
     "IndexSampler",
@@ -46,6 +47,9 @@ def dataset_length(data: Sized | int, name: str = "data") -> int:
     """
     if isinstance(data, (bool, np.bool_)):
         raise TypeError(f"{name} must be a dataset (any Sized) or an int n, got a bool")
+    if isinstance(data, (str, bytes)):
+        raise TypeError(f"{name} must be a dataset (any Sized) or an int n, got a {type(data).__name__} {data!r:.40}; "
+                        "pass int(n) for a count read as text")
     if isinstance(data, numbers.Integral):
         n = int(data)
     elif isinstance(data, Sized):
@@ -222,6 +226,10 @@ class IndexSampler(Sampler[int], abc.ABC):
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly here: plain Python types and tensors."""
+        return self._fields()
+
+    def _fields(self) -> dict[str, Any]:
+        """The state's fields as they stand (``state_dict`` with no side effects: subclasses may add some)."""
         state = {
             "sampler": type(self).__name__,
             "n": self.n,
@@ -247,6 +255,7 @@ class IndexSampler(Sampler[int], abc.ABC):
         candidate._cursor = self._cursor.copy()
         try:
             candidate._load(state)
+            refuse_unknown_fields(state, candidate._fields(), type(self).__name__)
         except StateError:
             raise
         except TypeError as error:  # a subclass hook's refusal: typed like the base's own

@@ -231,6 +231,7 @@ class CurriculumSampler(RunSampler):
         self.n = hardness.size
         self.order = order
         self.pacing = pace
+        self._custom_pacing = not isinstance(pacing, str)
         self._pacing_name = pacing if isinstance(pacing, str) else getattr(pacing, "__qualname__", "callable")
         self._settings = {"pacing": self._pacing_name, "start": float(start), "full_at": float(full_at), "order": order}
         #: Example indices in curriculum order: ``ranking[:m]`` is the pool of size ``m``.
@@ -306,7 +307,12 @@ class CurriculumSampler(RunSampler):
         if self._digest is None:
             import hashlib
 
-            self._digest = fingerprint({**self._settings, "ranking": hashlib.sha256(self.ranking.tobytes()).hexdigest()})
+            settings = {**self._settings, "ranking": hashlib.sha256(self.ranking.tobytes()).hexdigest()}
+            if self._custom_pacing:
+                # a callable is known by what it does: the pool size of every pass before the pool is full
+                starts, pools, full_from = self._passes()
+                settings["passes"] = hashlib.sha256(np.concatenate([starts, pools, [full_from]]).tobytes()).hexdigest()
+            self._digest = fingerprint(settings)
         return self._digest
 
     def __repr__(self) -> str:

@@ -24,7 +24,7 @@ from scipy.stats import qmc
 from torch.utils.data import Dataset
 
 from dataorder._validate import check_bool, check_choice, check_count, check_epoch, check_seed
-from dataorder.samplers._state import StateReader
+from dataorder.samplers._state import StateReader, refuse_unknown_fields
 
 __all__ = [
     "QMCAugment",
@@ -229,12 +229,17 @@ class QMCAugment(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch, i.e. which point of each example's sequence ``__getitem__`` uses."""
-        self.epoch = check_epoch(epoch)
+        self.epoch = self._check_epoch(check_epoch(epoch))
+
+    def _check_epoch(self, epoch: int) -> int:
+        if self.method == "sobol" and epoch >= 2**BITS:
+            raise ValueError(f"epoch must be below 2**{BITS} for a Sobol sequence of {BITS} bits, got {epoch}; "
+                             "use method='random' for longer runs")
+        return epoch
 
     def _base_point(self, epoch: int) -> np.ndarray:
         if self._base is None or self._base[0] != epoch:
-            if epoch >= 2**BITS:
-                raise ValueError(f"epoch must be below 2**{BITS} for a Sobol sequence of {BITS} bits")
+            self._check_epoch(epoch)
             point = sobol_point(self.seed, epoch, self.dim, self.scramble)
             self._base = (epoch, point, point.tolist())
         return self._base[1]
@@ -300,7 +305,9 @@ class QMCAugment(Dataset):
         reader = StateReader(state, type(self).__name__)
         for key in ("seed", "dim", "method", "scramble"):
             reader.same(key, getattr(self, key))
-        self.epoch = reader.int("epoch")
+        epoch = reader.int("epoch", high=2**BITS - 1 if self.method == "sobol" else None)
+        refuse_unknown_fields(state, self.state_dict(), type(self).__name__)
+        self.epoch = epoch
 
     def __repr__(self) -> str:
         return (f"QMCAugment(n={len(self.dataset)}, dim={self.dim}, method={self.method!r}, seed={self.seed}, "

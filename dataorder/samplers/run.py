@@ -15,7 +15,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from dataorder._validate import check_bool, check_count, check_epoch, check_seed
-from dataorder.samplers._state import Cursor, StateError, StateReader, resume_position
+from dataorder.samplers._state import Cursor, StateError, StateReader, refuse_unknown_fields, resume_position
 from dataorder.samplers.base import resolve_world, shard_length
 
 __all__ = ["RunSampler", "fingerprint"]
@@ -117,13 +117,22 @@ class RunSampler(Sampler[int], abc.ABC):
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The global position (``sample``, all ranks together) and what identifies the run: plain Python types."""
+        """The global position (``sample``, all ranks together) and what identifies the run: plain Python types.
+
+        ``epoch`` is the last :meth:`set_epoch` (it does not change the order), so a loop that
+        resumes any sampler with ``set_epoch(state["epoch"])`` resumes this one too.
+        """
+        return self._fields()
+
+    def _fields(self) -> dict[str, Any]:
+        """The state's fields as they stand (``state_dict`` with no side effects: subclasses may add some)."""
         state = {
             "sampler": type(self).__name__,
             "seed": self.seed,
             "num_samples": self.num_samples,
             "drop_last": self.drop_last,
             "world_size": self.world_size,
+            "epoch": self.epoch,
             "sample": self.sample,
         }
         state.update(self._extra_state())
@@ -138,6 +147,7 @@ class RunSampler(Sampler[int], abc.ABC):
         candidate = copy.copy(self)
         candidate._cursor = self._cursor.copy()
         candidate._load(state)
+        refuse_unknown_fields(state, candidate._fields(), type(self).__name__)
         self.__dict__.update(candidate.__dict__)
 
     def _load(self, state: Any) -> None:
@@ -148,6 +158,7 @@ class RunSampler(Sampler[int], abc.ABC):
         self._check_extra_state(state)
         saved_world = reader.int("world_size", low=1)
         saved_length = shard_length(self._run_length(), saved_world, self.drop_last)
+        epoch = reader.int("epoch")
         sample = reader.int("sample")
         if sample % saved_world:
             raise StateError(f"state's sample={sample} is not a whole number of positions of its "
@@ -156,6 +167,7 @@ class RunSampler(Sampler[int], abc.ABC):
         position = resume_position(position, saved_world=saved_world, world=self.world_size,
                                    saved_length=saved_length, length=len(self), elastic=True,
                                    what=type(self).__name__)
+        self.epoch = epoch
         self._cursor.move_to(position)
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import Sampler
 
 from dataorder.samplers.allocation import allocate, count_range
 from dataorder._validate import check_bool, check_count, check_epoch, check_seed
-from dataorder.samplers._state import Cursor, StateError, StateReader, resume_position
+from dataorder.samplers._state import Cursor, StateError, StateReader, refuse_unknown_fields, resume_position
 from dataorder.samplers.base import epoch_rng, resolve_world
 
 __all__ = ["StratifiedBatchSampler", "encode_strata", "merge_moments", "stratum_draws"]
@@ -412,6 +412,7 @@ class StratifiedBatchSampler(Sampler[list[int]]):
             "batch_size": self.batch_size,
             "drop_last": self.drop_last,
             "allocation": self.allocation,
+            "shares": None if self._shares is None else (self._shares / self._shares.sum()).tolist(),
             "sizes": self.sizes.tolist(),
             "counts": self._counts.tolist(),
             "sigma": [None if math.isnan(s) else s for s in self._sigma.tolist()],  # None: unknown
@@ -430,6 +431,8 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         for key, mine in (("n", self.n), ("seed", self.seed), ("drop_last", self.drop_last),
                           ("allocation", self.allocation), ("sizes", self.sizes.tolist())):
             reader.same(key, mine)
+        reader.same("shares", self.state_dict()["shares"],  # a dict allocation's shares, normalised
+                    fix="construct it with the saved run's allocation dict")
         saved_batch, saved_world = reader.int("batch_size", low=1), reader.int("world_size", low=1)
         if saved_batch * saved_world != self.global_batch_size:
             raise StateError(
@@ -443,15 +446,16 @@ class StratifiedBatchSampler(Sampler[list[int]]):
                                    length=self.num_batches, elastic=True, what=type(self).__name__)
         strata = len(self.labels)
         counts = reader.ints("counts", strata, low=1, high=self.global_batch_size)
-        if counts.sum() != self.global_batch_size or (counts > self.sizes).any():
-            raise StateError(f"state's counts {counts.tolist()} do not fill a global batch of "
-                             f"{self.global_batch_size} within the stratum sizes; the state is corrupt")
         sigma = reader.floats("sigma", (strata,), missing=True)
         if (sigma < 0).any():
             raise StateError("state's sigma holds a negative standard deviation; the state is corrupt")
+        if not np.array_equal(counts, self._allocate(epoch, sigma)):  # what set_epoch(epoch) allocated from sigma
+            raise StateError(f"state's counts {counts.tolist()} are not the allocation of epoch {epoch} from its "
+                             "sigma; the state is corrupt")
         moments = reader.floats("moments", (strata, 3))
         if (moments[:, 0] < 0).any() or (moments[:, 2] < 0).any():
             raise StateError("state's moments hold a negative count or M2; the state is corrupt")
+        refuse_unknown_fields(state, self.state_dict(), type(self).__name__)
         self.epoch, self._counts, self._sigma, self._moments = epoch, counts, sigma, moments
         self._cursor.move_to(position)
         self._cache = None

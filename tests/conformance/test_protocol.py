@@ -195,6 +195,8 @@ def tampered(state, length):
                     broken = value.clone()
                     broken.view(-1)[0] = bad
                     edit(f"{bad} in {path}", path, broken)
+            if value.is_floating_point():
+                edit(f"{path} requiring grad", path, value.detach().clone().requires_grad_(True))
             edit(f"complex {path}", path, value.to(torch.complex64))
             edit(f"meta {path}", path, value.to("meta"))
             return
@@ -215,6 +217,7 @@ def tampered(state, length):
 
     for key in state:
         edit(f"missing {key}", (key,), delete=True)
+    edit("an unknown field", ("positon",), 0)
     walk(state, ())
     if "position" in state:
         edit("position past the epoch", ("position",), length + 1)

@@ -339,7 +339,7 @@ def test_distributed_ranks_share_one_global_order(grads):
             sampler.set_epoch(epoch)
             order = sampler.global_order()
             for start in range(0, len(order), 9):  # every rank balances the whole global batch
-                sampler.step(grads[order[start:start + 9]])
+                sampler.step(grads[order[start:start + 9]], global_batch=True)
     orders = [sampler.global_order().tolist() for sampler in ranks]
     assert orders[0] == orders[1] == orders[2]
     assert sorted(i for sampler in ranks for i in sampler) == list(range(len(grads)))

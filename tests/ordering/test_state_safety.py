@@ -186,6 +186,15 @@ TAMPERED = [  # (balance, tamper, the typed error, a pattern naming the field)
     ("mean", lambda s: s.pop("sketch_auto"), StateError, r"missing 'sketch_auto'"),
     ("mean", lambda s: s.update(sketch_auto=1), StateTypeError, r"sketch_auto must be True or False"),
     ("mean", lambda s: s.update(sketch_auto=True), StateError, r"sketch_auto=True needs a sketch_dim"),
+    ("mean", lambda s: s.update(tensors=None), StateError, r"balanced steps \(dim\) but no balancing sums"),
+    ("pair", lambda s: s.update(tensors=None), StateError, r"balanced steps \(dim\) but no balancing sums"),
+    ("mean", lambda s: s.update(dtype=None), StateError, r"dtype and dim are set together"),
+    ("mean", lambda s: s["tensors"].update({k: v.double() for k, v in s["tensors"].items()}), StateTypeError,
+     r"tensors are \['float64'\] but its dtype is 'float32'"),
+    ("herding", lambda s: s.update(stored=s["stored"].double()), StateTypeError, r"stored must be float32"),
+    ("herding", lambda s: s.update(stored=s["stored"].requires_grad_(True)), StateError, r"stored'\] requires grad"),
+    ("mean", lambda s: s["tensors"]["sums"].requires_grad_(True), StateError, r"sums'\] requires grad"),
+    ("mean", lambda s: s.update(positon=3), StateError, r"field \['positon'\] that GraBSampler.state_dict\(\)"),
 ]
 
 
@@ -223,3 +232,67 @@ def test_a_state_after_the_epochs_last_index_resumes_at_the_end_then_the_next_ep
     assert list(revived) == epoch0  # ... and iterating again replays it, as torch's samplers do
     revived.set_epoch(1)
     assert list(revived) == list(straight)  # the next epoch's order is the straight run's
+
+
+def test_a_load_that_fails_inside_the_rule_leaves_the_live_sampler_untouched(monkeypatch):
+    # the candidate loads into its own copy of the rule: a failure half-way through the rule's load changes nothing
+    from dataorder.ordering.rules import HerdingRule
+
+    def half_load(rule, state):
+        rule.store = None
+        raise ValueError("the rule's load failed half-way")
+
+    sampler, untouched = stepped("herding", steps=2), stepped("herding", steps=2)
+    state = stepped("herding", steps=3).state_dict()
+    monkeypatch.setattr(HerdingRule, "load_state_dict", half_load)
+    with pytest.raises(StateError, match="half-way"):
+        sampler.load_state_dict(state)
+    for s in (sampler, untouched):
+        s.step(torch.ones(3, 4))
+        s.set_epoch(1)
+    assert sampler.global_order().tolist() == untouched.global_order().tolist()
+
+
+def test_world_size_above_one_without_a_process_group_needs_the_global_batch():
+    sampler = GraBSampler(8, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised.*global_batch=True"):
+        sampler.step(torch.randn(2, 3))
+    assert sampler.steps_position == 0
+    sampler.step(torch.randn(4, 3), global_batch=True)  # the whole global batch, gathered by the caller
+    assert sampler.steps_position == 4
+
+
+def test_sparse_gradients_are_a_type_error_naming_to_dense():
+    sampler = GraBSampler(8)
+    with pytest.raises(TypeError, match="to_dense"):
+        sampler.step(torch.eye(2, 3).to_sparse())
+    with pytest.raises(TypeError, match=r"grads\['w'\] must be a dense tensor"):
+        sampler.step({"w": torch.eye(2, 3).to_sparse()})
+    assert sampler.steps_position == 0
+
+
+@pytest.mark.parametrize("sketch_dim, error", [(2**63, ValueError), (0, ValueError), (1.5, TypeError)])
+def test_sketch_dim_out_of_range_is_refused_at_construction(sketch_dim, error):
+    with pytest.raises(error, match="sketch_dim"):
+        GraBSampler(8, sketch_dim=sketch_dim)
+
+
+def test_a_step_inside_autocast_balances_at_the_rows_precision():
+    # the exact ghost path's products of an embedding and a norm would meet bf16 and float32 operands
+    def run(inside):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(11, 8), nn.LayerNorm(8), nn.Linear(8, 11))
+        sampler = GraBSampler(12, seed=2).attach(model)
+        tokens = torch.randint(0, 11, (12, 5), generator=torch.Generator().manual_seed(1))
+        for start in (0, 6):
+            batch = tokens[sampler.global_order()[start:start + 6]]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(batch).float().reshape(-1, 11), batch.reshape(-1))
+                loss.backward()
+                if inside:
+                    sampler.step()
+            if not inside:
+                sampler.step()
+        return sampler.state_dict()
+
+    assert same_state(run(inside=True), run(inside=False))

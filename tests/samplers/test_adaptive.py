@@ -361,3 +361,10 @@ def test_dataloader_with_workers_needs_the_prefetch_as_delay():
             s.observe(step, losses_at(step))
     single = make(delay=4)
     assert [i for batch in drive(single) for i in batch] == s.stream().tolist()
+
+
+def test_a_loss_tensor_of_several_values_is_a_value_error_naming_the_domain():
+    sampler = make()
+    next(iter(sampler))
+    with pytest.raises(ValueError, match=r"losses\['code'\] must be one number.*\.mean\(\)"):
+        sampler.observe(0, {"code": torch.tensor([1.0, 2.0])})

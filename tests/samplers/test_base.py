@@ -257,3 +257,9 @@ def test_the_package_re_exports_every_sampler_class_and_imports_light():
     assert loaded.strip() == "[]"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         samplers.Nope
+
+
+@pytest.mark.parametrize("text", ["3", b"3"])
+def test_text_is_not_taken_for_a_dataset(text):
+    with pytest.raises(TypeError, match=r"dataset \(any Sized\) or an int n.*int\(n\)"):
+        RandomReshuffling(text)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dataorder.samplers import StateError
 from dataorder.samplers.curriculum import CurriculumSampler, difficulty, prune
 from dataorder.schedules import pacing_function
 
@@ -201,3 +202,22 @@ def test_seeds_of_64_bits_work_when_iterating():
     assert list(high) != list(low)  # ... in another order
     with pytest.raises(ValueError, match="seed"):
         make(seed=2**64)
+
+
+def test_state_rejects_another_callable_pacing_of_the_same_name():
+    # two lambdas share a __qualname__: the state knows a callable by the pools it gives each pass
+    gentle, steep = (lambda p: min(1.0, 0.2 + p)), (lambda p: min(1.0, 0.5 + p))
+    state = make(pacing=gentle).state_dict()
+    make(pacing=gentle).load_state_dict(state)
+    with pytest.raises(StateError, match="other scores or pacing settings"):
+        make(pacing=steep).load_state_dict(state)
+
+
+def test_a_state_holds_the_epoch_for_a_loop_that_resumes_every_sampler_alike():
+    sampler = make()
+    sampler.set_epoch(3)
+    state = sampler.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(state["epoch"])
+    assert resumed.epoch == 3 and list(resumed) == list(sampler)

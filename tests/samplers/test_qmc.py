@@ -225,3 +225,13 @@ def test_foreign_or_incomplete_states_are_refused():
         with pytest.raises(StateError):
             data.load_state_dict(bad)
     assert data.epoch == 3
+
+
+def test_a_sobol_epoch_past_its_precision_is_refused_where_it_is_set():
+    data = augment()
+    with pytest.raises(ValueError, match=r"epoch must be below 2\*\*30.*method='random'"):
+        data.set_epoch(2**30)
+    assert data.epoch == 0
+    with pytest.raises(ValueError, match="epoch"):
+        data.load_state_dict({**data.state_dict(), "epoch": 2**30})
+    augment(method="random").set_epoch(2**30)  # random points have no such bound

@@ -409,3 +409,20 @@ def test_neyman_ranks_agree_under_a_real_process_group(tmp_path):
             reference.update(batch, values[batch])
     assert results[0]["epochs"][0][0] == {0: 4, 1: 3, 2: 1}  # proportional until sigma is known
     assert results[0]["epochs"][1][0] == {0: 1, 1: 2, 2: 5}  # then n_h ∝ N_h sigma_h
+
+
+def test_a_state_saved_with_other_allocation_shares_is_refused():
+    labels = [0] * 6 + [1] * 6 + [2] * 6
+    saved = StratifiedBatchSampler(labels, 6, allocation={0: 4, 1: 1, 2: 1}).state_dict()
+    StratifiedBatchSampler(labels, 6, allocation={0: 8, 1: 2, 2: 2}).load_state_dict(saved)  # the same shares
+    with pytest.raises(StateError, match="shares=.*the saved run.s allocation dict"):
+        StratifiedBatchSampler(labels, 6, allocation={0: 1, 1: 1, 2: 4}).load_state_dict(saved)
+
+
+def test_counts_other_than_the_epochs_allocation_are_refused():
+    sampler = StratifiedBatchSampler([0] * 6 + [1] * 6 + [2] * 6, 6, allocation="proportional", seed=1)
+    state = sampler.state_dict()
+    assert state["counts"] == [2, 2, 2]
+    with pytest.raises(StateError, match=r"counts \[4, 1, 1\] are not the allocation of epoch 0"):
+        sampler.load_state_dict({**state, "counts": [4, 1, 1]})
+    assert sampler.counts == {0: 2, 1: 2, 2: 2}
