@@ -167,14 +167,20 @@ class GradientOrderSampler(IndexSampler):
         torch.func's dict ``{name: (B, *shape)}``. Half-precision gradients are accumulated in
         float32. A step either completes with finite state or raises (``ValueError`` for a
         wrong batch size, a changed ``d``, NaN/inf or an overflow, ``TypeError`` for a wrong
-        type) and leaves the sampler exactly as it was.
+        type) and leaves the sampler exactly as it was. Inside ``torch.autocast`` the step's own
+        arithmetic still runs at the rows' precision.
 
         Under ``torch.distributed`` (``world_size > 1``) each rank passes its local batch and
         the rows are all-gathered into global-batch order (CD-GraB): every rank then runs the
         same balancing. Pass ``global_batch=True`` when ``grads`` already hold the whole
         global batch, e.g. from :func:`dataorder.distributed.gather_global_batch`.
         """
-        with _outside_autocast():
+        autocast = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+        if not autocast:
+            return self._step(grads, global_batch)
+        with contextlib.ExitStack() as outside:  # the step's arithmetic at the rows' precision
+            for device in autocast:
+                outside.enter_context(torch.autocast(device, enabled=False))
             self._step(grads, global_batch)
 
     def _step(self, grads: Tensor | Mapping[str, Tensor] | None, global_batch: bool) -> None:
@@ -419,16 +425,6 @@ class GradientOrderSampler(IndexSampler):
                 f"step() (position {self.position} yielded, {self._visited} stepped): the next step() balances "
                 f"position {self._visited}; take states after step() for a loader that resumes where it had yielded",
                 stacklevel=2)
-
-
-@contextlib.contextmanager
-def _outside_autocast():
-    """The step's arithmetic at the rows' precision, also when ``step()`` is called inside ``torch.autocast``."""
-    with contextlib.ExitStack() as stack:
-        for device in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device):
-                stack.enter_context(torch.autocast(device, enabled=False))
-        yield
 
 
 def _rows_space(rows_sketch: int | None) -> str:
