@@ -301,7 +301,10 @@ def select_parameters(model: nn.Module, params: ParamSelection) -> tuple[str, ..
         chosen = trainable
     elif callable(params):
         chosen = [name for name in trainable if params(name, named[name])]
-    elif isinstance(params, str) or not isinstance(params, Iterable):
+    elif isinstance(params, str):
+        raise TypeError(f"params must be None, a list of parameter names or a predicate (name, param) -> bool, got "
+                        f"the str {params!r}: a single name goes in a list, params=[{params!r}]")
+    elif not isinstance(params, Iterable):
         raise TypeError(f"params must be None, a list of parameter names or a predicate (name, param) -> bool, got {params!r}")
     else:
         wanted = list(params)

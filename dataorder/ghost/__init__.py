@@ -24,11 +24,14 @@ The package is split by job: :mod:`~dataorder.ghost.factors` holds the per-layer
 the hooks.
 
 Supported exactly: ``nn.Linear`` (any number of leading dims), ``nn.Conv1d``/``nn.Conv2d``
-(``groups=1``, numeric padding, zero padding mode), ``nn.Embedding`` (dense),
-``nn.LayerNorm`` and ``nn.GroupNorm`` affine parameters, biases, transformers' ``Conv1D``,
-and tied weights. Any other module with parameters of its own falls back to ``torch.func``
-per-example gradients for that module only (materialised, ``B × d_module``), with a
-one-time warning that names it; :func:`register_ghost_rule` adds an exact rule.
+(``groups=1``, numeric padding, zero padding mode), ``nn.Embedding`` (dense, ``max_norm``
+included, not ``scale_grad_by_freq``), ``nn.LayerNorm`` and ``nn.GroupNorm`` affine
+parameters, biases, transformers' ``Conv1D``, and tied weights. Any other module with
+parameters of its own that returns one tensor falls back to ``torch.func`` per-example
+gradients for that module only (materialised, ``B × d_module``), with a one-time warning
+that names it; :func:`register_ghost_rule` adds an exact rule. A module returning a tuple
+(``nn.LSTM``, ``nn.MultiheadAttention``) has no one output gradient to capture: with its
+parameters selected, its forward raises :class:`UnsupportedLayerError`.
 
 Example::
 

@@ -17,6 +17,7 @@ from dataorder.ghost.factors import DenseFactors, EmbeddingFactors, LinearFactor
 from dataorder.ghost.rules import fallback_rule, linear_rule, rule_for, saved_statistics
 from dataorder.ghost.sketch import SketchRows, Sketcher
 from dataorder.ghost.tied import TiedFactors
+from dataorder.grads import select_parameters
 
 __all__ = ["GhostGrads"]
 
@@ -28,17 +29,21 @@ class GhostGrads:
     on its output records the output gradient during ``loss.backward()``. :meth:`collect`
     turns the records into one :class:`GhostBatch` per forward of ``model`` that was
     followed by a backward (one per micro-batch under gradient accumulation), in order,
-    and clears them. With ``sketch=k``, :meth:`collect_sketch` gives instead each batch's
-    per-example Kronecker sketches (at most ``k × k`` values per weight,
-    :mod:`dataorder.ghost.sketch`) as a dense ``(B, D)`` tensor, built during the backward
-    (no factors are kept; :meth:`collect` is then unavailable).
+    and clears them. A ``model`` that is never called itself (an ``nn.ModuleDict``, or a loop
+    calling ``model.enc`` and ``model.head``) has its forwards told apart by the backwards: a
+    forward starts at the first hooked call after an output gradient arrived, and that call's
+    input stands in for the model's (its batch size, its dim 1 for positions). With
+    ``sketch=k``, :meth:`collect_sketch` gives instead each batch's per-example Kronecker
+    sketches (at most ``k × k`` values per weight, :mod:`dataorder.ghost.sketch`) as a dense
+    ``(B, D)`` tensor, built during the backward (no factors are kept; :meth:`collect` is
+    then unavailable).
 
     The loss is assumed mean-reduced over the batch: captured output gradients are
     multiplied by the batch size to give per-example gradients. Any other constant factor
     (e.g. ``1/accumulation_steps``) scales every per-example gradient alike.
 
-    ``params`` selects parameters like :class:`~dataorder.grads.PerExampleGrads`: ``None``
-    (all trainable), a list of names, or a predicate ``(name, param) -> bool``.
+    ``params`` selects parameters like :class:`~dataorder.grads.PerExampleGrads` (the same
+    check): ``None`` (all trainable), a list of names, or a predicate ``(name, param) -> bool``.
 
     A forward that is never backpropagated (evaluation without ``torch.no_grad()``) costs no
     memory past its graph's life: a call's record is held by the hook on its output's graph
@@ -51,8 +56,10 @@ class GhostGrads:
     holds ``B × |param|`` values for that parameter), a sum of sketches on
     :meth:`collect_sketch`. A module whose input is shared by the whole batch (positions of
     shape ``(1, T)``, or ``arange(T)`` made inside ``forward``) has no per-example gradient
-    at its hooks: its parameters are left out, with a one-time warning naming it.
-    BatchNorm using batch statistics is refused (:class:`~dataorder.ghost.UnsupportedLayerError`).
+    at its hooks: its parameters are left out, with a one-time warning naming it; this is
+    decided before the first collect, and no module is newly left out after it. BatchNorm
+    using batch statistics, and a module with selected parameters that returns a tuple
+    (``nn.LSTM``), are refused (:class:`~dataorder.ghost.UnsupportedLayerError`).
 
     Example::
 
@@ -77,9 +84,7 @@ class GhostGrads:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {seed!r}")
         check_no_batch_statistics(model)
-        selected = _select(model, params)
-        if not selected:
-            raise ValueError("params selects no trainable parameter of the model")
+        selected = set(select_parameters(model, params))
         self.model, self.seed = model, int(seed)
         named = dict(model.named_parameters())  # one name per tensor: the first module that owns it
         self.names = [name for name in named if name in selected]
@@ -87,13 +92,16 @@ class GhostGrads:
         self._sketcher = Sketcher(self.sketch, self.seed) if self.sketch is not None else None
         owners = _direct_owners(model, {id(p): name for name, p in named.items() if name in selected})
         self._forward_count = 0
-        self._batch_sizes: dict[int, tuple[int | None, int]] = {}  # forward -> (batch size, input rank)
+        self._forward_input: tuple[int | None, int | None] = (None, None)  # this forward's (batch size, dim-1 length)
+        self._root_called = False  # until then a forward starts at the first hooked call after a backward
+        self._grad_arrived = False  # an output gradient arrived since this forward started
+        self._collected = False  # a forward was collected: no module is newly left out from then on
         self._records: list[weakref.ref] = []  # exact-path calls in forward order; their graph's hook holds them
         self._held: list[_Record] = []  # the records with a gradient (with keep_outputs: all of them)
         self._warned: set[str] = set()
         self._excluded: set[str] = set()  # modules left out: their input is shared by the batch
         self._left_out: set[str] = set()  # the parameters of those modules
-        self._sketch_rows: dict[int, SketchRows] = {}  # forward -> its sketch rows, filled during the backward
+        self._sketch_rows: dict[int, tuple[int, SketchRows]] = {}  # forward -> (batch size, rows), filled in backward
         self._batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self._handles = [model.register_forward_pre_hook(self._count_forward, with_kwargs=True)]
         self.hooked: list[nn.Module] = []  # the modules whose calls are captured
@@ -106,26 +114,44 @@ class GhostGrads:
         self.tied = {name for name in uses if uses.count(name) > 1}  # used by several modules
 
     def _count_forward(self, module, args, kwargs) -> None:
-        if any(m.training for m in self._batch_norms):
-            check_no_batch_statistics(self.model)  # switched to train mode after construction
+        self._refuse_batch_statistics()
+        if not torch.is_grad_enabled():
+            return  # nothing is recorded under torch.no_grad()
+        self._root_called = True
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+        self._start_forward(*_input_shape(first))
+
+    def _start_forward(self, size: int | None, length: int | None) -> None:
+        """Number a new forward, whose input has ``size`` examples and dim-1 ``length`` (None: unknown)."""
         self._forward_count += 1
+        self._forward_input, self._grad_arrived = (size, length), False
         if len(self._records) > 4 * len(self._held) + 256:  # forwards with no backward: forget their dead records
             self._records = [ref for ref in self._records if ref() is not None]
-        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
-        size = None if first is None or first.dim() == 0 else first.shape[0]
-        self._batch_sizes[self._forward_count] = (size, 0 if first is None else first.dim())
+
+    def _refuse_batch_statistics(self) -> None:
+        if any(m.training for m in self._batch_norms):
+            check_no_batch_statistics(self.model)  # switched to train mode after construction
 
     def _make_hook(self, module_name: str, names: dict[str, str]):
         def hook(module, inputs, output):
-            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            if not torch.is_grad_enabled():
                 return
-            if _inside_functorch(output):
-                return  # a torch.func transform (e.g. PerExampleGrads) is running the model
+            if not isinstance(output, Tensor):
+                _refuse_non_tensor_output(module_name, module, output)
+                return
+            if not output.requires_grad or _inside_functorch(output):
+                return  # nothing to capture, or a torch.func transform (e.g. PerExampleGrads) runs the model
             tensors = tuple(t.detach() for t in inputs if isinstance(t, Tensor))
             if not tensors:
                 raise UnsupportedLayerError(f"{type(module).__name__} '{module_name}' was called without a "
                                             "positional tensor input: the ghost hooks cannot see its input; "
                                             "pass it positionally or leave its parameters out with params=")
+            if not self._root_called and (self._forward_count == 0 or self._grad_arrived):
+                # the model itself is never called: a backward ended the last forward, this call starts one
+                self._refuse_batch_statistics()
+                self._start_forward(*_input_shape(tensors[0]))  # its input stands in for the model's
+            size, length = self._forward_input
+            batch_size = _input_shape(tensors[0])[0] if size is None else size
             tensors += saved_statistics(module, output)
             if rule_for(module) is None and module_name not in self._warned:
                 self._warned.add(module_name)
@@ -133,7 +159,7 @@ class GhostGrads:
                               f"('{module_name}'): using torch.func per-example gradients for this module only "
                               "(dataorder.register_ghost_rule adds one)", stacklevel=2)
             if self._sketcher is None:
-                record = _Record(self._forward_count, module_name, module, names, tensors,
+                record = _Record(self._forward_count, batch_size, length, module_name, module, names, tensors,
                                  output if self.keep_outputs else None)
                 self._records.append(weakref.ref(record))
                 if self.keep_outputs:
@@ -141,9 +167,8 @@ class GhostGrads:
                 output.register_hook(functools.partial(self._add_grad, record))  # the graph holds the record
                 return
             # sketched: the call is reduced to its sketch as soon as its output gradient arrives
-            record = _Record(self._forward_count, module_name, module, names, tensors, None)
-            batch_size, rank = self._batch_sizes.get(self._forward_count, (None, 0))
-            if not self._left_out_if_shared(record, batch_size or tensors[0].shape[0], rank):
+            record = _Record(self._forward_count, batch_size, length, module_name, module, names, tensors, None)
+            if not self._left_out_if_shared(record):
                 output.register_hook(functools.partial(self._sketch_call, record))
         return hook
 
@@ -154,11 +179,14 @@ class GhostGrads:
         until the end of the backward, they would raise the step's peak memory (and on the CPU,
         with glibc's default malloc, have those pages faulted in afresh at every step).
         """
+        self._grad_arrived = True
         if record.inputs is None:
+            self._sketch_rows.pop(record.forward, None)
             raise RepeatedBackwardError(
                 f"the output gradient of {type(record.module).__name__} '{record.module_name}' arrived twice for one "
-                "forward (a second backward with retain_graph=True?): sketch=k sketches each forward once; run the "
-                "forward again, or use the exact path (sketch=None)")
+                "forward (a second backward with retain_graph=True?): sketch=k sketches each forward once, so this "
+                "forward's rows were dropped; run the forward and a single backward again, then step() "
+                "(or use the exact path, sketch=None)")
         try:
             self._add_sketch(record, grad)
         finally:
@@ -166,10 +194,10 @@ class GhostGrads:
 
     def _add_sketch(self, record: _Record, grad: Tensor) -> None:
         with torch.no_grad():
-            rows = self._sketch_rows.get(record.forward)
-            if rows is None:
+            if record.forward not in self._sketch_rows:
                 rows = self._sketcher.new_rows(self.names, self.shapes, grad.shape[0], grad.device)
-                self._sketch_rows[record.forward] = rows
+                self._sketch_rows[record.forward] = (record.batch_size, rows)
+            rows = self._sketch_rows[record.forward][1]
             rule = rule_for(record.module)
             if rule is linear_rule:  # the common case, without building factor objects
                 # bf16 under autocast stays bf16 here: add_linear converts what it uses, as it uses it
@@ -181,6 +209,7 @@ class GhostGrads:
                 self._sketcher.add(rows, factors, self.shapes)
 
     def _add_grad(self, record: _Record, grad: Tensor) -> None:
+        self._grad_arrived = True
         if record.grad is None and not self.keep_outputs:
             self._held.append(record)  # kept past its graph from here on, until collect()
         record.add_grad(grad)
@@ -216,6 +245,7 @@ class GhostGrads:
         for batch_size, factors, names in self._groups():
             shapes = {name: self.shapes[name] for name in names}
             out.append(GhostBatch(factors, names, batch_size, shapes, scale=batch_size))
+        self._collected = self._collected or bool(out)
         return out
 
     def collect_sketch(self) -> list[Tensor]:
@@ -239,41 +269,40 @@ class GhostGrads:
         if self._sketcher is None:
             raise ValueError("collect_sketch() needs a sketch size: construct GhostGrads(model, sketch=k)")
         pending, self._sketch_rows = self._sketch_rows, {}
-        sizes, self._batch_sizes = self._batch_sizes, {}
         names = [name for name in self.names if name not in self._left_out]
         out = []
-        for forward, rows in sorted(pending.items()):
+        for forward, (batch_size, rows) in sorted(pending.items()):
+            _check_not_empty(batch_size)
             self._check_covered(names, rows.written)
-            batch_size = sizes.get(forward, (None, 0))[0] or rows.values.shape[0]
             out.append(rows.columns(names).mul_(batch_size))  # the loss is a mean over the batch
+        self._collected = self._collected or bool(out)
         return out
 
     def _groups(self):
         """``(batch size, factors, balanced names)`` per captured forward with a backward; clears the records."""
         records, self._records, self._held = self._live_records(), [], []
-        sizes, self._batch_sizes = self._batch_sizes, {}
         groups: dict[int, list[_Record]] = {}
         for record in records:
             record.output = None
             if record.grad is not None:  # a forward with no backward (e.g. evaluation) is skipped
                 groups.setdefault(record.forward, []).append(record)
-        out = []
-        for forward, group in sorted(groups.items()):
-            batch_size, rank = sizes.get(forward, (None, 0))
-            out.append(self._factors(group, batch_size or group[0].inputs[0].shape[0], rank))
-        return out
+        return [self._factors(group) for _, group in sorted(groups.items())]
 
-    def _left_out_if_shared(self, record: _Record, batch_size: int, input_rank: int) -> bool:
-        """Whether the module is left out because its input is shared by the batch (warned once per module)."""
+    def _left_out_if_shared(self, record: _Record) -> bool:
+        """Whether the module is left out because its input is shared by the batch (warned once per module).
+
+        Decided by the forwards before the first collect: from then on a module's input is
+        taken as per-example (a class-label embedding fed ``[0, 1]`` is no position table).
+        """
         if record.module_name in self._excluded:
             return True
-        if not _shares_input(record, batch_size, input_rank):
+        if self._collected or not _shares_input(record):
             return False
         self._excluded.add(record.module_name)
         self._left_out.update(record.names.values())
         warnings.warn(
             f"{type(record.module).__name__} '{record.module_name}' got an input of shape "
-            f"{tuple(record.inputs[0].shape)} shared by the whole batch (of {batch_size}), e.g. positions: "
+            f"{tuple(record.inputs[0].shape)} shared by the whole batch (of {record.batch_size}), e.g. positions: "
             "it has no per-example gradient, so its parameters are left out of the balance", stacklevel=4)
         return True
 
@@ -288,9 +317,11 @@ class GhostGrads:
             raise ValueError("every selected parameter belongs to a module whose input is shared by the batch: "
                              "nothing is left to balance; select other parameters with params=")
 
-    def _factors(self, group: list[_Record], batch_size: int, input_rank: int):
+    def _factors(self, group: list[_Record]):
+        batch_size = group[0].batch_size
+        _check_not_empty(batch_size)
         for record in group:
-            self._left_out_if_shared(record, batch_size, input_rank)
+            self._left_out_if_shared(record)
         left_out = {name for record in group if record.module_name in self._excluded
                     for name in record.names.values()}
         by_call: dict[tuple, list] = {}  # (module, parameters, part of the rule's output) -> one per call
@@ -353,20 +384,52 @@ def _check_sketch(sketch) -> int | None:
     return int(sketch)
 
 
-def _shares_input(record: _Record, batch_size: int, input_rank: int) -> bool:
+def _shares_input(record: _Record) -> bool:
     """Whether the module's input is one tensor for the whole batch rather than one slice per example.
 
     Detected: a leading dim other than the batch size (``(1, T)`` positions, ``arange(T)``
-    with ``T != B``), and an embedding indexed by a 1-D ``arange`` while the model's input has
-    a batch and a sequence dim (``arange(T)`` with ``T == B``). Not detectable from shapes: a
-    shared tensor of exactly the batch's shape, e.g. ``arange(B)`` fed to a ``Linear``.
+    with ``T != B``), and an embedding indexed by ``arange(T)``, ``T`` being the length of the
+    model input's dim 1 (the case ``T == B``). Not detectable from shapes: a shared tensor of
+    exactly the batch's shape, e.g. ``arange(B)`` fed to a ``Linear``.
     """
-    x = record.inputs[0]
+    x, batch_size = record.inputs[0], record.batch_size
     if x.dim() == 0 or x.shape[0] != batch_size:
         return True
-    if isinstance(record.module, nn.Embedding) and x.dim() == 1 and input_rank >= 2 and batch_size > 1:
+    if isinstance(record.module, nn.Embedding) and x.dim() == 1 and len(x) == record.length and batch_size > 1:
         return bool(torch.equal(x, torch.arange(len(x), device=x.device, dtype=x.dtype)))
     return False
+
+
+def _input_shape(tensor: Tensor | None) -> tuple[int | None, int | None]:
+    """``(batch size, dim-1 length)`` of a forward's input tensor, None where it has no such dim."""
+    if tensor is None:
+        return None, None
+    return (tensor.shape[0] if tensor.dim() else None), (tensor.shape[1] if tensor.dim() >= 2 else None)
+
+
+def _check_not_empty(batch_size: int) -> None:
+    if batch_size == 0:
+        raise ValueError("an empty batch (0 examples) was backpropagated: it has no per-example gradient to "
+                         "balance; skip it (no forward and backward on an empty batch)")
+
+
+def _refuse_non_tensor_output(module_name: str, module: nn.Module, output) -> None:
+    """Raise for a hooked module returning a tuple (or list): no single output gradient to capture."""
+    leaves = _tensors_in(output)
+    if not any(t.requires_grad for t in leaves) or any(_inside_functorch(t) for t in leaves):
+        return
+    raise UnsupportedLayerError(
+        f"{type(module).__name__} '{module_name}' returns a {type(output).__name__}, not one tensor: the ghost "
+        "hooks cannot capture its output gradient; leave its parameters out with params=, or balance from "
+        "materialised rows with step(PerExampleGrads(...).grads)")
+
+
+def _tensors_in(output) -> list:
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors_in(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _tensors_in(item)]
+    return [output] if isinstance(output, Tensor) else []
 
 
 def _split_tied(names: dict[str, str], tied: set[str]) -> list[dict[str, str]]:
@@ -393,9 +456,10 @@ def _inside_functorch(tensor: Tensor) -> bool:
 class _Record:
     """One forward call of one module: its inputs and (after backward) its output gradient."""
 
-    def __init__(self, forward: int, module_name: str, module: nn.Module, names: dict[str, str], inputs: tuple,
-                 output: Tensor) -> None:
+    def __init__(self, forward: int, batch_size: int | None, length: int | None, module_name: str, module: nn.Module,
+                 names: dict[str, str], inputs: tuple, output: Tensor) -> None:
         self.forward, self.module_name, self.module, self.names = forward, module_name, module, names
+        self.batch_size, self.length = batch_size, length  # the model input's dim 0 and dim 1 in its forward
         self.inputs, self.output = inputs, output
         self.grad: Tensor | None = None
 
@@ -417,16 +481,3 @@ def _merge_calls(calls: list):
     if isinstance(first, DenseFactors):
         return DenseFactors({name: sum(c.grads[name] for c in calls) for name in first.grads})
     return DenseFactors({name: sum(c.materialize()[name] for c in calls) for name in first.materialize()})
-
-
-def _select(model: nn.Module, params) -> set[str]:
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if params is None:
-        return {name for name, _ in named}
-    if callable(params):
-        return {name for name, p in named if params(name, p)}
-    wanted = set(params)
-    unknown = wanted - {name for name, _ in named}
-    if unknown:
-        raise ValueError(f"params names unknown or frozen parameters {sorted(unknown)}")
-    return wanted

@@ -190,7 +190,9 @@ def _conv_applies(module: nn.Module) -> bool:
 
 
 def _embedding_applies(module: nn.Embedding) -> bool:
-    return not (module.sparse or module.max_norm is not None or module.scale_grad_by_freq)
+    """Dense gradients, unscaled by frequency. ``max_norm`` renormalises the weight in place under
+    ``no_grad`` before a plain lookup, so its gradient is the plain lookup's."""
+    return not (module.sparse or module.scale_grad_by_freq)
 
 
 # module type -> (rule, predicate saying whether the rule covers this instance's configuration)
