@@ -15,12 +15,15 @@ __all__ = ["check_figure_path", "plot_shares"]
 
 
 def check_figure_path(path: str | os.PathLike) -> Path:
-    """``path`` as a :class:`~pathlib.Path` if a figure can be saved there, else a one-line ``ValueError``.
+    """The :class:`~pathlib.Path` a figure asked for at ``path`` is saved to, else a one-line ``ValueError``.
 
-    Its folder must exist and it must not be a folder itself; a suffix must be a format
-    matplotlib writes (none: PNG). A command that trains before it plots checks first, so a
-    typo costs no training run.
+    Its folder must exist and take a new file, and it must not be a folder itself; a suffix
+    must be a format matplotlib writes. Without a suffix the figure is a PNG and the path
+    returned ends in ``.png`` (matplotlib appends it when saving): the path to report. A
+    command that trains before it plots checks first, so a typo costs no training run.
 
+    >>> check_figure_path("curves").name
+    'curves.png'
     >>> check_figure_path("/no/such/folder/curves.png")
     Traceback (most recent call last):
     ...
@@ -45,7 +48,28 @@ def check_figure_path(path: str | os.PathLike) -> Path:
             others = ", ".join(f".{name}" for name in sorted(set(formats) - {"png", "pdf", "svg"}))
             raise ValueError(f"matplotlib cannot save a figure as .{suffix}: use .png, .pdf, .svg or another of "
                              f"{others}")
+    else:
+        target = target.with_name(target.name + ".png")  # what matplotlib writes
+        if target.is_dir():
+            raise ValueError(f"{target} is a folder: give a file name, e.g. {target / 'curves.png'}")
+    if not _writable(folder) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"cannot write {target}: {folder} does not take new files here; save the figure elsewhere")
     return target
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: ``os.access`` says yes to root everywhere)."""
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        handle, name = tempfile.mkstemp(prefix=".dataorder-", suffix=".tmp", dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(name)
+    return True
 
 
 def plot_shares(x: np.ndarray, weights: np.ndarray, names: Sequence[str], out: str | os.PathLike, *,

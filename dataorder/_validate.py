@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "FLOAT32_MAX",
     "INT64_LIMIT",
     "SEED_LIMIT",
     "check_bool",
     "check_choice",
     "check_count",
     "check_epoch",
+    "check_float32",
     "check_fraction",
     "check_int",
     "check_rank",
@@ -37,6 +39,8 @@ __all__ = [
 SEED_LIMIT = 1 << 64
 #: Counts, sizes, epochs and positions are below ``INT64_LIMIT`` (they live in int64 arrays).
 INT64_LIMIT = 1 << 63
+#: The largest float32: a hyperparameter torch stores as float32 (lr, momentum, ...) must not exceed it.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _is_int(value: Any) -> bool:
@@ -151,6 +155,24 @@ def check_real(value: Any, name: str, *, low: float | None = None, high: float |
     too_high = high is not None and (number >= high if high_open else number > high)
     if too_low or too_high:
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return number
+
+
+def check_float32(value: Any, name: str, *, positive: bool = False) -> float:
+    """A finite number ``>= 0`` (``> 0`` if ``positive``) that fits float32, as torch's optimizers store it.
+
+    >>> check_float32(0.5, "lr", positive=True)
+    0.5
+    >>> check_float32(1e39, "lr", positive=True)
+    Traceback (most recent call last):
+    ValueError: lr must be a finite number > 0 and <= 3.4e+38 (float32's largest; torch trains in float32), got 1e+39
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not (math.isfinite(number) and (number > 0 if positive else number >= 0) and number <= FLOAT32_MAX):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'} and <= {FLOAT32_MAX:.2g} "
+                         f"(float32's largest; torch trains in float32), got {value!r}")
     return number
 
 

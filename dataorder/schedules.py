@@ -265,7 +265,14 @@ class Schedule:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no schedule file at {path}")
-        return cls.from_yaml(path.read_text(encoding="utf-8"), name=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not a text file (byte {error.start} is not UTF-8); a schedule is YAML "
+                             "text") from None
+        except OSError as error:
+            raise type(error)(f"cannot read the schedule file {path}: {error.strerror or error}") from None
+        return cls.from_yaml(text, name=str(path))
 
     # -- output ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -399,7 +406,8 @@ def _run(run: Any, where: str) -> dict[str, Any]:
 
 
 def check_run_value(key: str, value: Any, where: str) -> int | float:
-    """A ``run:`` value checked: ``num_samples``/``batch_size`` ints in ``[1, 2**62]``, ``tokens_per_sample`` > 0.
+    """A ``run:`` value checked: ``num_samples``/``batch_size`` ints in ``[1, 2**62]``, ``tokens_per_sample``
+    a number in ``(0, 2**62]``.
 
     >>> check_run_value("num_samples", 1.0e+12, "run")
     1000000000000
@@ -410,8 +418,8 @@ def check_run_value(key: str, value: Any, where: str) -> int | float:
     """
     if key == "tokens_per_sample":
         number = _number(value, where, key)
-        if number <= 0:
-            raise ValueError(f"{where}: tokens_per_sample must be a positive number, got {_short(value)}")
+        if not 0 < number <= MAX_SAMPLES:  # (bounded like the counts: samples x tokens stays finite)
+            raise ValueError(f"{where}: tokens_per_sample must be a positive number <= 2**62, got {_short(value)}")
         return int(number) if number == int(number) else number
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _number(value, where, key)  # the error, with its hint for 1e9 written as text

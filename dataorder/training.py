@@ -23,10 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dataorder.data import TensorSplit
+from dataorder.errors import DataorderError
 from dataorder.models import build_model
 from dataorder.orderings import Ordering
 
-__all__ = ["Reach", "RunResult", "TargetSummary", "Workload", "WORKLOADS", "evaluate", "first_reach",
+__all__ = ["DivergedError", "Reach", "RunResult", "TargetSummary", "Workload", "WORKLOADS", "evaluate", "first_reach",
            "initial_state", "mean_cross_entropy", "state_digest", "summarize", "train_run", "warm_up"]
 
 
@@ -38,6 +39,22 @@ def mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     1.386294
     """
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+class DivergedError(DataorderError, FloatingPointError):
+    """A run's full-train loss became NaN or infinite: the learning rate is too high.
+
+    ``ordering``, ``seed`` and ``epoch`` (the evaluation's epoch position) say where; the
+    run stops there and returns nothing.
+
+    >>> str(DivergedError("rr", 0, 1.0, float("nan")))
+    'rr seed 0 diverged (full-train loss nan at epoch 1); lower the learning rate'
+    """
+
+    def __init__(self, ordering: str, seed: int, epoch: float, loss: float) -> None:
+        self.ordering, self.seed, self.epoch, self.loss = ordering, seed, epoch, loss
+        super().__init__(f"{ordering} seed {seed} diverged (full-train loss {loss} at epoch {epoch:g}); "
+                         "lower the learning rate")
 
 
 @dataclass
@@ -102,8 +119,10 @@ class TargetSummary:
     final loss); ``epochs`` and ``baseline_epochs`` the medians of the epochs to target;
     ``cost_ratio`` the median of (seconds per epoch / the baseline's). A seed that never reaches
     the target counts as infinitely late, so a median that lands on one is ``None`` ("not
-    reached"). ``reached`` and ``wins`` count seeds that reached the target, and that did so in
-    less wall-clock time than the baseline.
+    reached"); so does a seed whose baseline never reaches its own final loss (a NaN loss, from
+    a diverged run), whose ``baseline_epochs`` entry is then infinite. ``reached`` and ``wins``
+    count seeds that reached the target, and that did so in less wall-clock time than the
+    baseline.
     """
 
     ordering: str
@@ -149,9 +168,9 @@ def summarize(runs: Sequence[RunResult], baseline: Sequence[RunResult]) -> Targe
         base = by_seed[run.seed]
         target = base.final_train_loss
         base_reach, reach = first_reach(base, target), first_reach(run, target)
-        base_epochs.append(base_reach.epochs)
+        base_epochs.append(math.inf if base_reach is None else base_reach.epochs)
         costs.append(run.seconds_per_epoch / base.seconds_per_epoch)
-        if reach is None:
+        if reach is None or base_reach is None:  # (no target: a NaN final loss is reached by nothing)
             ratios.append(math.inf)
             epochs.append(math.inf)
             continue
@@ -233,7 +252,8 @@ def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: 
     :func:`initial_state` of ``seed``: every ordering run with the same seed starts from the
     same weights, and its sampler from the same seed. The loss is :func:`mean_cross_entropy`
     (classification, or next-byte prediction for ``lm-tiny``). ``on_epoch`` is called after
-    every epoch (a progress bar's hook). CUDA is synchronised before each clock reading.
+    every epoch (a progress bar's hook). CUDA is synchronised before each clock reading. A
+    NaN or infinite full-train loss raises :class:`DivergedError` at that evaluation.
 
     Example::
 
@@ -264,7 +284,10 @@ def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: 
     def record(epoch: float) -> None:
         clock.pause()
         start = time.perf_counter()
-        result.train_loss.append(evaluate(model, x_train, y_train)[0])
+        loss = evaluate(model, x_train, y_train)[0]
+        if not math.isfinite(loss):
+            raise DivergedError(ordering.name, seed, epoch, loss)
+        result.train_loss.append(loss)
         result.eval_seconds += time.perf_counter() - start
         result.epochs.append(epoch)
         result.train_seconds.append(clock.total)

@@ -98,3 +98,70 @@ def test_the_core_imports_without_the_extras_and_the_cli_names_the_extra():
     assert out.stdout == "the built-in digits dataset needs the optional package 'sklearn': " \
                          "pip install 'dataorder[cli]'\n"
     assert out.stderr.endswith("pip install 'dataorder[cli]'\n") and out.stderr.count("\n") == 1
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The stderr of a failed command: one line, its prefix, no traceback; nothing on stdout."""
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err, captured
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"dataorder {command}: error: "), captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("argv, command, message", [
+    (["compare", "--nope"], "compare", "unrecognized arguments: --nope"),
+    (["compare", "--epochs", "x"], "compare", "argument --epochs: invalid int value: 'x'"),
+    (["score", "--data", "digits"], "score", "the following arguments are required: --out"),
+    (["schedule", "draw", "x.yaml"], "schedule", "argument action: invalid choice: 'draw'"),
+])
+def test_argparse_errors_are_one_line_naming_the_subcommand_and_its_help(argv, command, message, capsys):
+    assert main(argv) == 2
+    err = one_line_error(capsys, command)
+    assert message in err and f"'dataorder {command} --help'" in err
+
+
+def test_an_unknown_command_is_one_line_pointing_to_the_top_level_help(capsys):
+    assert main(["nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dataorder: error: ") and "'dataorder --help'" in err
+
+
+def test_argparse_errors_from_the_console_script_are_one_line():
+    out = subprocess.run([sys.executable, "-m", "dataorder", "compare", "--nope"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("dataorder compare: error: unrecognized arguments: --nope")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "1e39"], "--lr must be a finite number > 0 and <= 3.4e+38"),
+    (["--momentum", "1e39"], "--momentum must be a finite number >= 0 and <= 3.4e+38"),
+    (["--weight-decay", "1e39"], "--weight-decay must be a finite number >= 0 and <= 3.4e+38"),
+    (["--momentum", "nan"], "--momentum must be a finite number"),
+    (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
+    (["--orders", "rr,so,rr"], "--orders names rr twice"),
+    (["--augment", "qmc,qmc"], "--augment names qmc twice"),
+])
+def test_compare_refuses_before_anything_trains(argv, message, capsys):
+    assert main(["compare", "--epochs", "1", "--seeds", "1", "--quiet", *argv]) == 2
+    assert message in one_line_error(capsys, "compare")
+
+
+def test_compare_refuses_cuda_where_there_is_none_with_the_check_score_uses(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["compare", "--epochs", "1", "--seeds", "1"], ["score", "--out", "unused"]):
+        assert main([*command, "--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available here; use --device cpu" in one_line_error(capsys, command[0])
+    assert not Path("unused").exists()
+
+
+def test_a_diverged_compare_run_is_one_line_naming_the_ordering_the_seed_and_lr(tmp_path, capsys):
+    plot = tmp_path / "curves.png"
+    assert main(["compare", "--orders", "rr", "--epochs", "1", "--seeds", "1", "--quiet", "--lr", "1e30",
+                 "--plot", str(plot)]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err.count("\n") == 1
+    assert captured.err.startswith("dataorder compare: error: rr seed 0 diverged (full-train loss nan at epoch 1)")
+    assert "lower the learning rate (--lr 1e+30)" in captured.err
+    assert not plot.exists()

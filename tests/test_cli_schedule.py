@@ -105,3 +105,66 @@ def test_hostile_files_are_one_line_errors(tmp_path, capsys, text, message):
 def test_flag_sizes_beyond_2_to_the_62_are_one_line_errors(config, capsys):
     assert main(["schedule", "show", str(config), "--num-samples", str(2**70)]) == 2
     assert "--num-samples: num_samples must be a positive int <= 2**62" in capsys.readouterr().err
+
+
+def schedule_error(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("dataorder schedule: error: "), captured.err
+    return captured.err
+
+
+def test_plot_never_overwrites_its_input(tmp_path, capsys):
+    config = tmp_path / "mix.png"  # a YAML schedule under a .png name
+    config.write_text(CONFIG)
+    assert main(["schedule", "plot", str(config)]) == 0
+    assert config.read_text() == CONFIG
+    written = tmp_path / "mix.mix.png"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(written) in capsys.readouterr().out
+    assert main(["schedule", "plot", str(config), "--out", str(config)]) == 2
+    assert "--out: " in schedule_error(capsys) and config.read_text() == CONFIG
+
+
+def test_plot_out_without_a_suffix_reports_the_png_written(config, tmp_path, capsys):
+    assert main(["schedule", "plot", str(config), "--out", str(tmp_path / "noext")]) == 0
+    assert capsys.readouterr().out.strip() == f"saved the mixture plot to {tmp_path / 'noext.png'}"
+    assert (tmp_path / "noext.png").exists() and not (tmp_path / "noext").exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{tmp}", "is a folder: give a file name"),
+    ("{tmp}/missing/mix.png", "missing is not a folder"),
+    ("{tmp}/mix.txt", "cannot save a figure as .txt"),
+    ("/proc/mix.png", "/proc does not take new files here"),
+])
+def test_plot_out_errors_name_out_and_write_nothing(config, tmp_path, capsys, out, message):
+    before = set(tmp_path.iterdir())
+    assert main(["schedule", "plot", str(config), "--out", out.format(tmp=tmp_path)]) == 2
+    err = schedule_error(capsys)
+    assert err.startswith("dataorder schedule: error: --out: ") and message in err
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_unreadable_files_are_named_in_one_line(tmp_path, capsys):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"sources: {a: 1}\n\xff\xfe\x00")
+    assert main(["schedule", "show", str(binary)]) == 2
+    assert f"{binary} is not a text file (byte 16 is not UTF-8)" in schedule_error(capsys)
+    assert main(["schedule", "show", "/proc/self/mem"]) == 2
+    assert "cannot read the schedule file /proc/self/mem: " in schedule_error(capsys)
+
+
+def test_tokens_per_sample_is_bounded_so_token_counts_stay_finite(config, tmp_path, capsys):
+    assert main(["schedule", "show", str(config), "--tokens-per-sample", "1e308"]) == 2
+    assert "--tokens-per-sample: tokens_per_sample must be a positive number <= 2**62" in schedule_error(capsys)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("sources: {a: 1}\nrun: {num_samples: 10, tokens_per_sample: 1.0e+308}\n")
+    assert main(["schedule", "show", str(huge)]) == 2
+    assert "tokens_per_sample must be a positive number <= 2**62" in schedule_error(capsys)
+    assert main(["schedule", "show", str(config), "--tokens-per-sample", str(2**62)]) == 0
+    assert "inf" not in capsys.readouterr().out
+
+
+def test_out_is_refused_for_show(config, capsys):
+    assert main(["schedule", "show", str(config), "--out", "x.png"]) == 2
+    assert "--out is the file of schedule plot" in schedule_error(capsys)

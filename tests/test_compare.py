@@ -138,8 +138,11 @@ def test_compare_usage_errors(argv, capsys):
 
 @pytest.mark.parametrize("plot, message", [("{tmp}/missing/curves.png", "missing is not a folder"),
                                            ("{tmp}", "is a folder: give a file name"),
-                                           ("{tmp}/curves.txt", "cannot save a figure as .txt")])
+                                           ("{tmp}/curves.txt", "cannot save a figure as .txt"),
+                                           ("/proc/curves.png", "/proc does not take new files here"),
+                                           ("{tmp}/folder.png/", "is a folder: give a file name")])
 def test_a_plot_that_cannot_be_saved_is_refused_before_anything_trains(plot, message, tmp_path, capsys):
+    (tmp_path / "folder.png").mkdir()
     assert main(["compare", "--epochs", "1", "--seeds", "1", "--plot", plot.format(tmp=tmp_path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""                              # no header, no table: nothing was trained
@@ -157,3 +160,11 @@ def test_compare_runs_the_stdlib_lm(tmp_path, capsys):
     rows = rows_of(out.split("saved")[0])
     assert set(rows) == {"rr", "grab"} and float(rows["rr"][1]) < 5.55  # below a uniform byte guess
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_plot_without_a_suffix_is_a_png_reported_by_the_name_written(tmp_path, capsys):
+    assert main(["compare", "--orders", "rr", "--epochs", "1", "--seeds", "1", "--quiet", "--plot",
+                 str(tmp_path / "curves")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"saved loss curves to {tmp_path / 'curves.png'}"
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "curves").exists()

@@ -172,3 +172,20 @@ def test_a_baseline_that_ends_above_its_start_is_reached_at_zero_seconds():
     s = summarize([curve("so", 0, [1.0, 0.5, 0.4], 2.0)], [rr])
     assert s.time_ratio == 1.0 and s.epochs == 0 and s.baseline_epochs == 0
     assert summarize([rr], [rr]).time_ratio == 1.0
+
+
+def test_summarize_survives_a_baseline_that_never_reaches_its_own_final_loss():
+    rr = [curve("rr", 0, [3, 2, float("nan")], 2.0), curve("rr", 1, [3, 2, 1.0], 2.0)]
+    so = [curve("so", 0, [3, 1.5, 1.0], 2.0), curve("so", 1, [3, 1.5, 1.0], 2.0)]
+    s = summarize(so, rr)  # seed 0 has no target (NaN): not reached, never a crash
+    assert (s.seeds, s.reached, s.wins) == (2, 1, 0)
+    assert s.time_ratio is None and s.epochs is None and s.baseline_epochs == math.inf
+
+
+def test_a_diverging_run_raises_naming_the_ordering_and_seed():
+    from dataorder.training import DivergedError
+
+    with pytest.raises(DivergedError, match="^rr seed 1 diverged \\(full-train loss nan at epoch 1\\); lower the "
+                                            "learning rate") as error:
+        train_run(load_digits_split(), "logreg", make_ordering("rr"), seed=1, epochs=1, lr=1e30, weight_decay=1e-3)
+    assert (error.value.ordering, error.value.seed, error.value.epoch) == ("rr", 1, 1.0)

@@ -4,7 +4,8 @@ Each subcommand lives in ``dataorder/cli/commands/<name>.py`` and defines
 ``configure(parser)`` (its arguments) and ``run(args) -> int`` (its exit code); modules are
 imported only when their subcommand runs, so ``dataorder --help`` is fast.
 
-:func:`main` is the one error boundary: a :class:`~dataorder.cli.errors.UsageError`, a
+:func:`main` is the one error boundary: an argparse usage error (:class:`Parser`), a
+:class:`~dataorder.cli.errors.UsageError`, a
 library ``ValueError``/``TypeError`` (bad input), an ``OSError`` (a path) or a missing
 optional package becomes one line on stderr and exit status 2 — never a traceback.
 
@@ -26,7 +27,7 @@ import sys
 from dataorder.cli.errors import UsageError
 from dataorder.errors import MissingExtraError
 
-__all__ = ["CLI_PACKAGES", "SUBCOMMANDS", "build_parser", "main"]
+__all__ = ["CLI_PACKAGES", "SUBCOMMANDS", "ParseError", "Parser", "build_parser", "main"]
 
 #: subcommand -> one-line help; the module is ``dataorder.cli.commands.<subcommand>``.
 SUBCOMMANDS: dict[str, str] = {
@@ -59,15 +60,31 @@ def _installed(module: str) -> bool:
         return False
 
 
+class ParseError(Exception):
+    """argparse refused the command line; ``prog`` is the (sub)command whose flags were wrong."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        self.prog, self.message = prog, message
+        super().__init__(f"{prog}: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors raise :class:`ParseError` (one line, printed by :func:`main`)
+    instead of printing the usage block and exiting."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise ParseError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (each one's module imported to configure it)."""
-    parser = argparse.ArgumentParser(prog="dataorder", description="Decide which examples a model sees, and in what order.")
+    parser = Parser(prog="dataorder", description="Decide which examples a model sees, and in what order.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(f"dataorder.cli.commands.{name}")
         module.configure(command)
-        command.set_defaults(module=module)
+        command.set_defaults(module=module, command_parser=command)
     return parser
 
 
@@ -80,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dataorder {command}: the command line needs the [cli] extra (missing {', '.join(missing)}): "
               "pip install 'dataorder[cli]'", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # flags the subcommand does not know: its error, not the top-level parser's
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except ParseError as error:
+        usage = "dataorder --help" if error.prog == "dataorder" else f"{error.prog} --help"
+        print(f"{error.prog}: error: {_one_line(error.message)} (see '{usage}' for usage)", file=sys.stderr)
+        return 2
     try:
         return int(args.module.run(args) or 0)
     except (UsageError, MissingExtraError, ValueError, TypeError, OSError) as error:

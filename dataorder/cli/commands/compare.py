@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 
+from dataorder.cli.checks import check_device, check_figure, check_float32, check_unique
 from dataorder.cli.errors import UsageError
 
 #: --data -> its default --model
@@ -77,11 +77,12 @@ def _load_split(args: argparse.Namespace, augment: bool):
 
 def run(args: argparse.Namespace) -> int:
     from dataorder.orderings import ORDERINGS, SIZED_ORDERINGS, make_ordering
-    from dataorder.training import initial_state, train_run, warm_up
+    from dataorder.training import DivergedError, initial_state, train_run, warm_up
 
     names = [name.strip() for name in args.orders.split(",") if name.strip()]
     if not names:
         raise UsageError("--orders is empty; give comma-separated orderings, e.g. rr,so,grab")
+    check_unique("--orders", names)
     unknown = [name for name in names if name.partition(":")[0] not in {**ORDERINGS, **SIZED_ORDERINGS}]
     if unknown:
         raise UsageError(f"--orders: unknown {', '.join(unknown)}; choose from {', '.join(ORDERINGS)} "
@@ -101,24 +102,16 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings["batch_size"] < 1:
         raise UsageError(f"--batch-size must be >= 1, got {settings['batch_size']}")
-    if not (settings["weight_decay"] >= 0 and math.isfinite(settings["weight_decay"])):
-        raise UsageError(f"--weight-decay must be a non-negative number, got {settings['weight_decay']}")
-    if not (settings["momentum"] >= 0 and math.isfinite(settings["momentum"])):
-        raise UsageError(f"--momentum must be a non-negative number, got {settings['momentum']}")
-    if not (settings["lr"] > 0 and math.isfinite(settings["lr"])):
-        raise UsageError(f"--lr must be a positive number, got {settings['lr']}")
+    for key in ("lr", "momentum", "weight_decay"):
+        check_float32(f"--{key.replace('_', '-')}", settings[key], positive=key == "lr")
+    check_device(args.device)
     augments = [a.strip() for a in (args.augment or "").split(",") if a.strip()] or [None]
     if not set(augments) <= {None, "qmc", "iid"}:
         raise UsageError(f"--augment: choose from qmc, iid (comma-separated), got {args.augment!r}")
+    check_unique("--augment", augments)
     if augments != [None] and args.data != "digits":
         raise UsageError("--augment shifts digits only: use it with --data digits")
-    if args.plot:
-        from dataorder._plotting import check_figure_path
-
-        try:
-            check_figure_path(args.plot)
-        except ValueError as error:
-            raise UsageError(f"--plot: {error}") from error
+    plot = check_figure("--plot", args.plot) if args.plot else None
     split = _load_split(args, augment=augments != [None])
     try:
         inits = [initial_state(split, args.model, seed) for seed in range(args.seeds)]
@@ -129,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
           f"weight decay {settings['weight_decay']}, {args.epochs} epochs, {args.seeds} seeds"
           + (f"; {split.info}" if split.info and args.data != "digits" else ""))
     jobs = [(name, augment) for name in names for augment in augments]
-    for name in names:  # one-time costs (numba compilation) out of the timed runs
-        warm_up(split, args.model, name, batch_size=settings["batch_size"], grads=args.grads, device=args.device)
     results = {}
-    with _progress(len(jobs) * args.seeds * args.epochs, quiet=args.quiet) as bar:
-        for name, augment in jobs:
-            try:
+    try:
+        for name in names:  # one-time costs (numba compilation) out of the timed runs
+            warm_up(split, args.model, name, batch_size=settings["batch_size"], grads=args.grads,
+                    device=args.device)
+        with _progress(len(jobs) * args.seeds * args.epochs, quiet=args.quiet) as bar:
+            for name, augment in jobs:
                 results[name if augment is None else f"{name}/{augment}"] = [
                     train_run(split, args.model, make_ordering(name, grads=args.grads), seed=seed,
                               epochs=args.epochs, device=args.device, augment=augment,
@@ -142,12 +136,14 @@ def run(args: argparse.Namespace) -> int:
                               on_epoch=bar.update, **settings)
                     for seed in range(args.seeds)
                 ]
-            except ValueError as error:
-                raise UsageError(str(error)) from error
+    except DivergedError as error:
+        raise UsageError(f"{error} (--lr {settings['lr']})") from None
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     print_table(results)
-    if args.plot:
-        plot_curves(results, args.plot)
-        print(f"saved loss curves to {args.plot}")
+    if plot is not None:
+        plot_curves(results, plot)
+        print(f"saved loss curves to {plot}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dataorder.cli.checks import check_figure
 from dataorder.cli.errors import UsageError
 
 
@@ -20,21 +21,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="global batch size (overrides run.batch_size)")
     parser.add_argument("--tokens-per-sample", type=float, help="tokens per sample, e.g. the sequence length")
     parser.add_argument("--at", help="comma-separated progress values to show (default: the breakpoints)")
-    parser.add_argument("--out", metavar="PNG", help="plot: output file (default: CONFIG with .png)")
+    parser.add_argument("--out", metavar="PNG", help="plot: output file; without a suffix, a PNG named with .png "
+                        "(default: CONFIG with .png, or CONFIG.mix.png for a CONFIG ending in .png)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dataorder.schedules import Schedule
 
+    if args.out is not None and args.action != "plot":
+        raise UsageError("--out is the file of schedule plot; schedule show prints to the terminal")
     schedule = Schedule.load(args.config)  # OSError / ValueError: one line at the CLI's error boundary
     totals = _totals(schedule, args)
     if args.action == "show":
         print(render(schedule, totals, _points(schedule, args.at), name=args.config))
     else:
-        out = Path(args.out) if args.out else Path(args.config).with_suffix(".png")
+        out = check_figure("--out", args.out if args.out else _default_out(args.config), keep=args.config)
         plot(schedule, totals, out, title=Path(args.config).name)
         print(f"saved the mixture plot to {out}")
     return 0
+
+
+def _default_out(config: str) -> Path:
+    """CONFIG with .png; CONFIG.mix.png when CONFIG already ends in .png (never the input itself).
+
+    >>> str(_default_out("mix.yaml")), str(_default_out("mix.png"))
+    ('mix.png', 'mix.mix.png')
+    """
+    path = Path(config)
+    return path.with_suffix(".mix.png") if path.suffix.lower() == ".png" else path.with_suffix(".png")
 
 
 def _totals(schedule, args: argparse.Namespace) -> dict:
