@@ -27,8 +27,8 @@ import torch
 
 from dataorder.data import open_arrow_table, open_hf_dataset, open_parquet_file
 
-__all__ = ["ModalityError", "ScoreInput", "Table", "TextColumn", "decode_images", "detect", "load_image_split", "load_score_input",
-           "load_texts", "read_schema", "read_table"]
+__all__ = ["FLAG_APPLIES", "ModalityError", "ScoreInput", "Table", "TextColumn", "check_flags_apply", "decode_images",
+           "detect", "load_image_split", "load_score_input", "load_texts", "read_schema", "read_table"]
 
 
 class ModalityError(ValueError):
@@ -322,11 +322,49 @@ class ScoreInput:
     task: Any = None
 
 
-def load_score_input(data: str, *, label_column: str = "label", num_classes: int | None = None,
-                     text_column: str = "text", image_size: int | None = None, tokenizer: str | None = None,
-                     context: int = 128, windows: str = "split", reference_split: float | None = None,
+#: The ``dataorder score`` data flags that only some data take: flag -> the kinds of data it applies to
+#: (``digits`` is the built-in dataset; the others are the modalities of a file or directory).
+FLAG_APPLIES: dict[str, tuple[str, ...]] = {
+    "--label-column": ("numeric", "image", "text"),
+    "--num-classes": ("numeric", "image"),
+    "--image-size": ("image",),
+    "--text-column": ("text",),
+    "--tokenizer": ("text",),
+    "--context": ("text",),
+    "--windows": ("text",),
+    "--reference-split": ("text",),
+}
+
+
+def check_flags_apply(kind: str, given: Sequence[str], name: str) -> None:
+    """Refuse a flag of :data:`FLAG_APPLIES` given for data of another ``kind`` (it would be ignored).
+
+    >>> check_flags_apply("digits", ["--num-classes"], "digits")
+    Traceback (most recent call last):
+    ...
+    dataorder.modalities.ModalityError: --num-classes applies to numeric or image data files; digits is the built-in dataset (drop --num-classes)
+    """
+    for flag in given:
+        if kind not in FLAG_APPLIES[flag]:
+            where = _APPLIES_TO.get(flag) or " or ".join(FLAG_APPLIES[flag]) + " data"
+            subject = "digits is the built-in dataset" if kind == "digits" else f"{name} is {kind} data"
+            raise ModalityError(f"{flag} applies to {where}; {subject} (drop {flag})")
+
+
+_APPLIES_TO = {"--label-column": "a data file (numeric, image or text)",
+               "--num-classes": "numeric or image data files",
+               "--reference-split": "text (a language model's reference run)"}
+
+
+def load_score_input(data: str, *, label_column: str | None = None, num_classes: int | None = None,
+                     text_column: str | None = None, image_size: int | None = None, tokenizer: str | None = None,
+                     context: int | None = None, windows: str | None = None, reference_split: float | None = None,
                      seed: int = 0) -> ScoreInput:
     """Read ``data`` as whichever modality it holds (see the module doc) for ``dataorder score``.
+
+    A data option left ``None`` takes its default (``label_column="label"``, ``text_column="text"``,
+    ``context=128``, ``windows="split"``); one given for data it does not apply to
+    (:data:`FLAG_APPLIES`, e.g. ``image_size`` for text) is refused with a :class:`ModalityError`.
 
     >>> import os, tempfile, pyarrow as pa, pyarrow.parquet as pq
     >>> path = os.path.join(tempfile.mkdtemp(), "docs.parquet")
@@ -337,20 +375,28 @@ def load_score_input(data: str, *, label_column: str = "label", num_classes: int
     """
     from dataorder.data import load_split
 
+    given = [flag for flag, value in (("--label-column", label_column), ("--num-classes", num_classes),
+                                      ("--image-size", image_size), ("--text-column", text_column),
+                                      ("--tokenizer", tokenizer), ("--context", context), ("--windows", windows),
+                                      ("--reference-split", reference_split)) if value is not None]
+    label_column = "label" if label_column is None else label_column
+    text_column = "text" if text_column is None else text_column
+    if data == "digits":
+        check_flags_apply("digits", given, data)
     if data != "digits" and os.path.exists(data) and (os.path.isdir(data) or data.lower().endswith(".parquet")):
         modality = detect(read_schema(data, label_column), label_column, text_column)
     else:
         modality = "numeric"
-    if reference_split is not None and modality != "text":
-        raise ModalityError("--reference-split applies to text (a language model's reference run); "
-                            f"{os.path.basename(data)} is {modality} data")
+    if data != "digits" and os.path.exists(data):  # (a missing path: read_examples says so)
+        check_flags_apply(modality, given, os.path.basename(os.path.normpath(data)))
     if modality == "image":
         split = load_image_split(data, label_column=label_column, num_classes=num_classes, image_size=image_size)
     elif modality == "text":
         from dataorder.scores.text import TextTask
 
         name, texts = load_texts(data, text_column=text_column, label_column=label_column)
-        task = TextTask.build(texts, context=context, windows=windows, tokenizer=tokenizer,
+        task = TextTask.build(texts, context=128 if context is None else context,
+                              windows="split" if windows is None else windows, tokenizer=tokenizer,
                               reference_fraction=reference_split, seed=seed)
         return ScoreInput("text", task.x, task.y, task.vocab, name, task)
     else:

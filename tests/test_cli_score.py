@@ -208,3 +208,60 @@ def test_sigkill_during_the_second_run_then_rerun_gives_the_identical_parquet(tm
     rerun = subprocess.run([*command, str(crashed)], check=True, timeout=600, capture_output=True, text=True)
     assert "(1 computed, 1 reused)" in rerun.stdout
     assert (crashed / "scores.parquet").read_bytes() == (tmp_path / "clean" / "scores.parquet").read_bytes()
+
+
+def one_line_and_no_output(capsys, out) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("dataorder score: error: ") and "Traceback" not in error, error
+    assert not out.exists()
+    return error
+
+
+@pytest.mark.parametrize("flag, value, applies", [
+    ("--num-classes", "3", "numeric or image data files"),
+    ("--label-column", "y", "a data file"),
+    ("--image-size", "8", "image data"),
+    ("--context", "8", "text data"),
+    ("--tokenizer", "pkg.mod:encode", "text data"),
+    ("--text-column", "body", "text data"),
+    ("--windows", "truncate", "text data"),
+    ("--reference-split", "0.1", "text"),
+])
+def test_a_data_flag_that_does_not_apply_to_digits_is_refused(tmp_path, capsys, flag, value, applies):
+    out = tmp_path / "out"
+    assert score("--data", "digits", *FAST, flag, value, "--out", str(out)) == 2
+    error = one_line_and_no_output(capsys, out)
+    assert f"{flag} applies to {applies}" in error and "digits is the built-in dataset" in error
+
+
+@pytest.mark.parametrize("flag, value", [("--context", "8"), ("--image-size", "8"), ("--windows", "truncate")])
+def test_a_data_flag_that_does_not_apply_to_a_numeric_file_is_refused(tmp_path, capsys, flag, value):
+    data = tmp_path / "table.parquet"
+    write_parquet(data)
+    out = tmp_path / "out"
+    assert score("--data", str(data), *FAST, flag, value, "--out", str(out)) == 2
+    error = one_line_and_no_output(capsys, out)
+    assert f"{flag} applies to " in error and "table.parquet is numeric data" in error
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--momentum", "--weight-decay"])
+def test_float_flags_beyond_float32_are_refused_before_any_file(tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    assert score("--data", "digits", *FAST, flag, "1e39", "--out", str(out)) == 2
+    error = one_line_and_no_output(capsys, out)
+    assert f"{flag} must be a finite number" in error and "<= 3.4e+38" in error
+
+
+def test_grand_params_with_one_unknown_name_is_refused_naming_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert score("--data", "digits", *FAST, "--scores", "grand", "--grand-params", "1.weight,nosuch",
+                 "--out", str(out)) == 2
+    assert "'nosuch' matches no parameter" in one_line_and_no_output(capsys, out)
+
+
+def test_resuming_with_the_same_scores_in_another_order_reuses_the_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert score("--data", "digits", *FAST, "--scores", "el2n,loss", "--out", str(out)) == 0
+    capsys.readouterr()
+    assert score("--data", "digits", *FAST, "--scores", "loss,el2n", "--out", str(out)) == 0
+    assert "(0 computed, 2 reused)" in capsys.readouterr().out

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dataorder._validate import check_float32
 from dataorder.data import fingerprint
 from dataorder.errors import DataorderError, require
 from dataorder.models import build_model
@@ -174,12 +175,14 @@ class ScoreConfig:
                                            f"and {self.runs} runs")
         if self.score_epoch > self.epochs:
             raise ScoreConfigError("score_epoch", f" ({self.score_epoch}) must be <= epochs ({self.epochs})")
-        for name in ("lr", "momentum", "weight_decay"):
+        for name in ("lr", "momentum", "weight_decay"):  # torch's SGD holds them as float32
             value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0) \
-                    or (name == "lr" and value == 0):
-                raise ScoreConfigError(name, f" must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
-                                             f"got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ScoreConfigError(name, f" must be a number, got {value!r}")
+            try:
+                check_float32(value, name, positive=name == "lr")
+            except ValueError as error:
+                raise ScoreConfigError(name, str(error)[len(name):]) from None
 
     def settings(self) -> dict[str, Any]:
         """The fields that must match for finished runs to be reused (not ``runs``)."""
@@ -221,10 +224,15 @@ def parameter_subset(model: nn.Module, spec: str) -> list[str] | None:
         prefix = owners[-1]
         return [name for name in names if name.rpartition(".")[0] == prefix]
     wanted = [part.strip() for part in spec.split(",") if part.strip()]
-    chosen = [name for name in names if any(name == part or name.startswith(part + ".") for part in wanted)]
-    if not chosen:
-        raise ValueError(f"grand_params {spec!r} matches no parameter; use all, last, or names from {names}")
-    return chosen
+
+    def matches(name: str, part: str) -> bool:
+        return name == part or name.startswith(part + ".")
+
+    unknown = [part for part in wanted if not any(matches(name, part) for name in names)]
+    if unknown or not wanted:
+        raise ValueError(f"grand_params {', '.join(map(repr, unknown)) or repr(spec)} matches no parameter; use all, "
+                         f"last, or names from {names}")
+    return [name for name in names if any(matches(name, part) for part in wanted)]
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -450,7 +458,11 @@ def _manifest(x: torch.Tensor, y: torch.Tensor, num_classes: int, config: ScoreC
 
 
 def _prepare_out(out: Path, manifest: dict[str, Any]) -> None:
-    """Check ``out`` may receive these results; create it and mark it incomplete."""
+    """Check ``out`` may receive these results; create it and mark it incomplete.
+
+    The scores are a set: a manifest listing the same ones in another order matches, and
+    ``manifest["settings"]["scores"]`` takes its order (the runs' keys were computed with it).
+    """
     path = out / MANIFEST
     _check_out_path(out)
     if out.is_dir():
@@ -467,7 +479,11 @@ def _prepare_out(out: Path, manifest: dict[str, Any]) -> None:
             raise ScoreSetupError(
                 f"--out {out} holds scores of a different dataset ({old_data.get('name')}, "
                 f"{old_data.get('examples')} examples); choose another --out or delete it")
-        changed = [f"{key} {old_settings.get(key)!r} -> {value!r}" for key, value in manifest["settings"].items()
+        settings = manifest["settings"]
+        old_scores = old_settings.get("scores")
+        if isinstance(old_scores, list) and sorted(map(str, old_scores)) == sorted(settings["scores"]):
+            settings["scores"] = old_scores  # the same set of scores: keep the order its runs were keyed with
+        changed = [f"{key} {old_settings.get(key)!r} -> {value!r}" for key, value in settings.items()
                    if old_settings.get(key) != value]
         if changed:
             raise ScoreSetupError(f"--out {out} holds scores computed with other settings ({'; '.join(changed)}); "
@@ -652,9 +668,9 @@ def _prepare_out_on_rank0(out: Path, manifest: dict[str, Any], rank: int, world:
     if world > 1:
         import torch.distributed as dist
 
-        message = [error]
+        message = [error, manifest["settings"]["scores"]]  # (the order rank 0 adopted keys every rank's runs)
         dist.broadcast_object_list(message, src=0)
-        error = message[0]
+        error, manifest["settings"]["scores"] = message
     if error is not None:
         raise ScoreSetupError(error)
     (out / "runs").mkdir(parents=True, exist_ok=True)

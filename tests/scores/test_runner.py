@@ -364,3 +364,29 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, x, y, class
     with pytest.raises(ValueError, match=message):
         score_dataset(x, y, classes, ScoreConfig(scores=("loss",), **FAST), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_grand_params_refuses_every_unknown_name_even_beside_a_known_one():
+    model = build_model("logreg", (4,), 3)
+    assert runner.parameter_subset(model, "1.weight") == ["1.weight"]
+    with pytest.raises(ValueError, match="grand_params 'nosuch' matches no parameter"):
+        runner.parameter_subset(model, "1.weight,nosuch")
+
+
+def test_float_settings_beyond_float32_are_refused_naming_the_field():
+    for name in ("lr", "momentum", "weight_decay"):
+        with pytest.raises(runner.ScoreConfigError, match=f"^{name} must be a finite number .* <= 3.4e\\+38") as error:
+            ScoreConfig(**{name: 1e39})
+        assert error.value.field == name
+    assert ScoreConfig(lr=1e38).lr == 1e38  # within float32: a learning rate that diverges, not a config error
+
+
+def test_the_same_scores_in_another_order_reuse_the_finished_runs(tmp_path):
+    x, y = toy()
+    score_dataset(x, y, 3, ScoreConfig(scores=("el2n", "loss"), **FAST), tmp_path, progress=False, plot=False)
+    result = score_dataset(x, y, 3, ScoreConfig(scores=("loss", "el2n"), **FAST), tmp_path, progress=False,
+                           plot=False)
+    assert result.reused == [0, 1] and result.computed == [] and result.columns == ["loss", "el2n"]
+    assert pq.read_table(tmp_path / "scores.parquet").column_names[1:3] == ["loss", "el2n"]
+    with pytest.raises(ScoreSetupError, match="other settings \\(scores"):  # another set is other settings
+        score_dataset(x, y, 3, ScoreConfig(scores=("loss",), **FAST), tmp_path, progress=False, plot=False)

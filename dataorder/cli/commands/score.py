@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from dataorder.cli.checks import check_device
 from dataorder.cli.errors import UsageError
 
 SCORES = "el2n,grand,loss,confidence,margin,entropy,forgetting,aum,datamap"
@@ -29,9 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="epoch after which the functional scores are taken; 0 = at init (default: 10)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (reused to resume)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
-    parser.add_argument("--label-column", default="label", help="label column of a file or dataset (default: label)")
+    parser.add_argument("--label-column", default=None,
+                        help="label column of a file or dataset (default: label; not for digits)")
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="number of classes (default: ClassLabel size or largest label + 1)")
+                        help="number of classes of a file's labels (default: ClassLabel size or largest label + 1)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--score-batch-size", type=int, default=256, help="batch size of the scoring pass")
     parser.add_argument("--lr", type=float, default=0.05)
@@ -41,12 +43,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grand-params", default="all",
                         help="parameters whose gradient GraNd measures: all, last, or comma-separated names")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    text = parser.add_argument_group("images and text (see docs/scoring-text.md)")
+    text = parser.add_argument_group("images and text (see docs/scoring-text.md)",
+                                     "each flag, like --label-column and --num-classes, is refused for "
+                                     "data it does not apply to")
     text.add_argument("--image-size", type=int, default=None, help="resize images to N x N (default: their own size)")
-    text.add_argument("--text-column", default="text", help="the documents' column (default: text)")
+    text.add_argument("--text-column", default=None, help="the documents' column (default: text)")
     text.add_argument("--tokenizer", default=None, help="package.module:callable, str -> list of ids (default: bytes)")
-    text.add_argument("--context", type=int, default=128, help="tokens predicted per window (default: 128)")
-    text.add_argument("--windows", choices=("split", "truncate"), default="split",
+    text.add_argument("--context", type=int, default=None, help="tokens predicted per window (default: 128)")
+    text.add_argument("--windows", choices=("split", "truncate"), default=None,
                       help="split each document into windows, or keep its first window only (default: split)")
     text.add_argument("--reference-split", type=float, default=None, metavar="FRACTION",
                       help="train on this random fraction of the documents and score the rest")
@@ -54,8 +58,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
-
-    import torch
 
     from dataorder.modalities import load_score_input
     from dataorder.scores import runner
@@ -70,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, seed=args.seed, grand_params=args.grand_params, device=args.device)
     except runner.ScoreConfigError as error:
         raise UsageError(f"{_flag(error.field)}{error.reason}") from None
-    if args.device.split(":")[0] not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    check_device(args.device)
     try:
         data = load_score_input(args.data, label_column=args.label_column, num_classes=args.num_classes,
                                 text_column=args.text_column, image_size=args.image_size, tokenizer=args.tokenizer,
