@@ -369,7 +369,7 @@ def test_a_mixture_sampler_resumes_inside_the_ramp_of_a_huge_run_at_once():
                                transition="linear", over=0.05)
     sizes, n = {"web": 10**6, "code": 10**5}, 10**15
     state = MixtureSampler(sizes, schedule, num_samples=n, batch_size=1024, seed=0).state_dict()
-    state["sample"] = state["position"] = int(0.875 * n)
+    state["sample"] = int(0.875 * n)
     resumed = MixtureSampler(sizes, schedule, num_samples=n, batch_size=1024, seed=0)
     evaluated = count_evaluated_batches(resumed.counts)
     resumed.load_state_dict(state)

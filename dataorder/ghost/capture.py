@@ -105,6 +105,7 @@ class GhostGrads:
         self._batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self._handles = [model.register_forward_pre_hook(self._count_forward, with_kwargs=True)]
         self.hooked: list[nn.Module] = []  # the modules whose calls are captured
+        self._owned = owners  # module name -> {local name: full name} of the selected parameters it uses
         for module_name, module in model.named_modules():
             names = owners.get(module_name, {})
             if names:
@@ -344,6 +345,35 @@ class GhostGrads:
         names = [name for name in self.names if name not in left_out]
         self._check_covered(names, {name for record in group for name in record.names.values()})
         return batch_size, factors, names
+
+    @property
+    def left_out(self) -> list[str]:
+        """The selected parameters left out of the balance so far (their module's input was shared by the batch)."""
+        return [name for name in self.names if name in self._left_out]
+
+    def settle(self, left_out: list[str]) -> None:
+        """Leave out exactly the parameters ``left_out`` (a resumed run's), and no other module from now on.
+
+        A run resumed on a batch whose shape cannot tell positions from examples (``B = 1``)
+        then balances the parameters the saved run balanced.
+
+        >>> model = nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
+        >>> ghost = GhostGrads(model)
+        >>> ghost.settle(["b.weight", "b.bias"]); ghost.left_out
+        ['b.weight', 'b.bias']
+        """
+        wanted = set(left_out)
+        unknown = sorted(wanted - set(self.names))
+        if unknown:
+            raise ValueError(f"left_out names {unknown}, which are not parameters this GhostGrads balances")
+        modules = {module for module, names in self._owned.items() if wanted & set(names.values())}
+        self._excluded = modules
+        self._left_out = {name for module in modules for name in self._owned[module].values()}
+        self._collected = True
+
+    def discard(self) -> None:
+        """Forget what the backwards since the last collect captured (the hooks stay)."""
+        self._records, self._held, self._sketch_rows = [], [], {}
 
     def remove(self) -> None:
         """Remove the hooks from the model."""

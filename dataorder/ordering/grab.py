@@ -146,6 +146,13 @@ class GraBSampler(GradientOrderSampler):
                              f"got {sketch!r}")
         self._check_rows_sketch(None if sketch is None else int(sketch))
         source = GhostSource(model, params) if sketch is None else SketchSource(model, params, int(sketch), self.seed)
+        if self._left_out is not None:  # the running sums' rows left these out: so must the new hooks
+            try:
+                source.settle(self._left_out)
+            except ValueError as error:
+                source.remove()
+                raise ValueError(f"{error}: this sampler's running sums were balanced without them; attach the model "
+                                 "(and params=) they came from") from None
         self.detach()
         if source.claim():
             warnings.warn("GraBSampler.attach: the model was attached to another GraBSampler, whose hooks are now "

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from dataorder.distributed import active_world, check_same_on_all_ranks, gather_global_batch
 from dataorder.ordering.sources import DenseRows, check_device, dense_rows, grads_width
-from dataorder.samplers._state import StateError, StateReader
+from dataorder.samplers._state import StateError, StateReader, StateTypeError
 from dataorder.samplers.base import IndexSampler, check_epoch, epoch_rng
 
 __all__ = ["GradientOrderSampler"]
@@ -87,6 +87,7 @@ class GradientOrderSampler(IndexSampler):
         self._sketch = None
         self._source = None  # where step() with no argument takes its rows (see GraBSampler.attach)
         self._rows_sketch: int | None = None  # the attach(sketch=k) the running sums' rows came from (None: exact)
+        self._left_out: list[str] | None = None  # parameters the hooks left out of those rows (None: no hooks)
         self._awaiting: list[tuple[int, dict]] = []  # states taken ahead of step(): (position they await, state)
         self._order_tensor: Tensor | None = None  # this epoch's order as saved (cached: it is fixed per epoch)
 
@@ -230,6 +231,7 @@ class GradientOrderSampler(IndexSampler):
                 cut.append(rows)
             batches = [rows for rows in cut if rows.shape[0]] or cut[:1]
         self._advance(batches, batches[0].shape[1], rows_sketch=self._source.sketch)
+        self._left_out = self._source.left_out
 
     def _check_rows_sketch(self, rows_sketch: int | None) -> None:
         """Refuse rows of another space than the running sums': ``attach(model, sketch=k)`` rows
@@ -337,6 +339,7 @@ class GradientOrderSampler(IndexSampler):
             "buckets": torch.from_numpy(self._buckets[:visited].copy()),
             "dim": self._dim,
             "ghost_sketch": self._rows_sketch,
+            "left_out": None if self._left_out is None else list(self._left_out),
             "dtype": None if self._dtype is None else str(self._dtype).removeprefix("torch."),
             **self._settings(),
         }
@@ -351,6 +354,7 @@ class GradientOrderSampler(IndexSampler):
         sketch_dim = self._saved_sketch_dim(reader)
         dim = None if reader.field("dim") is None else reader.int("dim", low=1)
         self._check_saved_rows_sketch(reader, dim)
+        self._check_saved_left_out(reader, dim)
         if reader.field("dtype") is not None and reader.str("dtype") not in ("float32", "float64"):
             raise StateError(f"state's dtype={state['dtype']!r} is not None, 'float32' or 'float64'; the state is corrupt")
         if (reader.field("dtype") is None) != (dim is None):
@@ -383,6 +387,20 @@ class GradientOrderSampler(IndexSampler):
             raise StateError(f"state's running sums were balanced on {_rows_space(saved)} but this sampler is "
                              f"attached for {_rows_space(self._source.sketch)}: attach it as the saved run was")
 
+    def _check_saved_left_out(self, reader: StateReader, dim: int | None) -> None:
+        """The state's ``left_out``: parameters of the attached model, and only with balanced steps."""
+        left_out = reader.field("left_out")
+        if left_out is None:
+            return
+        if not isinstance(left_out, list) or not all(isinstance(name, str) for name in left_out):
+            raise StateTypeError(f"state's left_out must be None or a list of parameter names, got {left_out!r}")
+        if dim is None:
+            raise StateError("state has left_out parameters but no balanced steps (dim); the state is corrupt")
+        unknown = sorted(set(left_out) - set(self._source.names)) if self._source is not None else []
+        if unknown:
+            raise StateError(f"state's left_out names {unknown}, which the attached model's balanced parameters do "
+                             "not include: attach the model (and params=) the saved run used")
+
     def _saved_sketch_dim(self, reader: StateReader) -> int | None:
         """The state's sketch width: this sampler's, or one a sampler built with ``sketch_dim=None`` chose
         at its first distributed step (``sketch_auto``), which such a sampler adopts."""
@@ -399,6 +417,7 @@ class GradientOrderSampler(IndexSampler):
             self.sketch_dim = int(state["sketch_dim"])
         self._dim = None if state["dim"] is None else int(state["dim"])
         self._rows_sketch = None if state["ghost_sketch"] is None else int(state["ghost_sketch"])
+        self._left_out = None if state["left_out"] is None else list(state["left_out"])
         self._dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
         order = state["order"]
         self._order = self._first_order(int(state["epoch"])) if order is None else order.cpu().numpy().astype(np.int64)
@@ -418,6 +437,10 @@ class GradientOrderSampler(IndexSampler):
         """
         super().load_state_dict(state)
         self._awaiting, self._order_tensor = [], None
+        if self._source is not None:  # what the hooks captured before the load belongs to another run
+            self._source.discard()
+            if self._left_out is not None:
+                self._source.settle(self._left_out)
         yielded = min(self.position * self.world_size, self._global_length())
         if yielded > self._visited and self._dim is not None:
             warnings.warn(

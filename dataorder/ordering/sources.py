@@ -161,6 +161,24 @@ class HookSource:
             other.displaced = True
         return displaced
 
+    @property
+    def names(self) -> list[str]:
+        """The selected parameters, in the rows' order (those left out included)."""
+        return self.ghost.names
+
+    @property
+    def left_out(self) -> list[str]:
+        """The parameters left out of the rows (their module's input is shared by the batch)."""
+        return self.ghost.left_out
+
+    def settle(self, left_out: list[str]) -> None:
+        """Leave out exactly ``left_out`` from now on (the running sums' parameters, when resuming)."""
+        self.ghost.settle(left_out)
+
+    def discard(self) -> None:
+        """Forget the captures since the last :meth:`collect` (a state was loaded over them)."""
+        self.ghost.discard()
+
     def release_with(self, owner: object) -> None:
         """Remove the hooks when ``owner`` is garbage-collected (if :meth:`remove` has not run by then)."""
         self._release = weakref.finalize(owner, self.ghost.remove)

@@ -460,3 +460,76 @@ def test_a_cuda_step_synchronises_once_the_products_download(balance, sketch):
         if step:  # the first step moves the sketch's projections to the device once
             per_step.append(sum("synchronizing" in str(w.message) for w in caught))
     assert per_step == [1] * len(per_step)
+
+
+class _PositionsLM(nn.Module):
+    """Token and position embeddings (positions of shape (1, T), as HF GPT-2 makes them) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions, self.head = nn.Embedding(7, 4), nn.Embedding(6, 4), nn.Linear(4, 7)
+
+    def forward(self, x):
+        return self.head(self.tokens(x) + self.positions(torch.arange(x.shape[1])[None]))
+
+
+def _lm_batches(order, batch=2):
+    data = torch.randint(0, 7, (5, 6), generator=torch.Generator().manual_seed(0))
+    return [data[order[start:start + batch]] for start in range(0, len(order), batch)]
+
+
+def _lm_step(model, sampler, x):
+    nn.functional.cross_entropy(model(x).reshape(-1, 7), x.reshape(-1)).backward()
+    sampler.step()
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_a_run_resumed_on_a_one_example_batch_balances_the_saved_parameters(sketch):
+    # at B = 1 positions of shape (1, T) look per-example: the state says they were left out
+    torch.manual_seed(0)
+    model = _PositionsLM()
+    fresh = copy.deepcopy(model)
+    straight = GraBSampler(5, seed=1).attach(model, sketch=sketch)
+    with pytest.warns(UserWarning, match="positions"):
+        batches = _lm_batches(straight.global_order())
+        _lm_step(model, straight, batches[0])
+    _lm_step(model, straight, batches[1])
+    state = copy.deepcopy(straight.state_dict())
+    assert state["left_out"] == ["positions.weight"]
+    _lm_step(model, straight, batches[2])  # the epoch's last batch holds one example
+
+    resumed = GraBSampler(5, seed=1).attach(fresh, sketch=sketch)
+    resumed.load_state_dict(state)
+    _lm_step(fresh, resumed, batches[2])
+    for sampler in (straight, resumed):
+        sampler.set_epoch(1)
+    assert resumed.global_order().tolist() == straight.global_order().tolist()
+
+
+def test_a_load_forgets_what_the_hooks_captured_before_it():
+    model = nn.Linear(3, 2)
+    sampler = GraBSampler(12).attach(model)
+    x = torch.randn(12, 3)
+    model(x[:4]).square().mean().backward()
+    sampler.step()
+    state = copy.deepcopy(sampler.state_dict())
+    model(x[4:8]).square().mean().backward()  # captured, never stepped: the loaded state is from before it
+    sampler.load_state_dict(state)
+    model(x[4:8]).square().mean().backward()
+    sampler.step()
+    assert sampler.steps_position == 8
+
+
+def test_a_state_leaving_out_parameters_the_model_lacks_is_refused():
+    model = _PositionsLM()
+    sampler = GraBSampler(5).attach(model)
+    with pytest.warns(UserWarning, match="positions"):
+        _lm_step(model, sampler, _lm_batches(sampler.global_order())[0])
+    state = {**sampler.state_dict(), "left_out": ["blocks.0.weight"]}
+    other = GraBSampler(5).attach(_PositionsLM())
+    with pytest.raises(StateError, match=r"left_out names \['blocks.0.weight'\]"):
+        other.load_state_dict(state)
+    detached = GraBSampler(5)
+    detached.load_state_dict(state)  # not attached: checked when it is
+    with pytest.raises(ValueError, match="attach the model"):
+        detached.attach(_PositionsLM())
