@@ -18,11 +18,70 @@ from typing import Any
 
 import torch
 
-__all__ = ["SamplerStateMissing", "at_position", "load_sampler", "sampler_file", "needs_step", "save_sampler"]
+from dataorder.errors import DataorderError
+
+__all__ = ["SamplerMismatch", "SamplerStateMissing", "at_position", "check_attached", "check_covers", "load_sampler",
+           "sampler_file", "needs_step", "save_sampler"]
 
 
 class SamplerStateMissing(FileNotFoundError):
     """A checkpoint holds no state for this rank's sampler (it was saved without the integration)."""
+
+
+class SamplerMismatch(DataorderError, ValueError):
+    """The sampler does not fit what the trainer trains: its dataset, its loader or its model."""
+
+
+def sampler_examples(sampler: Any) -> int | None:
+    """How many examples ``sampler`` indexes (``n``; a mixture's sources together), or ``None`` if it does not say.
+
+    >>> from dataorder import MixtureSampler, RandomReshuffling
+    >>> mixture = MixtureSampler({"a": 3, "b": 5}, {"a": 1, "b": 1}, num_samples=8, batch_size=4)
+    >>> sampler_examples(RandomReshuffling(6)), sampler_examples(mixture)
+    (6, 8)
+    """
+    sizes = getattr(sampler, "sizes", None)
+    if isinstance(sizes, dict):  # MixtureSampler: indices run over the sources concatenated
+        return sum(int(size) for size in sizes.values())
+    n = getattr(sampler, "n", None)
+    return None if n is None else int(n)
+
+
+def check_covers(sampler: Any, dataset: Any, sampler_name: str, dataset_name: str) -> None:
+    """Raise :class:`SamplerMismatch` unless ``sampler`` indexes exactly the examples of ``dataset``.
+
+    A longer sampler fails mid-training with an ``IndexError``; a shorter one silently never
+    trains the last examples. A dataset without ``len`` (an iterable one) is not checked.
+
+    >>> from dataorder import RandomReshuffling
+    >>> check_covers(RandomReshuffling(4), list(range(6)), "train_sampler", "train_dataset")
+    Traceback (most recent call last):
+    ...
+    dataorder.integrations._checkpoint.SamplerMismatch: train_sampler has n=4 examples but len(train_dataset)=6: build the sampler from the dataset it orders
+    """
+    n = sampler_examples(sampler)
+    try:
+        size = len(dataset)
+    except TypeError:  # an IterableDataset, or no dataset at all
+        return
+    if n is not None and n != size:
+        raise SamplerMismatch(f"{sampler_name} has n={n} examples but len({dataset_name})={size}: "
+                              "build the sampler from the dataset it orders")
+
+
+def check_attached(sampler: Any, model: Any, model_name: str) -> None:
+    """Raise :class:`SamplerMismatch` if GraB's hooks sit on a model that is not (part of) the one training.
+
+    Its ``step()`` would then find no backward pass since the last step. A sampler that is not
+    attached (no ghost hooks) is not checked here; :func:`needs_step` refuses it.
+    """
+    attached = getattr(getattr(getattr(sampler, "_source", None), "ghost", None), "model", None)
+    modules = getattr(model, "modules", None)
+    if attached is None or modules is None:
+        return
+    if not any(module is attached for module in modules()):
+        raise SamplerMismatch(f"the {type(sampler).__name__} is attached to another model than the one training: "
+                              f"attach it to {model_name}")
 
 
 def sampler_file(directory: str | os.PathLike, rank: int) -> str:

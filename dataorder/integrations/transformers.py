@@ -45,9 +45,17 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
         "dataorder.integrations.transformers needs the transformers package: pip install 'transformers>=5' accelerate"
     ) from error
 
-from dataorder.integrations._checkpoint import SamplerStateMissing, load_sampler, needs_step, save_sampler
+from dataorder.integrations._checkpoint import (
+    SamplerMismatch,
+    SamplerStateMissing,
+    check_attached,
+    check_covers,
+    load_sampler,
+    needs_step,
+    save_sampler,
+)
 
-__all__ = ["BatchesAsIndices", "DataOrderCallback", "DataOrderTrainer", "SamplerStateMissing"]
+__all__ = ["BatchesAsIndices", "DataOrderCallback", "DataOrderTrainer", "SamplerMismatch", "SamplerStateMissing"]
 
 
 class DataOrderCallback(TrainerCallback):
@@ -68,6 +76,10 @@ class DataOrderCallback(TrainerCallback):
     def __init__(self, sampler: Any) -> None:
         self.sampler = sampler
         self.steps = needs_step(sampler)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.steps:  # the model the Trainer trains (a fresh one from model_init, say) must be the attached one
+            check_attached(self.sampler, model, "trainer.model")
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self.steps:  # a micro-batch of an accumulated step was just backpropagated
@@ -146,12 +158,13 @@ class DataOrderTrainer(Trainer):
     def __init__(self, *args: Any, train_sampler: Any, **kwargs: Any) -> None:
         callback = DataOrderCallback(train_sampler)
         super().__init__(*args, **kwargs)
-        _check_fits(train_sampler, self.args)
+        _check_fits(train_sampler, self.args, self.train_dataset)
         self.train_sampler = train_sampler
         self.dataorder_callback = callback
         self.add_callback(callback)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler:
+        _check_fits(self.train_sampler, self.args, self.train_dataset if train_dataset is None else train_dataset)
         if _is_batch_sampler(self.train_sampler):
             return BatchesAsIndices(self.train_sampler)
         return self.train_sampler
@@ -184,8 +197,8 @@ def _is_batch_sampler(sampler: Any) -> bool:
     return isinstance(sampler, StratifiedBatchSampler)
 
 
-def _check_fits(sampler: Any, args: Any) -> None:
-    """One clear error per mismatch between the sampler and the TrainingArguments."""
+def _check_fits(sampler: Any, args: Any, train_dataset: Any) -> None:
+    """One clear error per mismatch between the sampler and the TrainingArguments or the train dataset."""
     from dataorder.samplers.mixture import MixtureSampler
 
     name = type(sampler).__name__
@@ -209,3 +222,4 @@ def _check_fits(sampler: Any, args: Any) -> None:
             raise ValueError(f"{name}'s batch_size={sampler.batch_size} must equal per_device_train_batch_size={per_device}")
         if args.dataloader_drop_last:
             raise ValueError(f"{name} makes whole batches itself: set dataloader_drop_last=False")
+    check_covers(sampler, train_dataset, "train_sampler", "train_dataset")

@@ -27,7 +27,7 @@ from dataorder import (  # noqa: E402
     RandomReshuffling,
     StratifiedBatchSampler,
 )
-from dataorder.integrations._checkpoint import SamplerStateMissing  # noqa: E402
+from dataorder.integrations._checkpoint import SamplerMismatch, SamplerStateMissing  # noqa: E402
 from dataorder.integrations.transformers import DataOrderCallback, DataOrderTrainer  # noqa: E402
 from tests.integrations.tiny import N, gpt2, labels, token_dataset  # noqa: E402
 
@@ -147,3 +147,27 @@ def test_wrong_batch_sizes_and_samplers_are_refused_before_training(tmp_path):
                          train_sampler=RandomReshuffling(data, rank=1, world_size=2))
     with pytest.raises(TypeError, match="attach"):
         DataOrderTrainer(model=torch.nn.Linear(2, 2), args=args, train_dataset=data, train_sampler=HerdingSampler(data))
+
+
+@pytest.mark.parametrize("n", [N - 6, N + 6])
+def test_a_sampler_of_another_length_than_the_dataset_is_refused(n, tmp_path):
+    """Longer: an IndexError mid-training; shorter: the last examples never trained."""
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True)
+    with pytest.raises(SamplerMismatch, match=rf"^train_sampler has n={n} examples but len\(train_dataset\)={N}: "):
+        DataOrderTrainer(model=torch.nn.Linear(2, 2), args=args, train_dataset=token_dataset(),
+                         train_sampler=RandomReshuffling(n))
+    trainer = DataOrderTrainer(model=torch.nn.Linear(2, 2), args=args, train_sampler=RandomReshuffling(n))
+    trainer.train_dataset = token_dataset()  # given after construction: refused when training starts
+    with pytest.raises(SamplerMismatch, match="len\\(train_dataset\\)"):
+        trainer.train()
+
+
+def test_grab_attached_to_another_model_than_the_trained_one_is_refused(tmp_path):
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    data = token_dataset()
+    sampler = GraBSampler(data).attach(gpt2())  # model_init builds a fresh model when training starts
+    trainer = DataOrderTrainer(model_init=lambda: gpt2(), args=args, train_dataset=data, train_sampler=sampler)
+    expected = "attached to another model than the one training: attach it to trainer.model$"
+    with pytest.raises(SamplerMismatch, match=expected):
+        trainer.train()
