@@ -75,7 +75,7 @@ def check_attached(sampler: Any, model: Any, model_name: str) -> None:
     Its ``step()`` would then find no backward pass since the last step. A sampler that is not
     attached (no ghost hooks) is not checked here; :func:`needs_step` refuses it.
     """
-    attached = getattr(getattr(getattr(sampler, "_source", None), "ghost", None), "model", None)
+    attached = getattr(sampler, "attached_model", None)
     modules = getattr(model, "modules", None)
     if attached is None or modules is None:
         return

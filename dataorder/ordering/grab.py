@@ -162,6 +162,18 @@ class GraBSampler(GradientOrderSampler):
         self._source = source
         return self
 
+    @property
+    def attached_model(self) -> torch.nn.Module | None:
+        """The model :meth:`attach` hooked; None when not attached (or displaced by another sampler).
+
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 2)
+        >>> GraBSampler(4).attach(model).attached_model is model, GraBSampler(4).attached_model
+        (True, None)
+        """
+        source = self._source
+        return None if source is None or source.displaced else source.model
+
     def detach(self) -> None:
         """Remove the hooks that :meth:`attach` registered (a no-op if none).
 

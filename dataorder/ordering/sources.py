@@ -162,6 +162,11 @@ class HookSource:
         return displaced
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The model whose modules are hooked."""
+        return self.ghost.model
+
+    @property
     def names(self) -> list[str]:
         """The selected parameters, in the rows' order (those left out included)."""
         return self.ghost.names
