@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["ByteLM", "LeNet", "SmallResNet", "build_model", "mlp"]
+__all__ = ["BUILT_IN_INPUTS", "ByteLM", "LeNet", "SmallResNet", "build_model", "mlp", "what_it_takes"]
 
 
 def mlp(in_features: int, num_classes: int, hidden: tuple[int, ...] = (256, 256)) -> nn.Sequential:
@@ -153,6 +153,24 @@ class ByteLM(nn.Module):
         positions = torch.arange(length, device=tokens.device).expand(batch, length)
         x = self.tokens(tokens) + self.positions(positions)
         return self.head(self.norm(self.blocks(x)))
+
+
+#: What each built-in model takes, for the message when a model does not fit the data.
+BUILT_IN_INPUTS = {"logreg": "feature vectors", "mlp": "feature vectors", "cnn": "square images",
+                   "resnet": "(C, H, W) images", "lm-tiny": "byte-token text"}
+
+
+def what_it_takes(name: str) -> str:
+    """The words that end a "does not fit" message: what ``name`` takes, when it is built in.
+
+    >>> what_it_takes("lm-tiny")
+    '; lm-tiny takes byte-token text (logreg and mlp: feature vectors, cnn and resnet: images)'
+    >>> what_it_takes("pkg.mod:factory")
+    ''
+    """
+    if name not in BUILT_IN_INPUTS:
+        return ""
+    return f"; {name} takes {BUILT_IN_INPUTS[name]} (logreg and mlp: feature vectors, cnn and resnet: images)"
 
 
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -34,6 +34,12 @@ def test_bench_lists_and_rejects_unknown(capsys):
     assert main(["bench", "--dir", folder, "no_such_bench"]) == 2
 
 
+def test_bench_on_a_folder_without_scripts_is_a_usage_error(tmp_path, capsys):
+    assert main(["bench", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no benchmark scripts" in err[0]
+
+
 def test_console_script_module_entry():
     out = subprocess.run([sys.executable, "-m", "dataorder", "--help"], capture_output=True, text=True, check=True)
     assert "compare" in out.stdout and "score" in out.stdout

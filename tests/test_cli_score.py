@@ -265,3 +265,13 @@ def test_resuming_with_the_same_scores_in_another_order_reuses_the_runs(tmp_path
     capsys.readouterr()
     assert score("--data", "digits", *FAST, "--scores", "loss,el2n", "--out", str(out)) == 0
     assert "(0 computed, 2 reused)" in capsys.readouterr().out
+
+
+def test_a_built_in_model_that_does_not_fit_the_data_says_what_it_takes(tmp_path, capsys):
+    data = tmp_path / "table.parquet"
+    write_parquet(data)
+    assert score("--data", str(data), "--model", "lm-tiny", "--runs", "1", "--epochs", "1", "--score-epoch", "1",
+                 "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lm-tiny takes byte-token text" in err[0]
+    assert not (tmp_path / "out").exists()

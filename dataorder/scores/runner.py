@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from dataorder._validate import check_float32
 from dataorder.data import fingerprint
 from dataorder.errors import DataorderError, require
-from dataorder.models import build_model
+from dataorder.models import build_model, what_it_takes
 from dataorder.samplers.base import epoch_rng
 from dataorder.scores import functional
 from dataorder.scores.aggregate import consistency
@@ -381,7 +381,7 @@ def check_model(model: str, in_shape: tuple[int, ...], num_classes: int, grand_p
             shape = tuple(network.eval()(torch.zeros(2, *in_shape)).shape)
     except Exception as error:  # a user's factory may fail in any way: report it in one line
         message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-        raise ScoreSetupError(f"--model {model}: {message}") from error
+        raise ScoreSetupError(f"--model {model}: {message}{what_it_takes(model)}") from error
     if shape != (2, num_classes):
         raise ScoreSetupError(f"--model {model}: outputs of shape {shape} for 2 examples; expected (2, {num_classes}) logits")
     try:

@@ -587,7 +587,7 @@ class TextTask:
 
     def check(self, config: Any) -> None:
         """Refuse scores that have no meaning for text and models that do not map tokens to next-token logits."""
-        from dataorder.models import build_model
+        from dataorder.models import build_model, what_it_takes
         from dataorder.scores.runner import ScoreSetupError, parameter_subset
 
         other = [score for score in config.scores if score not in TEXT_SCORES]
@@ -603,7 +603,8 @@ class TextTask:
             with torch.no_grad():
                 shape = tuple(model.eval()(self.windows.tokens[:2, :-1].long()).shape)
         except Exception as error:  # a user's factory may fail in any way: report it in one line
-            raise ScoreSetupError(f"--model {config.model}: {type(error).__name__}: {error}") from error
+            raise ScoreSetupError(f"--model {config.model}: {type(error).__name__}: {error}"
+                                  f"{what_it_takes(config.model)}") from error
         want = (min(2, len(self.windows.document)), self.context, self.vocab)
         if shape != want:
             raise ScoreSetupError(f"--model {config.model}: outputs of shape {shape}; a text model must give "

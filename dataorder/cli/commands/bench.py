@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise UsageError(f"no benchmark folder {folder}/: run from the repository root or pass --dir")
     names = available(folder)
+    if not names:
+        raise UsageError(f"--dir {folder}/ holds no benchmark scripts (*.py): pass the repository's benchmarks folder")
     if args.list:
         print("\n".join(names))
         return 0
