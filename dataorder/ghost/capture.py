@@ -372,7 +372,14 @@ class GhostGrads:
         self._collected = True
 
     def discard(self) -> None:
-        """Forget what the backwards since the last collect captured (the hooks stay)."""
+        """Forget what the backwards since the last collect captured (the hooks stay).
+
+        >>> model = nn.Linear(3, 2)
+        >>> ghost = GhostGrads(model)
+        >>> model(torch.randn(4, 3)).sum().backward()
+        >>> ghost.discard(); ghost.collect()
+        []
+        """
         self._records, self._held, self._sketch_rows = [], [], {}
 
     def remove(self) -> None:

@@ -29,7 +29,16 @@ class SamplerStateMissing(FileNotFoundError):
 
 
 class SamplerMismatch(DataorderError, ValueError):
-    """The sampler does not fit what the trainer trains: its dataset, its loader or its model."""
+    """The sampler does not fit what the trainer trains: its dataset, its loader or its model.
+
+    A ``ValueError``, so ``except ValueError`` catches it too:
+
+    >>> from dataorder import RandomReshuffling
+    >>> check_covers(RandomReshuffling(20), list(range(14)), "train_sampler", "train_dataset")
+    Traceback (most recent call last):
+    ...
+    dataorder.integrations._checkpoint.SamplerMismatch: train_sampler has n=20 examples but len(train_dataset)=14: build the sampler from the dataset it orders
+    """
 
 
 def sampler_examples(sampler: Any) -> int | None:
