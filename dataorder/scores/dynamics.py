@@ -31,11 +31,13 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from dataorder.samplers._state import StateError, StateReader, StateTypeError, check_tensors, refuse_unknown_fields
 from dataorder.samplers.base import dataset_length
 from dataorder.scores import functional
 
@@ -64,18 +66,62 @@ def occurrence_groups(indices: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(rank == k) for k in range(int(rank.max()) + 1)]
 
 
-class _Tracker:
-    """Shared validation and bookkeeping; subclasses define ``_observe`` and ``scores``."""
+class _TrackerState(StateReader):
+    """A :class:`StateReader` for a tracker's state (saved under ``"tracker"``, not ``"sampler"``)."""
 
-    _state_names: tuple[str, ...] = ()
+    def __init__(self, state: Any, owner: str, n: int, fields: Mapping[str, torch.dtype]) -> None:
+        if not isinstance(state, Mapping):
+            raise StateTypeError(f"state must be a dict from {owner}.state_dict(), got {type(state).__name__}")
+        # a state saved before tensors were used holds numpy arrays: read them as tensors
+        self.state = {key: torch.from_numpy(value) if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+                      else value for key, value in state.items()}
+        self.owner = owner
+        saved_by = self.field("tracker")
+        if saved_by != owner:
+            raise StateError(f"state was saved by {saved_by!r}, not {owner}; load it into a {saved_by}"
+                             if isinstance(saved_by, str) else f"state's tracker={saved_by!r} is not a class name")
+        refuse_unknown_fields(self.state, {"tracker": owner, "n": n, **fields}, owner)
+        saved_n = self.int("n", low=1)
+        if saved_n != n:
+            raise StateError(f"state is from {owner} with n={saved_n}; this is {owner} with n={n}; "
+                             f"construct it with n={saved_n}")
+        check_tensors(self.state)
+
+    def array(self, key: str, dtype: torch.dtype, n: int) -> np.ndarray:
+        """``state[key]`` as a fresh numpy array of ``n`` values of ``dtype``."""
+        return self.tensor(key, dtype, (n,)).numpy().copy()
+
+
+def _refuse(bad: np.ndarray, key: str, rule: str) -> None:
+    """Refuse the state if any entry of ``bad`` is set: ``state[key]`` breaks ``rule``."""
+    if bad.any():
+        where = np.flatnonzero(bad)
+        more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+        raise StateError(f"state's {key} breaks '{rule}' at index {int(where[0])}{more}; the state is corrupt")
+
+
+class _Tracker:
+    """Shared validation and bookkeeping; subclasses define ``_observe``, ``_check_state`` and ``scores``."""
+
+    #: The arrays of the state and their dtypes (each of shape ``(n,)``).
+    _state_dtypes: dict[str, torch.dtype] = {}
 
     def __init__(self, n: int) -> None:
         self.n = dataset_length(n, "n")
 
     def update(self, indices: Any, logits: Any, targets: Any) -> None:
-        """Record one presentation of each example ``indices[i]`` with ``logits[i]`` and ``targets[i]``."""
+        """Record one presentation of each example ``indices[i]`` with ``logits[i]`` and ``targets[i]``.
+
+        Non-finite logits (a diverged step) are refused with a ``ValueError`` and change nothing.
+        """
         logits, targets = functional._check(logits, targets, min_classes=2)
+        if not bool(torch.isfinite(logits).all()):
+            rows = torch.nonzero(~torch.isfinite(logits).all(dim=1)).flatten()
+            raise ValueError(f"logits has NaN or inf in {len(rows)} row(s) (first: row {int(rows[0])}); skip the "
+                             "update for a diverged step or fix the model's outputs")
         indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if indices.ndim == 1 and indices.size == 0:
+            indices = indices.astype(np.int64)  # an empty list has no int dtype of its own
         if indices.ndim != 1 or indices.dtype.kind not in "iu":
             raise ValueError(f"indices must be a 1-D array of ints, got shape {indices.shape} dtype {indices.dtype}")
         if len(indices) != len(logits):
@@ -93,22 +139,32 @@ class _Tracker:
     def _observe(self, indices: np.ndarray, values: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
+    def _check_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Refuse arrays that no sequence of updates produces (a tampered or corrupt state)."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, Any]:
-        """The tracker's arrays (copies), for checkpointing mid-training."""
+        """The tracker's arrays as CPU tensors (copies), for checkpointing mid-training.
+
+        The dict holds only strings, ints and tensors, so it round-trips exactly through
+        ``torch.save`` and ``torch.load(..., weights_only=True)``.
+        """
         return {"tracker": type(self).__name__, "n": self.n,
-                **{name: getattr(self, name).copy() for name in self._state_names}}
+                **{name: torch.from_numpy(getattr(self, name).copy()) for name in self._state_dtypes}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; on a mismatch raise ``ValueError`` and change nothing."""
-        if state.get("tracker") != type(self).__name__ or state.get("n") != self.n:
-            raise ValueError(f"state is from {state.get('tracker')} with n={state.get('n')}; this is "
-                             f"{type(self).__name__} with n={self.n}")
-        arrays = {name: np.asarray(state[name]) for name in self._state_names}
+        """Restore from :meth:`state_dict`; refuse what it could not have produced and change nothing.
+
+        A refusal is a :class:`~dataorder.samplers._state.StateError` (a ``ValueError``; a
+        ``TypeError`` too for a field of the wrong type) naming the field. A state saved as
+        numpy arrays (by earlier versions) is accepted as well.
+        """
+        owner = type(self).__name__
+        reader = _TrackerState(state, owner, self.n, self._state_dtypes)
+        arrays = {name: reader.array(name, dtype, self.n) for name, dtype in self._state_dtypes.items()}
+        self._check_state(arrays)
         for name, array in arrays.items():
-            if array.shape != getattr(self, name).shape:
-                raise ValueError(f"state[{name!r}] has shape {array.shape}, expected {getattr(self, name).shape}")
-        for name, array in arrays.items():
-            setattr(self, name, array.astype(getattr(self, name).dtype, copy=True))
+            setattr(self, name, array)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={self.n})"
@@ -128,7 +184,8 @@ class Forgetting(_Tracker):
     [inf, 0.0, nan]
     """
 
-    _state_names = ("last_correct", "forgets", "ever_correct", "presentations")
+    _state_dtypes = {"last_correct": torch.bool, "forgets": torch.int64, "ever_correct": torch.bool,
+                     "presentations": torch.int64}
 
     def __init__(self, n: int) -> None:
         super().__init__(n)
@@ -146,6 +203,17 @@ class Forgetting(_Tracker):
         self.last_correct[indices] = correct
         self.ever_correct[indices] |= correct
         self.presentations[indices] += 1
+
+    def _check_state(self, arrays: dict[str, np.ndarray]) -> None:
+        forgets, presentations = arrays["forgets"], arrays["presentations"]
+        _refuse(presentations < 0, "presentations", "presentations >= 0")
+        _refuse(forgets < 0, "forgets", "forgets >= 0")
+        # each forget takes a correct and an incorrect presentation; a last correct one takes another
+        _refuse(2 * forgets + arrays["last_correct"] > presentations, "forgets",
+                "2 * forgets + last_correct <= presentations")
+        _refuse(arrays["last_correct"] & ~arrays["ever_correct"], "last_correct", "last_correct implies ever_correct")
+        _refuse((forgets > 0) & ~arrays["ever_correct"], "ever_correct", "forgets > 0 implies ever_correct")
+        _refuse(arrays["ever_correct"] & (presentations == 0), "ever_correct", "ever_correct implies presentations > 0")
 
     def scores(self) -> np.ndarray:
         """Forgetting counts as float64 (``inf`` never learned, ``nan`` never presented)."""
@@ -169,7 +237,7 @@ class AUM(_Tracker):
     [0.5]
     """
 
-    _state_names = ("total", "count")
+    _state_dtypes = {"total": torch.float64, "count": torch.int64}
 
     def __init__(self, n: int) -> None:
         super().__init__(n)
@@ -182,6 +250,10 @@ class AUM(_Tracker):
     def _observe(self, indices: np.ndarray, values: dict[str, np.ndarray]) -> None:
         self.total[indices] += values["margin"]
         self.count[indices] += 1
+
+    def _check_state(self, arrays: dict[str, np.ndarray]) -> None:
+        _refuse(arrays["count"] < 0, "count", "count >= 0")
+        _refuse((arrays["count"] == 0) & (arrays["total"] != 0), "total", "total == 0 where count == 0")
 
     def scores(self) -> np.ndarray:
         """Mean margin per example as float64 (``nan`` never presented)."""
@@ -206,7 +278,8 @@ class DataMap(_Tracker):
     {'confidence': 0.5, 'variability': 0.5, 'correctness': 0.5}
     """
 
-    _state_names = ("confidence_sum", "confidence_sq_sum", "correct", "count")
+    _state_dtypes = {"confidence_sum": torch.float64, "confidence_sq_sum": torch.float64, "correct": torch.int64,
+                     "count": torch.int64}
 
     def __init__(self, n: int) -> None:
         super().__init__(n)
@@ -224,6 +297,14 @@ class DataMap(_Tracker):
         self.confidence_sq_sum[indices] += values["confidence"] ** 2
         self.correct[indices] += values["correct"]
         self.count[indices] += 1
+
+    def _check_state(self, arrays: dict[str, np.ndarray]) -> None:
+        count, total, squares = arrays["count"], arrays["confidence_sum"], arrays["confidence_sq_sum"]
+        _refuse(count < 0, "count", "count >= 0")
+        _refuse((arrays["correct"] < 0) | (arrays["correct"] > count), "correct", "0 <= correct <= count")
+        # confidences lie in [0, 1], so c**2 <= c and the float64 sums keep that order exactly
+        _refuse((total < 0) | (total > count), "confidence_sum", "0 <= confidence_sum <= count")
+        _refuse((squares < 0) | (squares > total), "confidence_sq_sum", "0 <= confidence_sq_sum <= confidence_sum")
 
     def scores(self) -> dict[str, np.ndarray]:
         """``{"confidence", "variability", "correctness"}`` arrays of float64 (``nan`` never presented)."""

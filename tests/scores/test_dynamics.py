@@ -139,3 +139,116 @@ def test_occurrence_groups_split_repeats_in_order(indices):
     for k, group in enumerate(groups):                                # group k = k-th occurrences
         for position in group:
             assert sum(1 for p in range(position) if array[p] == array[position]) == k
+
+
+def _trained(tracker_cls, n=4):
+    tracker = tracker_cls(n)
+    logits, targets = logits_for([True, False, True])
+    tracker.update([0, 1, 2], logits, targets)
+    tracker.update([0, 1], *logits_for([False, True]))
+    return tracker
+
+
+@pytest.mark.parametrize("tracker_cls", [Forgetting, AUM, DataMap])
+def test_state_round_trips_through_torch_load_weights_only(tracker_cls, tmp_path):
+    import io
+
+    tracker = _trained(tracker_cls)
+    buffer = io.BytesIO()
+    torch.save(tracker.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = tracker_cls(4)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    a, b = tracker.scores(), fresh.scores()
+    for key in (a if isinstance(a, dict) else [None]):
+        x, y = (a[key], b[key]) if key else (a, b)
+        assert np.array_equal(x, y, equal_nan=True)
+    # a state saved as numpy arrays (the earlier form) still loads
+    legacy = {key: value.numpy() if isinstance(value, torch.Tensor) else value
+              for key, value in tracker.state_dict().items()}
+    older = tracker_cls(4)
+    older.load_state_dict(legacy)
+    assert all(np.array_equal(getattr(older, k), getattr(tracker, k)) for k in tracker_cls._state_dtypes)
+
+
+def _tampered(state, key, value):
+    state = dict(state)
+    if value is _DELETE:
+        del state[key]
+    else:
+        state[key] = value
+    return state
+
+
+_DELETE = object()
+_TAMPERED = [
+    (Forgetting, "forgets", torch.tensor([-3, 0, 0, 0]), ValueError, "forgets"),
+    (Forgetting, "forgets", torch.tensor([5, 0, 0, 0]), ValueError, "forgets"),
+    (Forgetting, "forgets", torch.tensor([1.7, 0, 0, 0], dtype=torch.float64), TypeError, "forgets"),
+    (Forgetting, "presentations", torch.tensor([-1, 2, 1, 0]), ValueError, "presentations"),
+    (Forgetting, "last_correct", torch.tensor([2, 0, 0, 0]), TypeError, "last_correct"),
+    (Forgetting, "ever_correct", torch.tensor([False, True, True, True]), ValueError, "ever_correct"),
+    (Forgetting, "last_correct", _DELETE, ValueError, "last_correct"),
+    (Forgetting, "n", 4.0, TypeError, "n"),
+    (Forgetting, "n", True, TypeError, "n"),
+    (Forgetting, "tracker", "AUM", ValueError, "AUM"),
+    (Forgetting, "extra", 1, ValueError, "extra"),
+    (AUM, "total", torch.tensor([float("nan"), 0.0, 0.0, 0.0], dtype=torch.float64), ValueError, "total"),
+    (AUM, "total", torch.tensor([float("inf"), 0.0, 0.0, 0.0], dtype=torch.float64), ValueError, "total"),
+    (AUM, "total", torch.tensor([1.0, 0.0, 0.0, 3.0], dtype=torch.float64), ValueError, "total"),
+    (AUM, "count", torch.tensor([-1, 1, 1, 0]), ValueError, "count"),
+    (AUM, "count", torch.tensor([1.5, 1, 1, 0], dtype=torch.float64), TypeError, "count"),
+    (AUM, "count", torch.tensor([1, 1, 1]), ValueError, "count"),
+    (AUM, "count", [2, 2, 1, 0], TypeError, "count"),
+    (DataMap, "confidence_sum", torch.tensor([5.0, 0, 0, 0], dtype=torch.float64), ValueError, "confidence_sum"),
+    (DataMap, "confidence_sq_sum", torch.tensor([-1.0, 0, 0, 0], dtype=torch.float64), ValueError,
+     "confidence_sq_sum"),
+    (DataMap, "correct", torch.tensor([9, 0, 0, 0]), ValueError, "correct"),
+]
+
+
+@pytest.mark.parametrize(("tracker_cls", "key", "value", "error", "named"), _TAMPERED)
+def test_load_state_dict_refuses_tampered_states_and_changes_nothing(tracker_cls, key, value, error, named):
+    tracker = _trained(tracker_cls)
+    before = tracker.state_dict()
+    with pytest.raises(error, match=named) as info:
+        tracker.load_state_dict(_tampered(before, key, value))
+    assert "\n" not in str(info.value)
+    after = tracker.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in tracker_cls._state_dtypes)
+
+
+@pytest.mark.parametrize("state", [None, [1, 2], "state"])
+def test_load_state_dict_refuses_a_non_dict_with_a_type_error(state):
+    with pytest.raises(TypeError, match="state must be a dict from AUM.state_dict"):
+        AUM(3).load_state_dict(state)
+
+
+@pytest.mark.parametrize("tracker_cls", [Forgetting, AUM, DataMap])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_update_refuses_non_finite_logits_and_changes_nothing(tracker_cls, bad):
+    tracker = _trained(tracker_cls)
+    before = tracker.state_dict()
+    with pytest.raises(ValueError, match="logits has NaN or inf in 1 row"):
+        tracker.update([0, 1], torch.tensor([[bad, 0.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([0, 0]))
+    after = tracker.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in tracker_cls._state_dtypes)
+
+
+@pytest.mark.parametrize("tracker_cls", [Forgetting, AUM, DataMap])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_update_accepts_half_precision_logits(tracker_cls, dtype):
+    full, half = tracker_cls(2), tracker_cls(2)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    full.update([0, 1], logits, torch.tensor([0, 0]))
+    half.update([0, 1], logits.to(dtype), torch.tensor([0, 0]))
+    a, b = full.scores(), half.scores()
+    for key in (a if isinstance(a, dict) else [None]):
+        x, y = (a[key], b[key]) if key else (a, b)
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
+def test_update_accepts_an_empty_list_of_indices():
+    tracker = Forgetting(2)
+    tracker.update([], torch.empty(0, 2), torch.empty(0, dtype=torch.long))
+    assert np.isnan(tracker.scores()).all()
