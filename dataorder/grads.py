@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import mmap
 import numbers
 import sys
@@ -32,7 +33,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dataorder._validate import check_seed
 
-__all__ = ["CountSketch", "PerExampleGrads", "PerExampleResult", "flatten_per_example", "select_parameters"]
+__all__ = ["CountSketch", "PerExampleGrads", "PerExampleResult", "flatten_per_example", "per_example_rows",
+           "select_names", "select_parameters"]
 
 ParamSelection = None | Iterable[str] | Callable[[str, nn.Parameter], bool]
 
@@ -52,7 +54,7 @@ def flatten_per_example(grads: Mapping[str, Tensor]) -> Tensor:
     batch = {value.shape[0] if value.dim() else None for value in grads.values()}
     if len(batch) != 1 or None in batch:
         raise ValueError(f"every per-example gradient needs the same leading batch dim, got {sorted(map(str, batch))}")
-    return torch.cat([value.reshape(value.shape[0], -1) for value in grads.values()], dim=1)
+    return torch.cat([per_example_rows(value) for value in grads.values()], dim=1)
 
 
 class CountSketch:
@@ -111,7 +113,7 @@ class CountSketch:
         >>> torch.allclose(sketch.sketch_blocks(g.values()), sketch(flatten_per_example(g)))
         True
         """
-        blocks = [block.reshape(block.shape[0], -1) for block in blocks]
+        blocks = [per_example_rows(block) for block in blocks]
         if not blocks:
             raise ValueError("sketch_blocks needs at least one block (B, *shape)")
         width = sum(block.shape[1] for block in blocks)
@@ -286,8 +288,45 @@ class PerExampleGrads:
         )
 
 
+def select_names(named: Mapping[str, Any], params: ParamSelection, *, frozen: Iterable[str] = ()) -> tuple[str, ...]:
+    """The names of ``named`` (name -> tensor) that ``params`` selects, in ``named``'s order.
+
+    The one rule for ``params`` wherever it picks parameters (:class:`PerExampleGrads`,
+    :func:`dataorder.scores.grand`): ``None`` selects every name not in ``frozen``; a list of
+    names selects those (an unknown or frozen name is a ``ValueError``); a predicate
+    ``(name, tensor) -> bool`` is asked about each name not in ``frozen``. The result may be
+    empty: the caller says what an empty selection means.
+
+    >>> select_names({"w": torch.ones(2), "b": torch.ones(1)}, ["b"])
+    ('b',)
+    >>> select_names({"w": torch.ones(2)}, ["x"])
+    Traceback (most recent call last):
+    ValueError: params: unknown parameter 'x'; choose from ['w']
+    """
+    frozen = set(frozen)
+    open_names = [name for name in named if name not in frozen]
+    if params is None:
+        return tuple(open_names)
+    if callable(params):
+        return tuple(name for name in open_names if params(name, named[name]))
+    if isinstance(params, str):
+        raise TypeError(f"params must be None, a list of parameter names or a predicate (name, param) -> bool, got "
+                        f"the str {params!r}: a single name goes in a list, params=[{params!r}]")
+    if not isinstance(params, Iterable):
+        raise TypeError(f"params must be None, a list of parameter names or a predicate (name, param) -> bool, got {params!r}")
+    wanted = list(params)
+    for name in wanted:
+        if not isinstance(name, str):
+            raise TypeError(f"params must list parameter names (str), got {name!r}")
+        if name not in named:
+            raise ValueError(f"params: unknown parameter {name!r}; choose from {list(named)}")
+        if name in frozen:
+            raise ValueError(f"params: {name!r} is frozen (requires_grad=False); unfreeze it or leave it out")
+    return tuple(name for name in open_names if name in set(wanted))
+
+
 def select_parameters(model: nn.Module, params: ParamSelection) -> tuple[str, ...]:
-    """Names of the selected trainable parameters, in ``named_parameters()`` order.
+    """Names of the selected trainable parameters, in ``named_parameters()`` order (see :func:`select_names`).
 
     >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     >>> select_parameters(model, None)
@@ -296,29 +335,19 @@ def select_parameters(model: nn.Module, params: ParamSelection) -> tuple[str, ..
     ('1.weight', '1.bias')
     """
     named = dict(model.named_parameters())
-    trainable = [name for name, p in named.items() if p.requires_grad]
-    if params is None:
-        chosen = trainable
-    elif callable(params):
-        chosen = [name for name in trainable if params(name, named[name])]
-    elif isinstance(params, str):
-        raise TypeError(f"params must be None, a list of parameter names or a predicate (name, param) -> bool, got "
-                        f"the str {params!r}: a single name goes in a list, params=[{params!r}]")
-    elif not isinstance(params, Iterable):
-        raise TypeError(f"params must be None, a list of parameter names or a predicate (name, param) -> bool, got {params!r}")
-    else:
-        wanted = list(params)
-        for name in wanted:
-            if not isinstance(name, str):
-                raise TypeError(f"params must list parameter names (str), got {name!r}")
-            if name not in named:
-                raise ValueError(f"params: unknown parameter {name!r}; choose from {list(named)}")
-            if not named[name].requires_grad:
-                raise ValueError(f"params: {name!r} is frozen (requires_grad=False); unfreeze it or leave it out")
-        chosen = [name for name in trainable if name in set(wanted)]
+    chosen = select_names(named, params, frozen=[name for name, p in named.items() if not p.requires_grad])
     if not chosen:
         raise ValueError("params selects no trainable parameter; select at least one with requires_grad=True")
-    return tuple(chosen)
+    return chosen
+
+
+def per_example_rows(value: Tensor) -> Tensor:
+    """``value`` ``(B, *shape)`` as ``(B, prod(shape))``; an empty batch gives ``(0, prod(shape))``.
+
+    >>> per_example_rows(torch.ones(0, 3, 2)).shape
+    torch.Size([0, 6])
+    """
+    return value.reshape(value.shape[0], math.prod(value.shape[1:]))
 
 
 def _chunk_rows(batch: int, chunk_size: int | None, largest: int, like: Tensor) -> int:

@@ -2,7 +2,8 @@
 
 ``loss``, ``confidence``, ``margin``, ``el2n`` and ``entropy`` take ``logits`` of shape
 ``(B, K)`` and integer ``targets`` of shape ``(B,)``; ``grand`` takes per-example gradients.
-Each returns a detached float tensor of shape ``(B,)``.
+Each returns a detached float tensor of shape ``(B,)``: float64 for float64 inputs, float32
+otherwise (half-precision inputs are computed in float32, where their scores do not degenerate).
 
 Sign conventions (the same table is in ``docs/scores.md``):
 
@@ -28,17 +29,24 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
+from dataorder.grads import ParamSelection, per_example_rows, select_names
+
 __all__ = ["confidence", "el2n", "entropy", "grand", "loss", "margin"]
 
 
 def _check(logits: Any, targets: Any, *, min_classes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate and return ``(logits, targets)`` as a float (B, K) and an int64 (B,) tensor."""
+    """Validate and return ``(logits, targets)`` as a float (B, K) and an int64 (B,) tensor.
+
+    Half-precision logits (float16, bfloat16) are upcast to float32, so every score is
+    computed and returned in float32 for them (float32 and float64 keep their dtype): in
+    bfloat16 the loss of an easy example rounds to exactly 0 and its EL2N collapses.
+    """
     logits = torch.as_tensor(logits)
     targets = torch.as_tensor(targets, device=logits.device)
     if logits.ndim != 2 or not logits.is_floating_point():
@@ -55,7 +63,10 @@ def _check(logits: Any, targets: Any, *, min_classes: int = 1) -> tuple[torch.Te
     if len(targets) and (targets.min() < 0 or targets.max() >= logits.shape[1]):
         raise ValueError(f"targets must be class ids in [0, {logits.shape[1]}), got values in "
                          f"[{int(targets.min())}, {int(targets.max())}]")
-    return logits.detach(), targets.long()
+    logits = logits.detach()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits, targets.long()
 
 
 @torch.no_grad()
@@ -131,23 +142,8 @@ def entropy(logits: Any, targets: Any = None) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim=1)  # xlogy: 0·log 0 = 0 for classes at -inf
 
 
-ParamSelector = Iterable[str] | Callable[[str], bool] | None
-
-
-def _selector(params: ParamSelector) -> Callable[[str], bool]:
-    if params is None:
-        return lambda name: True
-    if callable(params):
-        return params
-    if isinstance(params, str):
-        raise TypeError(f"params must be a list of parameter names or a predicate, got the string {params!r}; "
-                        f"wrap it in a list: [{params!r}]")
-    names = set(params)
-    return lambda name: name in names
-
-
 @torch.no_grad()
-def grand(grads: Any, *, params: ParamSelector = None) -> torch.Tensor:
+def grand(grads: Any, *, params: ParamSelection = None) -> torch.Tensor:
     """Gradient norm ``||grad of the example's loss||_2`` for each example (higher = harder).
 
     ``grads`` is one of
@@ -156,9 +152,15 @@ def grand(grads: Any, *, params: ParamSelector = None) -> torch.Tensor:
     * a dict ``name -> (B, *param.shape)`` tensor, as ``torch.func.vmap(grad(...))`` returns;
     * the object returned by calling ``PerExampleGrads``, read through its ``.grads``.
 
-    ``params`` (names or a predicate over names) restricts a dict to a parameter subset,
-    e.g. the last layer; for a flat tensor, select the subset when computing the gradients
-    (``PerExampleGrads(model, loss_fn, params=...)``).
+    ``params`` restricts a dict to a parameter subset, e.g. the last layer, in the forms
+    :class:`~dataorder.grads.PerExampleGrads` takes: ``None`` (every entry), a list of entry
+    names (an unknown name is a ``ValueError``), or a predicate ``(name, grad) -> bool``
+    called with each entry's name and per-example gradient. For a flat tensor, select the
+    subset when computing the gradients (``PerExampleGrads(model, loss_fn, params=...)``).
+
+    The norms are computed and returned in float32 (float64 if any selected gradient is
+    float64), whatever the order of a dict's entries, so half-precision gradients do not
+    overflow. An empty batch gives an empty tensor, as the other scores do.
 
     >>> import torch
     >>> grand(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
@@ -169,18 +171,25 @@ def grand(grads: Any, *, params: ParamSelector = None) -> torch.Tensor:
     if not isinstance(grads, (torch.Tensor, Mapping)) and hasattr(grads, "grads"):
         grads = grads.grads
     if isinstance(grads, Mapping):
-        keep = _selector(params)
-        chosen = [g for name, g in grads.items() if keep(name)]
+        chosen = [grads[name] for name in select_names(grads, params)]
         if not chosen:
-            raise ValueError(f"params selects none of the gradient entries {sorted(grads)}")
-        squares = [g.detach().reshape(len(g), -1).double().square().sum(dim=1) for g in chosen]
-        return torch.stack(squares).sum(dim=0).sqrt().to(chosen[0].dtype)
-    if isinstance(grads, torch.Tensor):
+            raise ValueError(f"params selects none of the gradient entries {sorted(grads)}; select at least one")
+    elif isinstance(grads, torch.Tensor):
         if params is not None:
             raise TypeError("params selects entries of a dict of gradients; for a flat (B, d) tensor, restrict the "
                             "parameters when computing it: PerExampleGrads(model, loss_fn, params=...)")
-        if grads.ndim < 1:
-            raise ValueError("grads must have a batch dimension, got a scalar")
-        return torch.linalg.vector_norm(grads.detach().reshape(len(grads), -1), dim=1)
-    raise TypeError(f"grads must be a (B, d) tensor, a dict of per-example gradients or a PerExampleGrads result, "
-                    f"got {type(grads).__name__}")
+        chosen = [grads]
+    else:
+        raise TypeError(f"grads must be a (B, d) tensor, a dict of per-example gradients or a PerExampleGrads "
+                        f"result, got {type(grads).__name__}")
+    for g in chosen:
+        if not isinstance(g, torch.Tensor) or g.ndim < 1 or not g.is_floating_point():
+            got = f"{g.dtype} of shape {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
+            raise TypeError(f"grads must hold float tensors (B, *shape) with a batch dimension, got {got}")
+    if len({len(g) for g in chosen}) != 1:
+        raise ValueError(f"every gradient entry needs the same batch dim, got {sorted({len(g) for g in chosen})}")
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in chosen) else torch.float32
+    norms = [torch.linalg.vector_norm(per_example_rows(g.detach()), dim=1, dtype=dtype) for g in chosen]
+    if len(norms) == 1:
+        return norms[0]
+    return torch.stack(norms).double().square().sum(dim=0).sqrt().to(dtype)

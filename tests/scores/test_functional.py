@@ -131,15 +131,19 @@ def test_grand_on_a_dict_restricted_to_a_subset():
     last = ["2.weight", "2.bias"]
     expected = loop_gradient_norms(model, x, y, last)
     np.testing.assert_allclose(S.grand(grads, params=last).numpy(), expected, rtol=1e-4)
-    np.testing.assert_allclose(S.grand(grads, params=lambda name: name.startswith("2.")).numpy(), expected, rtol=1e-4)
+    np.testing.assert_allclose(S.grand(grads, params=lambda name, g: name.startswith("2.")).numpy(), expected, rtol=1e-4)
     np.testing.assert_allclose(S.grand(grads).numpy(), loop_gradient_norms(model, x, y, None), rtol=1e-4)
 
 
 def test_grand_rejects_bad_arguments():
     with pytest.raises(TypeError, match="PerExampleGrads"):
         S.grand(torch.ones(2, 3), params=["w"])
+    with pytest.raises(ValueError, match="unknown parameter 'b'"):
+        S.grand({"w": torch.ones(2, 3)}, params=["w", "b"])
     with pytest.raises(ValueError, match="selects none"):
-        S.grand({"w": torch.ones(2, 3)}, params=["b"])
+        S.grand({"w": torch.ones(2, 3)}, params=lambda name, g: False)
+    with pytest.raises(ValueError, match="selects none"):
+        S.grand({"w": torch.ones(2, 3)}, params=[])
     with pytest.raises(TypeError, match="list"):
         S.grand({"w": torch.ones(2, 3)}, params="w")
     with pytest.raises(TypeError, match="got str"):
@@ -239,3 +243,57 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(f"dataorder.scores.{module}"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("score", ["loss", "confidence", "margin", "el2n", "entropy"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_are_scored_in_float32(score, dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(200, 10) * 3
+    targets = logits.argmax(1)
+    logits[torch.arange(200), targets] += 8          # confident, as a trained model's are
+    half = logits.to(dtype)
+    got = getattr(S, score)(half, targets)
+    assert got.dtype == torch.float32
+    exact = getattr(S, score)(half.double(), targets)   # the exact score of those same logits
+    np.testing.assert_allclose(got.double().numpy(), exact.numpy(), rtol=1e-4, atol=1e-6)
+    if score in ("loss", "el2n"):
+        assert (got > 0).all()                          # bfloat16 arithmetic rounds these to 0
+
+
+@pytest.mark.parametrize("score", ["loss", "margin", "el2n"])
+def test_float64_logits_stay_float64(score):
+    assert getattr(S, score)(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1])).dtype == torch.float64
+
+
+def test_grand_dtype_does_not_depend_on_the_dict_order():
+    big = torch.full((2, 3), 3e4, dtype=torch.float16)
+    small = torch.ones(2, 3)
+    forward, backward = S.grand({"a": big, "b": small}), S.grand({"b": small, "a": big})
+    assert forward.dtype == backward.dtype == torch.float32
+    assert torch.equal(forward, backward) and torch.isfinite(forward).all()
+    np.testing.assert_allclose(forward.numpy(), math.sqrt(3 * 3e4**2 + 3), rtol=1e-6)
+    assert S.grand({"a": small, "b": small.double()}).dtype == torch.float64
+    assert S.grand(big).dtype == torch.float32 and torch.isfinite(S.grand(big)).all()
+
+
+def test_grand_params_take_the_forms_per_example_grads_takes():
+    grads = {"w": torch.ones(2, 3, 3), "b": torch.ones(2, 3)}
+    by_name = S.grand(grads, params=["b"])
+    by_predicate = S.grand(grads, params=lambda name, g: g.dim() == 2)
+    assert torch.equal(by_name, by_predicate)
+    with pytest.raises(TypeError, match="must list parameter names"):
+        S.grand(grads, params=[1])
+    with pytest.raises(TypeError, match="predicate"):
+        S.grand(grads, params=3)
+
+
+def test_empty_batches_give_empty_results():
+    from dataorder.grads import CountSketch, flatten_per_example
+
+    assert S.grand({"w": torch.ones(0, 2, 2), "b": torch.ones(0, 2)}).shape == (0,)
+    assert S.grand(torch.ones(0, 4)).shape == (0,)
+    assert S.loss(torch.empty(0, 3), torch.empty(0, dtype=torch.long)).shape == (0,)
+    assert flatten_per_example({"w": torch.ones(0, 2, 2), "b": torch.ones(0, 3)}).shape == (0, 7)
+    assert CountSketch(7, 3).sketch_blocks([torch.ones(0, 2, 2), torch.ones(0, 3)]).shape == (0, 3)
+    assert CountSketch(7, 3)(torch.ones(0, 7)).shape == (0, 3)
