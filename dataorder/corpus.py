@@ -114,6 +114,9 @@ def load_stdlib_corpus(*, validation_fraction: float = 0.1, max_bytes: int | Non
         raise ValueError(f"validation_fraction must be a number in [0, 1), got {validation_fraction!r}")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
         raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
+    if isinstance(domains, str) or not isinstance(domains, Iterable):
+        raise TypeError(f"domains must be a sequence of domain names, e.g. domains=('code',), got {domains!r}")
+    domains = tuple(domains)
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown or not domains:
         raise ValueError(f"domains must be a non-empty subset of {DOMAINS}, got {tuple(domains)!r}")
@@ -150,6 +153,8 @@ def load_stdlib_corpus(*, validation_fraction: float = 0.1, max_bytes: int | Non
             chosen.append(Document(rel, domain, split, text))
             if budget is not None:
                 budget -= size
+        if not chosen and max_bytes and files[source_domain]:
+            raise ValueError(f"no {domain!r} document fits max_bytes={max_bytes} under {str(base)!r}: raise max_bytes")
         documents += sorted(chosen, key=lambda doc: doc.path)
     return TextCorpus.from_documents(documents, str(base))
 

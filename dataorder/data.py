@@ -7,11 +7,13 @@ source files as a text corpus (:func:`load_stdlib_corpus`, from :mod:`dataorder.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dataorder._validate import check_fraction
 from dataorder.corpus import load_stdlib_corpus
 
 __all__ = ["TensorSplit", "fingerprint", "load_digits_split", "load_patterns32_split", "load_split",
@@ -56,8 +58,9 @@ def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0, *, image
     load_digits = require("sklearn.datasets", extra="cli", feature="the built-in digits dataset").load_digits
     from sklearn.model_selection import train_test_split
 
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    check_fraction(test_fraction, "test_fraction", zero=False, one=False)
+    if isinstance(split_seed, bool) or not isinstance(split_seed, numbers.Integral) or not 0 <= split_seed < 2**32:
+        raise ValueError(f"split_seed must be an int in [0, 2**32) (scikit-learn's random_state), got {split_seed!r}")
     digits = load_digits()
     x = digits.data.astype(np.float32)
     y = digits.target.astype(np.int64)

@@ -51,8 +51,10 @@ __all__ = [
 TRANSITIONS = ("step", "linear", "cosine")
 PACINGS = ("linear", "root", "geometric", "step")
 _RUN_KEYS = ("num_samples", "batch_size", "tokens_per_sample")
-#: Largest ``num_samples`` / ``batch_size`` (batch offsets ``b * batch_size`` stay exact in int64).
+#: Largest ``num_samples`` (batch offsets ``b * batch_size`` stay exact in int64).
 MAX_SAMPLES = 2**62
+#: Largest ``batch_size``: a batch's quotas ``batch_size * w`` are split in float64, exact well below 2**53.
+MAX_BATCH = 2**40
 #: Largest sum of one set of weights: far from float64 overflow, so normalising is exact enough.
 MAX_WEIGHT_SUM = 1e300
 _SEGMENT_KEYS = ("at", "weights", "transition", "over")
@@ -353,7 +355,7 @@ class Schedule:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Schedule):
             return NotImplemented
-        return self.to_dict() == other.to_dict()
+        return self.names == other.names and self.to_dict() == other.to_dict()  # the sources' order matters too
 
     def __repr__(self) -> str:
         return f"Schedule(sources={self.base!r}, segments={len(self.segments)}, run={self.run!r})"
@@ -406,8 +408,8 @@ def _run(run: Any, where: str) -> dict[str, Any]:
 
 
 def check_run_value(key: str, value: Any, where: str) -> int | float:
-    """A ``run:`` value checked: ``num_samples``/``batch_size`` ints in ``[1, 2**62]``, ``tokens_per_sample``
-    a number in ``(0, 2**62]``.
+    """A ``run:`` value checked: ``num_samples`` an int in ``[1, 2**62]``, ``batch_size`` in ``[1, 2**40]``,
+    ``tokens_per_sample`` a number in ``(0, 2**62]``.
 
     >>> check_run_value("num_samples", 1.0e+12, "run")
     1000000000000
@@ -430,8 +432,9 @@ def check_run_value(key: str, value: Any, where: str) -> int | float:
         if number != int(number):
             raise ValueError(f"{where}: {key} must be a positive int, got {_short(value)}")
         integer = int(number)
-    if not 1 <= integer <= MAX_SAMPLES:
-        raise ValueError(f"{where}: {key} must be a positive int <= 2**62, got {_short(integer)}")
+    top, words = (MAX_BATCH, "2**40") if key == "batch_size" else (MAX_SAMPLES, "2**62")
+    if not 1 <= integer <= top:
+        raise ValueError(f"{where}: {key} must be a positive int <= {words}, got {_short(integer)}")
     return integer
 
 

@@ -100,3 +100,12 @@ def test_a_capped_corpus_keeps_both_splits():
     corpus = load_stdlib_corpus(max_bytes=400_000, domains=("code",), validation_fraction=0.1)
     splits = [doc.split for doc in corpus.documents]
     assert splits.count("train") > 4 * splits.count("validation") > 0
+
+
+def test_loader_arguments_that_cannot_select_anything_are_refused_in_one_line():
+    with pytest.raises(TypeError, match=r"domains=\('code',\)"):
+        load_stdlib_corpus(domains="code")
+    with pytest.raises(TypeError, match="domains must be a sequence"):
+        load_stdlib_corpus(domains=None)
+    with pytest.raises(ValueError, match="no 'code' document fits max_bytes=1.*raise max_bytes"):
+        load_stdlib_corpus(max_bytes=1, domains=("code",))

@@ -207,3 +207,14 @@ def test_digits_pixels_constant_in_train_are_centred_not_blown_up():
     split = load_digits_split()
     np.testing.assert_array_equal(split.x_test.numpy()[:, constant], x_test[:, constant] - x_train[0, constant])
     assert split.x_test.abs().max() < 1e3
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"test_fraction": "0.25"}, TypeError, "test_fraction must be a number"),
+    ({"test_fraction": 1.0}, ValueError, "test_fraction"),
+    ({"split_seed": -1}, ValueError, r"split_seed must be an int in \[0, 2\*\*32\)"),
+    ({"split_seed": 2**32}, ValueError, "split_seed"),
+])
+def test_digits_split_arguments_are_checked_by_name(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        load_digits_split(**kwargs)

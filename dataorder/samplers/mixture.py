@@ -263,16 +263,20 @@ class MixtureSampler(RunSampler):
     # -- state ------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "sizes": dict(self.sizes), "exhaustion": self.exhaustion,
-                "schedule": fingerprint(self.schedule.to_dict())}
+                "schedule": self._schedule_fingerprint()}
 
     def _check_extra_state(self, state: dict[str, Any]) -> None:
         reader = StateReader(state, type(self).__name__)
         reader.same("batch_size", self.batch_size)
         reader.same("sizes", dict(self.sizes))
         reader.same("exhaustion", self.exhaustion)
-        if reader.str("schedule") != fingerprint(self.schedule.to_dict()):
+        if reader.str("schedule") != self._schedule_fingerprint():
             raise StateError("state was saved with another schedule; the global stream depends on the schedule, "
                              "so construct the sampler with the schedule of the saved run")
+
+    def _schedule_fingerprint(self) -> str:
+        # the sources' order is the stream's column order: a reordered schedule draws another stream
+        return fingerprint({"schedule": self.schedule.to_dict(), "sources": list(self.schedule.names)})
 
     def __repr__(self) -> str:
         return (f"MixtureSampler(sources={self.sizes}, num_samples={self.num_samples}, batch_size={self.batch_size}, "

@@ -357,3 +357,20 @@ def test_seeds_of_64_bits_work_at_construction_and_iteration():
     assert list(high)[:B] == high.stream(0, B).tolist() != make(seed=0).stream(0, B).tolist()
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
         make(seed=2**64)
+
+
+def test_a_state_of_the_same_schedule_with_its_sources_in_another_order_is_refused():
+    # the sources' order is the stream's column order: the two samplers draw different streams
+    from dataorder.samplers import StateError
+
+    first = MixtureSampler({"a": 10, "b": 10}, Schedule({"a": 1, "b": 2}), num_samples=40, batch_size=4, seed=0)
+    swapped = MixtureSampler({"a": 10, "b": 10}, Schedule({"b": 2, "a": 1}), num_samples=40, batch_size=4, seed=0)
+    assert list(first) != list(swapped)
+    assert Schedule({"a": 1, "b": 2}) != Schedule({"b": 2, "a": 1})
+    with pytest.raises(StateError, match="another schedule"):
+        swapped.load_state_dict(first.state_dict())
+
+
+def test_a_batch_size_whose_quotas_float64_cannot_split_is_refused_up_front():
+    with pytest.raises(ValueError, match=r"batch_size must be a positive int <= 2\*\*40"):
+        MixtureSampler({"a": 10, "b": 10}, {"a": 1, "b": 1}, num_samples=2**62, batch_size=2**60)
