@@ -164,6 +164,8 @@ class MixtureSampler(RunSampler):
         self._domains = _domains(self._n)
         self._carry: dict[int, np.ndarray] = {}  # batch -> cumulative counts before it
         self._length: int | None = None
+        if exhaustion == "stop":
+            self._check_first_batch_fits()
 
     # -- logging helpers --------------------------------------------------------------------
     @property
@@ -209,7 +211,7 @@ class MixtureSampler(RunSampler):
         return {name: counts[name] / self.sizes[name] for name in self.sizes}
 
     def _check_step(self, step: int) -> int:
-        return check_int(step, "step", low=0, high=self.counts.num_batches)
+        return check_int(step, "step", low=0, high=self.num_batches)  # exhaustion='stop' may end the run early
 
     # -- the stream -------------------------------------------------------------------------
     def _run_length(self) -> int:
@@ -227,11 +229,13 @@ class MixtureSampler(RunSampler):
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        if lo == 0:
-            small = [name for name, c, n in zip(self.schedule.names, counts.batch(0), self._n) if c > n]
+        return lo * self.batch_size
+
+    def _check_first_batch_fits(self) -> None:
+        small = [name for name, c, n in zip(self.schedule.names, self.counts.batch(0), self._n) if c > n]
+        if small:
             raise ValueError(f"exhaustion='stop' but {', '.join(small)} cannot fill even the first batch; "
                              "use exhaustion='restart' or a smaller batch_size")
-        return lo * self.batch_size
 
     def _cumulative(self, b: int) -> np.ndarray:
         if b not in self._carry:

@@ -374,3 +374,16 @@ def test_a_state_of_the_same_schedule_with_its_sources_in_another_order_is_refus
 def test_a_batch_size_whose_quotas_float64_cannot_split_is_refused_up_front():
     with pytest.raises(ValueError, match=r"batch_size must be a positive int <= 2\*\*40"):
         MixtureSampler({"a": 10, "b": 10}, {"a": 1, "b": 1}, num_samples=2**62, batch_size=2**60)
+
+
+def test_a_stopping_run_refuses_a_source_too_small_for_its_first_batch_at_construction():
+    with pytest.raises(ValueError, match="b cannot fill even the first batch"):
+        MixtureSampler({"a": 20, "b": 1}, {"a": 1, "b": 1}, num_samples=40, batch_size=4, exhaustion="stop")
+
+
+def test_a_stopped_run_has_no_counts_past_its_last_batch():
+    sampler = MixtureSampler({"a": 6, "b": 6}, {"a": 1, "b": 1}, num_samples=40, batch_size=4, exhaustion="stop")
+    assert sampler.num_batches == 3  # six of each source fill three batches of two and two
+    assert sampler.counts_at(2) == {"a": 2, "b": 2}
+    with pytest.raises(ValueError, match=r"step must be an int in \[0, 3\)"):
+        sampler.counts_at(3)
