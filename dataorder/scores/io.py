@@ -24,8 +24,8 @@ import numpy as np
 
 from dataorder.errors import require
 
-__all__ = ["HIGHER_MEANS", "SCORES_FILE", "add_scores_column", "load_scores", "read_metadata", "run_column",
-           "write_scores"]
+__all__ = ["HIGHER_MEANS", "SCORES_FILE", "ScoresFileError", "add_scores_column", "load_scores", "read_metadata",
+           "run_column", "write_scores"]
 
 SCORES_FILE = "scores.parquet"
 
@@ -45,6 +45,14 @@ HIGHER_MEANS: dict[str, str] = {
 }
 
 
+class ScoresFileError(ValueError):
+    """A file that is not a scores file as :func:`write_scores` writes it (the message names the file).
+
+    >>> issubclass(ScoresFileError, ValueError)
+    True
+    """
+
+
 def run_column(score: str, run: int) -> str:
     """Name of the column holding ``score`` from run ``run``.
 
@@ -56,6 +64,9 @@ def run_column(score: str, run: int) -> str:
 
 def write_scores(path: str | os.PathLike, runs: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
     """Write ``scores.parquet`` atomically from ``{score: (R, n) array}``; the mean over runs is the score column.
+
+    Score names that would clash with the file's other columns (``index``, or ``s_run<r>``
+    beside a score ``s``) are refused up front, as is metadata that is not a JSON-serialisable dict.
 
     >>> import tempfile, numpy as np
     >>> path = Path(tempfile.mkdtemp()) / "scores.parquet"
@@ -70,6 +81,13 @@ def write_scores(path: str | os.PathLike, runs: Mapping[str, np.ndarray], metada
 
     if not runs:
         raise ValueError("runs must hold at least one score")
+    _check_score_names(list(runs))
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict (the manifest), got {type(metadata).__name__}")
+    try:
+        manifest = json.dumps(metadata, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"metadata must be JSON-serialisable ({error}); convert numpy values with .item()") from None
     n = {np.shape(values)[-1] for values in runs.values()}
     if len(n) != 1:
         raise ValueError(f"every score must cover the same examples, got lengths {sorted(n)}")
@@ -79,7 +97,7 @@ def write_scores(path: str | os.PathLike, runs: Mapping[str, np.ndarray], metada
     for score, values in runs.items():
         for run, row in enumerate(np.asarray(values, dtype=np.float64)):
             columns[run_column(score, run)] = row
-    table = pa.table(columns).replace_schema_metadata({"dataorder": json.dumps(metadata, sort_keys=True)})
+    table = pa.table(columns).replace_schema_metadata({"dataorder": manifest})
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")  # a killed job's is removed by the next one
     try:
@@ -87,6 +105,32 @@ def write_scores(path: str | os.PathLike, runs: Mapping[str, np.ndarray], metada
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _check_score_names(names: list[Any]) -> None:
+    """Refuse score names whose columns would clash in the file (``index``, or ``s`` beside ``s_run<r>``)."""
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"score names must be non-empty strings, got {name!r}")
+    if "index" in names:
+        raise ValueError("a score cannot be named 'index': that column holds the example ids; rename the score")
+    for name in names:
+        if _is_run_column(name, names):
+            raise ValueError(f"score {name!r} would be read as a run column of score {name.rpartition('_run')[0]!r}; "
+                             "rename one of them")
+
+
+def _arrow_call(path: Path, read: Any) -> Any:
+    """``read()``, with pyarrow's refusal of an unreadable file turned into a :class:`ScoresFileError`."""
+    pa = require("pyarrow", extra="cli", feature="reading scores.parquet")
+    try:
+        return read()
+    except (pa.ArrowException, OSError) as error:
+        if isinstance(error, (FileNotFoundError, PermissionError)):
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ScoresFileError(f"{path} is not a readable parquet file ({reason}); write it again with "
+                              "`dataorder score`") from None
 
 
 def _scores_path(path_or_dir: str | os.PathLike) -> Path:
@@ -99,11 +143,24 @@ def _scores_path(path_or_dir: str | os.PathLike) -> Path:
 
 
 def read_metadata(path_or_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest stored in a scores file (dataset fingerprint, settings, runs)."""
+    """The manifest stored in a scores file (dataset fingerprint, settings, runs).
+
+    A file that is not readable parquet, or whose manifest is not a JSON object, is a
+    :class:`ScoresFileError` naming the file.
+    """
     pq = require("pyarrow.parquet", extra="cli", feature="reading scores.parquet")
 
-    metadata = pq.read_schema(_scores_path(path_or_dir)).metadata or {}
-    return json.loads(metadata.get(b"dataorder", b"{}"))
+    path = _scores_path(path_or_dir)
+    metadata = _arrow_call(path, lambda: pq.read_schema(path)).metadata or {}
+    try:
+        manifest = json.loads(metadata.get(b"dataorder", b"{}"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ScoresFileError(f"{path}: the 'dataorder' metadata is not valid JSON ({error}); the file was "
+                              "modified") from None
+    if not isinstance(manifest, dict):
+        raise ScoresFileError(f"{path}: the 'dataorder' metadata is a JSON {type(manifest).__name__}, not an object; "
+                              "the file was modified")
+    return manifest
 
 
 def load_scores(path_or_dir: str | os.PathLike, column: str | None = None, *, run: int | None = None) -> np.ndarray:
@@ -111,7 +168,9 @@ def load_scores(path_or_dir: str | os.PathLike, column: str | None = None, *, ru
 
     ``path_or_dir`` is a ``scores.parquet`` file or the ``--out`` directory holding it;
     ``column`` a score (its mean over runs), or with ``run=r`` that run's values. With
-    ``column=None`` the file must hold exactly one score.
+    ``column=None`` the file must hold exactly one score. A file that is not one
+    :func:`write_scores` writes (not parquet, truncated, no integer ``index`` column, a
+    non-numeric score column) is a :class:`ScoresFileError` naming the file.
 
     >>> import tempfile, numpy as np
     >>> folder = Path(tempfile.mkdtemp())
@@ -121,8 +180,18 @@ def load_scores(path_or_dir: str | os.PathLike, column: str | None = None, *, ru
     """
     pq = require("pyarrow.parquet", extra="cli", feature="reading scores.parquet")
 
+    pa = require("pyarrow", extra="cli", feature="reading scores.parquet")
+
+    if column is not None and not isinstance(column, str):
+        raise TypeError(f"column must be a score name (str) or None, got {column!r}")
+    if column == "index":
+        raise ValueError("column 'index' holds the example ids, not a score; pass column=one of the scores")
     path = _scores_path(path_or_dir)
-    names = pq.read_schema(path).names
+    schema = _arrow_call(path, lambda: pq.read_schema(path))
+    names = schema.names
+    if names.count("index") != 1 or not pa.types.is_integer(schema.field("index").type):
+        raise ScoresFileError(f"{path} has no integer 'index' column; it is not a scores file written by "
+                              "`dataorder score`")
     scores = [name for name in names if name != "index" and not _is_run_column(name, names)]
     if column is None:
         if len(scores) != 1:
@@ -133,10 +202,13 @@ def load_scores(path_or_dir: str | os.PathLike, column: str | None = None, *, ru
         runs = [name for name in names if _is_run_column(name, names) and name.startswith(column + "_run")]
         hint = f"scores are {scores}" if run is None else f"runs of {column!r} are {runs}"
         raise ValueError(f"{path} has no column {wanted!r}; {hint}")
-    table = pq.read_table(path, columns=["index", wanted])
-    index = table.column("index").to_numpy()
+    kind = schema.field(wanted).type
+    if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+        raise ScoresFileError(f"{path}: column {wanted!r} holds {kind}, not numbers; the file was modified")
+    table = _arrow_call(path, lambda: pq.read_table(path, columns=["index", wanted]))
+    index = table.column("index").to_numpy(zero_copy_only=False)
     if not np.array_equal(index, np.arange(len(index))):
-        raise ValueError(f"{path}: column 'index' is not 0..n-1 in order; the file was modified")
+        raise ScoresFileError(f"{path}: column 'index' is not 0..n-1 in order; the file was modified")
     return table.column(wanted).to_numpy().astype(np.float64)
 
 
