@@ -1,8 +1,9 @@
 """Per-example gradients with ``torch.func``, and a CountSketch to shrink them.
 
 :class:`PerExampleGrads` computes every example's loss and gradient in one vectorised pass
-(``vmap(grad(...))`` over ``functional_call``), accumulates the batch-mean gradient into the
-selected parameters' ``.grad`` exactly as ``loss.backward()`` would, and returns the
+(``vmap(grad(...))`` over ``functional_call``), accumulates the mean of the per-example
+gradients into the selected parameters' ``.grad`` (what ``loss.backward()`` gives for a loss
+that is the plain mean of per-example losses), and returns the
 per-example gradients flattened to ``(B, d)`` -- or sketched to ``(B, k)`` by a
 :class:`CountSketch` that never materialises a ``d × k`` matrix.
 
@@ -157,10 +158,20 @@ class PerExampleResult:
 class PerExampleGrads:
     """Per-example losses and gradients of ``loss_fn(model(x), y)`` in one vectorised pass.
 
-    Calling ``per_example(inputs, targets)`` accumulates the batch-mean gradient into each
-    *selected* parameter's ``.grad`` (the same values and semantics as ``loss.backward()`` on
-    the mean loss, so ``optimizer.zero_grad()`` and gradient accumulation work unchanged) and
-    returns a :class:`PerExampleResult`. Parameters that are not selected get no ``.grad``.
+    Calling ``per_example(inputs, targets)`` accumulates the mean over the ``B`` examples of
+    the per-example gradients into each *selected* parameter's ``.grad`` (accumulated as
+    ``loss.backward()`` does, so ``optimizer.zero_grad()`` and gradient accumulation work
+    unchanged) and returns a :class:`PerExampleResult`. Parameters that are not selected get
+    no ``.grad``.
+
+    ``loss_fn`` is applied to each example alone, so ``.grad`` equals ``loss.backward()`` on
+    ``loss_fn(model(x), y)`` only when that batch loss is the plain mean of the per-example
+    losses. It is not for ``ignore_index`` targets (an ignored example's loss is NaN, its
+    gradient 0, yet it still counts in the ``B`` of the mean) nor for class ``weight=`` (on
+    one example the weight cancels out of a mean-reduced loss, and the batch loss divides by
+    the sum of the weights, not by ``B``): drop ignored examples before the call; for class
+    weights pass ``loss_fn`` with ``reduction="sum"`` and multiply ``.grad`` by
+    ``B / weight[targets].sum()``.
 
     Args:
         model: the module; its buffers are passed through unchanged.

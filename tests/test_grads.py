@@ -375,3 +375,39 @@ def test_benchmark_quick_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "loop / torch.func" in result.stdout
     assert "| MLP | 85,002 |" in output.read_text() and "| LeNet | 62,006 |" in output.read_text()
+
+
+def test_grad_is_the_mean_of_per_example_gradients_and_the_documented_fixes_match_backward():
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    # ignore_index: .grad is the mean over all B of the per-example gradients (the ignored one's is 0)
+    y = torch.tensor([0, -100, 1, 1])
+    model.zero_grad(set_to_none=True)
+    out = PerExampleGrads(model, F.cross_entropy)(x, y)
+    assert torch.allclose(out.grads[1], torch.zeros_like(out.grads[1]))
+    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(flat, out.grads.mean(0), atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    assert not torch.allclose(model.weight.grad, flat[:6].view(2, 3))   # differs, as documented
+    keep = y != -100                                                      # the fix: drop them first
+    model.zero_grad(set_to_none=True)
+    PerExampleGrads(model, F.cross_entropy)(x[keep], y[keep])
+    fixed = model.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    assert torch.allclose(fixed, model.weight.grad, atol=1e-6)
+    # class weights: per example the weight cancels; reduction="sum" keeps it, then rescale by B / sum of weights
+    weight, y = torch.tensor([1.0, 5.0]), torch.tensor([0, 1, 1, 0])
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y, weight=weight).backward()
+    expected = model.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    PerExampleGrads(model, lambda o, t: F.cross_entropy(o, t, weight=weight))(x, y)
+    assert not torch.allclose(model.weight.grad, expected)
+    model.zero_grad(set_to_none=True)
+    PerExampleGrads(model, lambda o, t: F.cross_entropy(o, t, weight=weight, reduction="sum"))(x, y)
+    assert torch.allclose(model.weight.grad * len(y) / weight[y].sum(), expected, atol=1e-6)
