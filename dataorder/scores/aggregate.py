@@ -18,6 +18,8 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 import warnings
 from typing import Any
 
@@ -29,12 +31,34 @@ __all__ = ["aggregate", "consistency", "spearman_brown"]
 _HOW = ("mean", "median")
 
 
+def _check_how(how: Any) -> str:
+    """``how`` if it is one of :data:`_HOW` (the one check, for ``aggregate`` and ``consistency``)."""
+    if not isinstance(how, str) or how not in _HOW:
+        raise ValueError(f"how must be one of {_HOW}, got {how!r}")
+    return how
+
+
+def _host(values: Any) -> Any:
+    """A torch tensor (any dtype, bfloat16 included) as a float64 numpy array; anything else as is."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(values, torch.Tensor):
+        return values.detach().cpu().double().numpy()
+    return values
+
+
 def _as_runs(runs: Any) -> np.ndarray:
     """``runs`` as a float64 (R, n) array: a 2-D array or a sequence of equal-length 1-D arrays."""
+    runs = _host(runs)
+    if isinstance(runs, (list, tuple)):
+        runs = [_host(run) for run in runs]
     try:
         array = np.asarray(runs, dtype=np.float64)
     except ValueError as error:
-        raise ValueError(f"runs must be R arrays of equal length n (an (R, n) array): {error}") from None
+        reason = str(error).split(". ")[0]
+        raise ValueError(f"runs must be R arrays of equal length n (an (R, n) array): {reason}") from None
+    except TypeError:
+        raise TypeError(f"runs must hold real numbers (an (R, n) array of floats), got {type(runs).__name__} "
+                        "with entries that are not") from None
     if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"runs must be an (R, n) array with R >= 1 runs of n >= 1 examples, got shape {array.shape}")
     return array
@@ -49,14 +73,21 @@ def aggregate(runs: Any, how: str = "mean") -> np.ndarray:
     >>> aggregate([[1.0, 2.0], [3.0, 2.0], [8.0, 2.0]], how="median").tolist()
     [3.0, 2.0]
     """
-    if how not in _HOW:
-        raise ValueError(f"how must be one of {_HOW}, got {how!r}")
+    _check_how(how)
     array = _as_runs(runs)
     return array.mean(axis=0) if how == "mean" else np.median(array, axis=0)
 
 
 def _correlations(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Spearman's rho and Kendall's tau-b; ``nan`` where undefined (a constant input)."""
+    """Spearman's rho and Kendall's tau-b over the examples scored in both (not ``nan`` in either).
+
+    ``nan`` where undefined (fewer than two such examples; a constant input). ``inf`` is kept
+    and ranks as the largest value.
+    """
+    both = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[both], b[both]
+    if len(a) < 2:
+        return {"spearman": math.nan, "kendall": math.nan}
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         return {"spearman": float(stats.spearmanr(a, b).statistic),
@@ -67,12 +98,28 @@ def spearman_brown(r: float, k: float) -> float:
     """Predicted correlation between two averages of ``k`` runs, given the single-run correlation ``r``.
 
     The Spearman–Brown formula ``k r / (1 + (k - 1) r)``; for rank correlations it is an
-    approximation.
+    approximation. ``r`` must be in ``[-1, 1]`` (or ``nan``, which gives ``nan``) and ``k >= 1``;
+    where the formula is undefined (``r = -1 / (k - 1)``) the result is ``nan``.
 
     >>> round(spearman_brown(0.5, 3), 3)
     0.75
+    >>> spearman_brown(-1.0, 2)
+    nan
     """
-    return k * r / (1.0 + (k - 1.0) * r)
+    r, k = _real(r, "r"), _real(k, "k")
+    if not (math.isnan(r) or -1.0 <= r <= 1.0):
+        raise ValueError(f"r must be a correlation in [-1, 1], got {r}")
+    if not 1.0 <= k < math.inf:
+        raise ValueError(f"k must be a number of runs >= 1, got {k}")
+    denominator = 1.0 + (k - 1.0) * r
+    return k * r / denominator if denominator else math.nan
+
+
+def _real(value: Any, name: str) -> float:
+    """``value`` as a float if it is a real number (not a bool or a string)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 def _runs_needed(r: float, target: float) -> float | None:
@@ -98,7 +145,10 @@ def consistency(runs: Any, how: str = "mean", target: float = 0.9) -> dict[str, 
     * ``runs_for_target``: the number of runs whose average is predicted (Spearman–Brown,
       from the mean pairwise Spearman) to reach Spearman ``target`` with another such average.
 
-    Undefined entries (one run; a constant score) are ``nan``.
+    Each correlation uses the examples scored in both of the compared runs or aggregates:
+    an example that is ``nan`` in one (never presented in that run) is left out of that pair
+    only, so one unseen example does not make every correlation ``nan``. Undefined entries
+    (one run; a constant score; fewer than two examples in common) are ``nan``.
 
     >>> import numpy as np
     >>> result = consistency(np.array([[1.0, 2, 3, 4], [1, 3, 2, 4], [2, 1, 3, 4]]))
@@ -107,8 +157,9 @@ def consistency(runs: Any, how: str = "mean", target: float = 0.9) -> dict[str, 
     >>> [entry["runs"] for entry in result["by_runs"]]
     [1]
     """
-    if not 0 < target < 1:
+    if not 0 < _real(target, "target") < 1:
         raise ValueError(f"target must be in (0, 1), got {target}")
+    _check_how(how)
     array = _as_runs(runs)
     count = len(array)
     pairwise = {name: np.eye(count) for name in ("spearman", "kendall")}

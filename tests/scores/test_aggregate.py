@@ -87,3 +87,50 @@ def test_spearman_brown_predicts_runs_needed():
     assert spearman_brown(r, k) >= 0.9 > spearman_brown(r, k - 1)
     with pytest.raises(ValueError, match="target"):
         consistency(noisy, target=1.5)
+
+
+def test_consistency_leaves_out_examples_unscored_in_either_run_only():
+    runs = np.array([[np.nan, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 4.0, 3.0], [0.0, 2.0, 1.0, 3.0, np.nan]])
+    result = consistency(runs)
+    pairwise = np.array(result["pairwise"]["spearman"])
+    for i in range(3):
+        for j in range(i + 1, 3):
+            both = ~(np.isnan(runs[i]) | np.isnan(runs[j]))
+            assert math.isclose(pairwise[i, j], stats.spearmanr(runs[i][both], runs[j][both]).statistic)
+    assert math.isfinite(result["mean_pairwise"]["spearman"]) and math.isfinite(result["split_half"]["kendall"])
+    # fewer than two examples in common: undefined
+    assert math.isnan(consistency([[np.nan, 1.0, 2.0], [0.0, np.nan, 2.0]])["pairwise"]["spearman"][0][1])
+
+
+def test_consistency_validates_how_and_target_even_with_one_run():
+    with pytest.raises(ValueError, match="how must be one of"):
+        consistency([[1.0, 2.0, 3.0]], how="bogus")
+    with pytest.raises(TypeError, match="target must be a real number"):
+        consistency(RUNS, target="0.9")
+    with pytest.raises(ValueError, match="target must be in"):
+        consistency(RUNS, target=float("nan"))
+
+
+def test_spearman_brown_domain():
+    assert math.isnan(spearman_brown(-1.0, 2))          # the formula's pole: undefined
+    assert math.isnan(spearman_brown(float("nan"), 2))
+    with pytest.raises(ValueError, match="r must be a correlation"):
+        spearman_brown(1.5, 2)
+    with pytest.raises(ValueError, match="k must be"):
+        spearman_brown(0.5, 0)
+    with pytest.raises(TypeError, match="r must be a real number"):
+        spearman_brown("0.5", 2)
+
+
+@pytest.mark.parametrize("runs", [[[1 + 2j, 1.0]], [[{}, 1.0]], {"a": 1}])
+def test_runs_that_are_not_real_numbers_are_a_one_line_type_error(runs):
+    with pytest.raises(TypeError, match="runs must hold real numbers") as info:
+        aggregate(runs)
+    assert "\n" not in str(info.value)
+
+
+def test_aggregate_accepts_bfloat16_tensors():
+    import torch
+
+    runs = [torch.tensor([1.0, 2.0], dtype=torch.bfloat16), torch.tensor([3.0, 4.0], dtype=torch.bfloat16)]
+    assert aggregate(runs).tolist() == [2.0, 3.0]
