@@ -173,7 +173,7 @@ def _same_types(value: Any, expected: Any) -> bool:
 
 
 def check_tensors(value: Any, name: str = "state") -> None:
-    """Refuse tensors that no sampler saves, anywhere inside ``value`` (nested dicts, lists, tuples).
+    """Refuse tensors no sampler or tracker saves, anywhere in ``value`` (nested dicts, lists, tuples).
 
     A saved tensor must have one of :data:`TENSOR_DTYPES`, hold data (not the meta device)
     and, if floating point, be finite.
@@ -185,11 +185,11 @@ def check_tensors(value: Any, name: str = "state") -> None:
     """
     if isinstance(value, torch.Tensor):
         if value.dtype not in TENSOR_DTYPES:
-            raise StateTypeError(f"{name} has dtype {value.dtype}, which no sampler saves; the state is corrupt")
+            raise StateTypeError(f"{name} has dtype {value.dtype}, which no dataorder state holds; the state is corrupt")
         if value.is_meta or value.device.type == "meta":
             raise StateError(f"{name} is on the meta device (it holds no data); save the state from a real sampler")
         if value.requires_grad:
-            raise StateError(f"{name} requires grad, which no sampler's state does; pass state_dict()'s own tensors")
+            raise StateError(f"{name} requires grad, which no dataorder state does; pass state_dict()'s own tensors")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise StateError(f"{name} holds NaN or inf; the state is corrupt")
     elif isinstance(value, Mapping):
