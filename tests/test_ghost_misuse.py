@@ -321,3 +321,51 @@ def test_an_embedding_with_max_norm_gets_the_exact_rule(sketch):
     reference = torch.stack([torch.zeros(10, 4).index_add_(0, tokens[j], per_output[j]) for j in range(len(tokens))])
     assert torch.allclose(rows, reference.reshape(len(tokens), -1), atol=1e-6)
     assert torch.allclose(rows.mean(dim=0), model[0].weight.grad.reshape(-1), atol=1e-6)
+
+
+class _Gain(nn.Module):
+    """out = x * weight + bias, elementwise: a layer for user rules."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return x * self.weight + self.bias
+
+
+def _gain_rule_returning(made):
+    from dataorder.ghost.factors import DenseFactors
+
+    def rule(module, names, inputs, grad_output):
+        good = {names["weight"]: inputs[0] * grad_output, names["bias"]: grad_output}
+        return made(DenseFactors, names, good, inputs[0], grad_output)
+    return rule
+
+
+BAD_RULES = [  # (what the rule returns, the error, a pattern of its message)
+    (lambda D, names, good, x, d: [D(good), D({names["bias"]: d})], ValueError, r"\['g.bias'\] more than once"),
+    (lambda D, names, good, x, d: D({names["weight"]: good[names["weight"]]}), ValueError,
+     r"must cover each of \['g.bias', 'g.weight'\] once"),
+    (lambda D, names, good, x, d: D({**good, names["weight"]: good[names["weight"]][:, :3]}), ValueError,
+     r"returned a \(5, 3\) block for 'g.weight': a DenseFactors block is \(B, \*param.shape\) = \(5, 4\)"),
+    (lambda D, names, good, x, d: good, TypeError, "returned a dict: a rule returns DenseFactors"),
+]
+
+
+@pytest.mark.parametrize("sketch", [None, 8])
+@pytest.mark.parametrize("made, error, match", BAD_RULES)
+def test_a_registered_rule_returning_wrong_factors_is_refused_naming_the_rule_and_module(made, error, match, sketch):
+    from dataorder.ghost.rules import _RULES, register_ghost_rule
+
+    register_ghost_rule(_Gain, _gain_rule_returning(made))
+    try:
+        model = nn.Sequential()
+        model.add_module("g", _Gain(4))
+        sampler = GraBSampler(10).attach(model, sketch=sketch)
+        with pytest.raises(error, match=match):
+            model(torch.randn(5, 4)).square().mean().backward()
+            sampler.step()
+        assert sampler.steps_position == 0
+    finally:
+        del _RULES[_Gain]

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dataorder.ghost.batch import GhostBatch
 from dataorder.ghost.errors import RepeatedBackwardError, UnsupportedLayerError, check_no_batch_statistics
 from dataorder.ghost.factors import DenseFactors, EmbeddingFactors, LinearFactors
-from dataorder.ghost.rules import fallback_rule, linear_rule, rule_for, saved_statistics
+from dataorder.ghost.rules import check_rule_output, fallback_rule, linear_rule, rule_for, saved_statistics
 from dataorder.ghost.sketch import SketchRows, Sketcher
 from dataorder.ghost.tied import TiedFactors
 from dataorder.grads import select_parameters
@@ -206,7 +206,7 @@ class GhostGrads:
                                           record.inputs[0], grad.detach(), record.module.weight.shape)
                 return
             delta = grad.detach().float()
-            for factors in _apply_rule(record, record.names, delta):
+            for factors in _apply_rule(record, record.names, delta, self.shapes):
                 self._sketcher.add(rows, factors, self.shapes)
 
     def _add_grad(self, record: _Record, grad: Tensor) -> None:
@@ -331,7 +331,7 @@ class GhostGrads:
                 continue
             names = {local: full for local, full in record.names.items() if full not in left_out}
             for subset in _split_tied(names, self.tied):
-                for part, made in enumerate(_apply_rule(record, subset, record.grad.float())):
+                for part, made in enumerate(_apply_rule(record, subset, record.grad.float(), self.shapes)):
                     key = (id(record.module), tuple(sorted(subset.values())), part)
                     by_call.setdefault(key, []).append(made)
         factors, tied_uses = [], {}
@@ -476,13 +476,14 @@ def _split_tied(names: dict[str, str], tied: set[str]) -> list[dict[str, str]]:
     return ([rest] if rest else []) + alone
 
 
-def _apply_rule(record: _Record, names: dict[str, str], delta: Tensor) -> list:
+def _apply_rule(record: _Record, names: dict[str, str], delta: Tensor, shapes: dict[str, torch.Size]) -> list:
     """The rule's factors of one call; ``delta`` is its float32 output gradient, unscaled (the
     per-example scale, the batch size, is applied by the consumer)."""
     floats = tuple(t.float() if t.is_floating_point() else t for t in record.inputs)
     rule = rule_for(record.module) or fallback_rule
     made = rule(record.module, names, floats, delta)
-    return list(made) if isinstance(made, (list, tuple)) else [made]
+    where = f"{type(record.module).__name__} '{record.module_name}'"
+    return check_rule_output(rule, where, names, made, delta.shape[0], shapes)
 
 
 def _inside_functorch(tensor: Tensor) -> bool:

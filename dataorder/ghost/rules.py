@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors, LinearFactors
 
-__all__ = ["GhostRule", "register_ghost_rule", "rule_for", "saved_statistics"]
+__all__ = ["GhostRule", "check_rule_output", "register_ghost_rule", "rule_for", "saved_statistics"]
 
 GhostRule = Callable[..., object]  # (module, names, inputs, grad_output) -> factors or a list of factors
 
@@ -205,6 +205,8 @@ _RULES: dict[type, tuple[GhostRule, Callable[[nn.Module], bool] | None]] = {
     nn.GroupNorm: (norm_rule, None),
 }
 _TRANSFORMERS_REGISTERED = False
+#: The rules this package ships (trusted: their output is not checked at every step).
+_BUILT_IN = frozenset({*(rule for rule, _ in _RULES.values()), fallback_rule, hf_conv1d_rule})
 
 
 def register_ghost_rule(module_type: type, rule: GhostRule, *,
@@ -248,6 +250,51 @@ def rule_for(module: nn.Module) -> GhostRule | None:
     if rule is None or (applies is not None and not applies(module)):
         return None
     return rule
+
+
+def check_rule_output(rule: GhostRule, where: str, names: dict[str, str], made: object, batch: int,
+                      shapes: dict[str, torch.Size]) -> list:
+    """A registered rule's output as a list of factor objects covering each of ``names`` once, or a clear error.
+
+    Built-in rules are trusted; a user's rule is checked where it runs, so a wrong block does
+    not reach the balance (as silently wrong products) or fail later in an unrelated product.
+    ``where`` names the module, e.g. ``"Scale '1'"``.
+
+    >>> check_rule_output(print, "Scale '1'", {"weight": "1.weight"}, DenseFactors({"1.weight": torch.ones(4, 2)}),
+    ...                   4, {"1.weight": torch.Size([3])})
+    Traceback (most recent call last):
+    ...
+    ValueError: the ghost rule print for Scale '1' returned a (4, 2) block for '1.weight': a DenseFactors block is (B, *param.shape) = (4, 3)
+    """
+    factors = list(made) if isinstance(made, (list, tuple)) else [made]
+    if rule in _BUILT_IN:
+        return factors
+    label = f"the ghost rule {getattr(rule, '__qualname__', repr(rule))} for {where}"
+    covered: list[str] = []
+    for factor in factors:
+        if isinstance(factor, DenseFactors):
+            for name, block in factor.grads.items():
+                want = (batch, *shapes.get(name, ()))
+                if not isinstance(block, torch.Tensor) or not block.is_floating_point():
+                    raise TypeError(f"{label} returned a {type(block).__name__} for {name!r}: a DenseFactors block "
+                                    "is a floating-point tensor (B, *param.shape)")
+                if name in shapes and tuple(block.shape) != want:
+                    raise ValueError(f"{label} returned a {tuple(block.shape)} block for {name!r}: a DenseFactors "
+                                     f"block is (B, *param.shape) = {want}")
+                covered.append(name)
+        elif isinstance(factor, (LinearFactors, EmbeddingFactors)):
+            if factor.d.shape[0] != batch:
+                raise ValueError(f"{label} returned factors of {factor.d.shape[0]} examples for a batch of {batch}")
+            covered += [name for name in (factor.weight, getattr(factor, "bias", None)) if name is not None]
+        else:
+            raise TypeError(f"{label} returned a {type(factor).__name__}: a rule returns DenseFactors, LinearFactors "
+                            "or EmbeddingFactors (or a list of them) from dataorder.ghost.factors")
+    wanted = sorted(names.values())
+    if sorted(covered) != wanted:
+        twice = sorted({name for name in covered if covered.count(name) > 1})
+        raise ValueError(f"{label} covered {sorted(covered)} but must cover each of {wanted} once"
+                         + (f" ({twice} more than once)" if twice else ""))
+    return factors
 
 
 def _register_transformers() -> None:
