@@ -231,14 +231,14 @@ class StateReader:
     dataorder.samplers._state.StateError: state was saved with seed=0 but this X has seed=1; construct it with seed=0
     """
 
-    def __init__(self, state: Any, owner: str) -> None:
+    def __init__(self, state: Any, owner: str, *, tag: str = "sampler") -> None:
         if not isinstance(state, Mapping):
             raise StateTypeError(f"state must be a dict from {owner}.state_dict(), got {type(state).__name__}")
         self.state, self.owner = state, owner
-        saved_by = self.field("sampler")
+        saved_by = self.field(tag)  # the class that saved it: "sampler" (a score tracker's: "tracker")
         if saved_by != owner:
             raise StateError(f"state was saved by {saved_by!r}, not {owner}; load it into a {saved_by}"
-                             if isinstance(saved_by, str) else f"state's sampler={saved_by!r} is not a class name")
+                             if isinstance(saved_by, str) else f"state's {tag}={saved_by!r} is not a class name")
         check_tensors(state)
 
     def field(self, key: str) -> Any:

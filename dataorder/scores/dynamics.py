@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataorder.samplers._state import StateError, StateReader, StateTypeError, check_tensors, refuse_unknown_fields
+from dataorder.samplers._state import StateError, StateReader, refuse_unknown_fields
 from dataorder.samplers.base import dataset_length
 from dataorder.scores import functional
 
@@ -70,22 +70,15 @@ class _TrackerState(StateReader):
     """A :class:`StateReader` for a tracker's state (saved under ``"tracker"``, not ``"sampler"``)."""
 
     def __init__(self, state: Any, owner: str, n: int, fields: Mapping[str, torch.dtype]) -> None:
-        if not isinstance(state, Mapping):
-            raise StateTypeError(f"state must be a dict from {owner}.state_dict(), got {type(state).__name__}")
-        # a state saved before tensors were used holds numpy arrays: read them as tensors
-        self.state = {key: torch.from_numpy(value) if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
-                      else value for key, value in state.items()}
-        self.owner = owner
-        saved_by = self.field("tracker")
-        if saved_by != owner:
-            raise StateError(f"state was saved by {saved_by!r}, not {owner}; load it into a {saved_by}"
-                             if isinstance(saved_by, str) else f"state's tracker={saved_by!r} is not a class name")
+        if isinstance(state, Mapping):  # a state saved before tensors were used holds numpy arrays
+            state = {key: torch.from_numpy(value) if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+                     else value for key, value in state.items()}
+        super().__init__(state, owner, tag="tracker")
         refuse_unknown_fields(self.state, {"tracker": owner, "n": n, **fields}, owner)
         saved_n = self.int("n", low=1)
         if saved_n != n:
             raise StateError(f"state is from {owner} with n={saved_n}; this is {owner} with n={n}; "
                              f"construct it with n={saved_n}")
-        check_tensors(self.state)
 
     def array(self, key: str, dtype: torch.dtype, n: int) -> np.ndarray:
         """``state[key]`` as a fresh numpy array of ``n`` values of ``dtype``."""
