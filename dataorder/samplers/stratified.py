@@ -427,11 +427,11 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         this sampler's ``state_dict()`` could not have produced raises a
         :class:`~dataorder.samplers._state.StateError` naming the field and changes nothing.
         """
-        reader = StateReader(state, type(self).__name__)
+        reader, produced = StateReader(state, type(self).__name__), self.state_dict()
         for key, mine in (("n", self.n), ("seed", self.seed), ("drop_last", self.drop_last),
                           ("allocation", self.allocation), ("sizes", self.sizes.tolist())):
             reader.same(key, mine)
-        reader.same("shares", self.state_dict()["shares"],  # a dict allocation's shares, normalised
+        reader.same("shares", produced["shares"],  # a dict allocation's shares, normalised
                     fix="construct it with the saved run's allocation dict")
         saved_batch, saved_world = reader.int("batch_size", low=1), reader.int("world_size", low=1)
         if saved_batch * saved_world != self.global_batch_size:
@@ -455,7 +455,7 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         moments = reader.floats("moments", (strata, 3))
         if (moments[:, 0] < 0).any() or (moments[:, 2] < 0).any():
             raise StateError("state's moments hold a negative count or M2; the state is corrupt")
-        refuse_unknown_fields(state, self.state_dict(), type(self).__name__)
+        refuse_unknown_fields(state, produced, type(self).__name__)
         self.epoch, self._counts, self._sigma, self._moments = epoch, counts, sigma, moments
         self._cursor.move_to(position)
         self._cache = None

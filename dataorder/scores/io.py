@@ -179,7 +179,6 @@ def load_scores(path_or_dir: str | os.PathLike, column: str | None = None, *, ru
     [1.0, -2.0]
     """
     pq = require("pyarrow.parquet", extra="cli", feature="reading scores.parquet")
-
     pa = require("pyarrow", extra="cli", feature="reading scores.parquet")
 
     if column is not None and not isinstance(column, str):
