@@ -28,6 +28,18 @@ def ghost_form(request, monkeypatch):
 
 
 
+@pytest.fixture(params=["rows", "products"])
+def exact_source(request, monkeypatch):
+    """Run a test of the exact path (``attach(model, sketch=None)``) on each of its sources:
+    dense rows built in the backward (what a small model gets), and the ghost products (what a
+    model above ``DENSE_EXACT_MAX`` values gets)."""
+    from dataorder.ordering import sources
+
+    if request.param == "products":
+        monkeypatch.setattr(sources, "DENSE_EXACT_MAX", -1)
+    return request.param
+
+
 @pytest.fixture
 def force_projections(monkeypatch):
     """``force_projections(dtype)``: every sketch projection in ``dtype``, whatever its size

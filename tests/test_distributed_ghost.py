@@ -36,10 +36,13 @@ def _setup(model_name):
     return model, x, torch.randint(0, 3, (N,), generator=generator)
 
 
-def _train(rank, world_size, balance, model_name):
+def _train(rank, world_size, balance, model_name, source):
     from torch.nn.parallel import DistributedDataParallel
 
-    from dataorder.ordering import GraBSampler
+    from dataorder.ordering import GraBSampler, sources
+
+    if source == "products":  # the exact path's ghost products, as a model above DENSE_EXACT_MAX gets
+        sources.DENSE_EXACT_MAX = -1
 
     model, x, y = _setup(model_name)
     wrapped = DistributedDataParallel(model)
@@ -62,12 +65,16 @@ def _train(rank, world_size, balance, model_name):
     return ghost.global_order().tolist(), materialised.global_order().tolist(), *states
 
 
-CASES = [(balance, 2, name) for balance in ("mean", "pair", "recursive") for name in ("linear", "conv", "tokens")]
+CASES = [(balance, 2, name, "products") for balance in ("mean", "pair", "recursive")
+         for name in ("linear", "conv", "tokens")]
+CASES += [("mean", 3, "linear", "products"), ("pair", 3, "tokens", "products")]
+# a small model's exact path: dense rows built in the backward, all-gathered as step(grads)'s
+CASES += [("mean", 2, "conv", "rows"), ("pair", 2, "tokens", "rows"), ("recursive", 3, "linear", "rows")]
 
 
-@pytest.mark.parametrize(("balance", "world_size", "model_name"), CASES + [("mean", 3, "linear"), ("pair", 3, "tokens")])
-def test_ghost_under_ddp_equals_materialised_cd_grab(balance, world_size, model_name, tmp_path):
-    results = run_distributed(_train, world_size, tmp_path, balance, model_name)
+@pytest.mark.parametrize(("balance", "world_size", "model_name", "source"), CASES)
+def test_ghost_under_ddp_equals_materialised_cd_grab(balance, world_size, model_name, source, tmp_path):
+    results = run_distributed(_train, world_size, tmp_path, balance, model_name, source)
     ghost_order, materialised_order, ghost_state, materialised_state = results[0]
     assert ghost_order == materialised_order
     assert sorted(ghost_order) == list(range(N))

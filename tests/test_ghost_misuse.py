@@ -10,12 +10,15 @@ from dataorder.ghost import GhostGrads, RepeatedBackwardError, UnsupportedLayerE
 from dataorder.grads import PerExampleGrads
 from dataorder.ordering import GraBSampler
 
+# every test runs on both sources of the exact path (conftest.exact_source)
+pytestmark = pytest.mark.usefixtures("exact_source")
+
 ce = nn.functional.cross_entropy
 
 
 def captured_rows(ghost):
     """The per-example rows of every forward captured since the last call, on either path."""
-    if ghost.sketch is None:
+    if ghost.sketch is None and not ghost.dense:
         return [batch.materialize() for batch in ghost.collect()]
     return ghost.collect_sketch()
 

@@ -15,7 +15,7 @@ from dataorder.ghost.batch import GhostBatch
 from dataorder.ghost.errors import RepeatedBackwardError, UnsupportedLayerError, check_no_batch_statistics
 from dataorder.ghost.factors import DenseFactors, EmbeddingFactors, LinearFactors
 from dataorder.ghost.rules import check_rule_output, fallback_rule, linear_rule, rule_for, saved_statistics
-from dataorder.ghost.sketch import SketchRows, Sketcher
+from dataorder.ghost.sketch import EXACT_SIDE, SketchRows, Sketcher
 from dataorder.ghost.tied import TiedFactors
 from dataorder.grads import select_parameters
 
@@ -36,7 +36,12 @@ class GhostGrads:
     ``sketch=k``, :meth:`collect_sketch` gives instead each batch's per-example Kronecker
     sketches (at most ``k × k`` values per weight, :mod:`dataorder.ghost.sketch`) as a dense
     ``(B, D)`` tensor, built during the backward (no factors are kept; :meth:`collect` is
-    then unavailable).
+    then unavailable). ``dense=True`` builds the same rows with nothing projected: the exact
+    per-example gradients, ``(B, d)``, from :meth:`collect_sketch`. For a model with few
+    parameters this is much cheaper than :meth:`collect`'s products (a step's cost there is
+    its calls, not its arithmetic); each call's inputs are kept with its graph, so a second
+    backward through one forward (``retain_graph=True``) adds its gradients, as on the
+    factored path.
 
     The loss is assumed mean-reduced over the batch: captured output gradients are
     multiplied by the batch size to give per-example gradients. Any other constant factor
@@ -76,11 +81,15 @@ class GhostGrads:
     """
 
     def __init__(self, model: nn.Module, *, params=None, sketch: int | None = None, seed: int = 0,
-                 keep_outputs: bool = False) -> None:
+                 keep_outputs: bool = False, dense: bool = False) -> None:
         self.sketch = _check_sketch(sketch)
-        if not isinstance(keep_outputs, bool):
-            raise TypeError(f"keep_outputs must be a bool, got {keep_outputs!r}")
-        self.keep_outputs = keep_outputs
+        for flag, value in (("keep_outputs", keep_outputs), ("dense", dense)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
+        if dense and (self.sketch is not None or keep_outputs):
+            raise ValueError("dense=True builds the exact rows during the backward: it takes neither sketch=k "
+                             "nor keep_outputs=True")
+        self.keep_outputs, self.dense = keep_outputs, dense
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {seed!r}")
         check_no_batch_statistics(model)
@@ -89,7 +98,8 @@ class GhostGrads:
         named = dict(model.named_parameters())  # one name per tensor: the first module that owns it
         self.names = [name for name in named if name in selected]
         self.shapes = {name: named[name].shape for name in self.names}
-        self._sketcher = Sketcher(self.sketch, self.seed) if self.sketch is not None else None
+        side = EXACT_SIDE if dense else self.sketch
+        self._sketcher = Sketcher(side, self.seed) if side is not None else None
         owners = _direct_owners(model, {id(p): name for name, p in named.items() if name in selected})
         self._forward_count = 0
         self._forward_input: tuple[int | None, int | None] = (None, None)  # this forward's (batch size, dim-1 length)
@@ -189,25 +199,30 @@ class GhostGrads:
                 "forward's rows were dropped; run the forward and a single backward again, then step() "
                 "(or use the exact path, sketch=None)")
         try:
-            self._add_sketch(record, grad)
+            if torch.is_grad_enabled():  # a backward with create_graph=True
+                with torch.no_grad():
+                    self._add_sketch(record, grad)
+            else:
+                self._add_sketch(record, grad)
         finally:
-            record.inputs = None
+            if not self.dense:  # dense rows keep them with the graph: a second backward adds to the rows
+                record.inputs = None
 
     def _add_sketch(self, record: _Record, grad: Tensor) -> None:
-        with torch.no_grad():
-            if record.forward not in self._sketch_rows:
-                rows = self._sketcher.new_rows(self.names, self.shapes, grad.shape[0], grad.device)
-                self._sketch_rows[record.forward] = (record.batch_size, rows)
-            rows = self._sketch_rows[record.forward][1]
-            rule = rule_for(record.module)
-            if rule is linear_rule:  # the common case, without building factor objects
-                # bf16 under autocast stays bf16 here: add_linear converts what it uses, as it uses it
-                self._sketcher.add_linear(rows, record.names.get("weight"), record.names.get("bias"),
-                                          record.inputs[0], grad.detach(), record.module.weight.shape)
-                return
-            delta = grad.detach().float()
-            for factors in _apply_rule(record, record.names, delta, self.shapes):
-                self._sketcher.add(rows, factors, self.shapes)
+        """Add one call's sketch to its forward's rows (run with grad mode off)."""
+        if record.forward not in self._sketch_rows:
+            rows = self._sketcher.new_rows(self.names, self.shapes, grad.shape[0], grad.device)
+            self._sketch_rows[record.forward] = (record.batch_size, rows)
+        rows = self._sketch_rows[record.forward][1]
+        rule = rule_for(record.module)
+        if rule is linear_rule:  # the common case, without building factor objects
+            # bf16 under autocast stays bf16 here: add_linear converts what it uses, as it uses it
+            self._sketcher.add_linear(rows, record.names.get("weight"), record.names.get("bias"),
+                                      record.inputs[0], grad.detach(), record.module.weight.shape)
+            return
+        delta = grad.detach().float()
+        for factors in _apply_rule(record, record.names, delta, self.shapes):
+            self._sketcher.add(rows, factors, self.shapes)
 
     def _add_grad(self, record: _Record, grad: Tensor) -> None:
         self._grad_arrived = True
@@ -240,8 +255,9 @@ class GhostGrads:
     def collect(self) -> list[GhostBatch]:
         """One :class:`GhostBatch` per model forward followed by a backward; clears the records."""
         if self._sketcher is not None:
-            raise ValueError("GhostGrads(model, sketch=k) reduces each layer to its sketch during the backward and "
-                             "keeps no factors: use collect_sketch(), or construct GhostGrads(model) for collect()")
+            raise ValueError("GhostGrads(model, sketch=k) and GhostGrads(model, dense=True) build rows during the "
+                             "backward and keep no factors: use collect_sketch(), or construct GhostGrads(model) for "
+                             "collect()")
         out = []
         for batch_size, factors, names in self._groups():
             shapes = {name: self.shapes[name] for name in names}
@@ -268,7 +284,8 @@ class GhostGrads:
         True
         """
         if self._sketcher is None:
-            raise ValueError("collect_sketch() needs a sketch size: construct GhostGrads(model, sketch=k)")
+            raise ValueError("collect_sketch() needs rows built in the backward: construct GhostGrads(model, "
+                             "sketch=k), or GhostGrads(model, dense=True) for exact rows")
         pending, self._sketch_rows = self._sketch_rows, {}
         names = [name for name in self.names if name not in self._left_out]
         out = []

@@ -52,11 +52,14 @@ from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors,
 from dataorder.ghost.projections import PatchMap, RowMap, low_precision_dtype
 from dataorder.ghost.tied import TiedFactors
 
-__all__ = ["DENSE_SIDE_MAX", "GROUPED_CONV_COST", "Projection", "SketchRows", "Sketcher", "block_is_cheaper", "projection",
+__all__ = ["DENSE_SIDE_MAX", "EXACT_SIDE", "GROUPED_CONV_COST", "Projection", "SketchRows", "Sketcher", "block_is_cheaper", "projection",
            "sketch_width"]
 
 #: Longest side projected by a dense Gaussian matrix; longer sides use a CountSketch.
 DENSE_SIDE_MAX = 4096
+
+#: A ``k`` no parameter's side reaches: a :class:`Sketcher` of this size keeps every gradient exact.
+EXACT_SIDE = 2 ** 31 - 1
 
 #: How many times a multiply-add of the grouped per-example convolution weight gradient
 #: costs one of a convolution or batched product (:func:`block_is_cheaper`).

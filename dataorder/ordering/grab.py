@@ -20,7 +20,7 @@ import torch
 
 from dataorder.ordering.rules import MeanRule, PairRule, check_depth
 from dataorder.ordering.sampler import GradientOrderSampler
-from dataorder.ordering.sources import GhostSource, SketchSource
+from dataorder.ordering.sources import SketchSource, exact_source
 
 __all__ = ["BALANCES", "GraBSampler"]
 
@@ -115,9 +115,11 @@ class GraBSampler(GradientOrderSampler):
         (gradient accumulation). The loss must be mean-reduced over the batch. ``params``
         selects parameters as in :class:`~dataorder.grads.PerExampleGrads`.
 
-        ``sketch=None`` balances on the exact per-example gradients (ghost products, never
-        materialised); ``sketch=k`` on per-layer sketches of at most ``k × k`` values per
-        weight, seeded by the sampler's seed. Returns the sampler.
+        ``sketch=None`` balances on the exact per-example gradients: for a model with at most
+        :data:`~dataorder.ordering.sources.DENSE_EXACT_MAX` selected values as dense rows built
+        in the backward, above it from ghost products, never materialised (the same numbers,
+        at a cost that suits each size); ``sketch=k`` on per-layer sketches of at most
+        ``k × k`` values per weight, seeded by the sampler's seed. Returns the sampler.
 
         Under ``torch.distributed`` (e.g. ``model`` wrapped in DDP) each ``step()`` all-gathers
         what the layers captured and balances the global batch on every rank (CD-GraB).
@@ -145,7 +147,7 @@ class GraBSampler(GradientOrderSampler):
             raise ValueError(f"sketch must be None (exact) or a positive int k (at most k*k values per weight), "
                              f"got {sketch!r}")
         self._check_rows_sketch(None if sketch is None else int(sketch))
-        source = GhostSource(model, params) if sketch is None else SketchSource(model, params, int(sketch), self.seed)
+        source = exact_source(model, params) if sketch is None else SketchSource(model, params, int(sketch), self.seed)
         if self._left_out is not None:  # the running sums' rows left these out: so must the new hooks
             try:
                 source.settle(self._left_out)

@@ -298,6 +298,35 @@ def tree_balance_rows(rows, mean, sums, next_sum, depth):  # pragma: no cover - 
 
 
 @numba.njit(cache=True, fastmath=_SIMD)
+def tree_balance_step(rows, acc, depth):  # pragma: no cover - numba
+    """One step of mean/recursive balance over CPU ``rows`` on a copy of the rule's buffer, in one call.
+
+    ``acc`` is the rule's ``(1 + tree_size(depth) + 1, k)`` buffer (stale mean, running sums,
+    next epoch's sum) and is left unchanged: :func:`tree_balance_rows` runs on a copy.
+    Returns ``(new_acc, buckets, ok)``: the updated copy, each row's int16 bucket as
+    :func:`tree_buckets` reads its path, and ``ok`` as :func:`tree_balance_rows` gives it.
+    One dispatch for the whole step: on a small model the step's cost is its calls.
+
+    >>> import numpy as np
+    >>> acc = np.zeros((3, 2))
+    >>> new, buckets, ok = tree_balance_step(np.array([[1.0, 0.0], [1.0, 0.0]]), acc, 0)
+    >>> buckets.tolist(), ok, new[-1].tolist(), acc[-1].tolist()
+    ([0, 1], True, [2.0, 0.0], [0.0, 0.0])
+    """
+    new = acc.copy()
+    nodes = new.shape[0] - 2
+    paths, ok = tree_balance_rows(rows, new[0], new[1:1 + nodes], new[1 + nodes], depth)
+    size = rows.shape[0]
+    buckets = np.zeros(size, dtype=np.int16)
+    for i in range(size):
+        bucket = 0
+        for level in range(depth + 1):
+            bucket = 2 * bucket + (1 if paths[i, level] < 0 else 0)
+        buckets[i] = bucket
+    return new, buckets, ok
+
+
+@numba.njit(cache=True, fastmath=_SIMD)
 def pair_balance_rows(carried, rows, s):  # pragma: no cover - numba
     """Pair balance straight over CPU rows: pairs of ``[carried; rows]``, ``s`` updated in place.
 

@@ -34,7 +34,7 @@ from dataorder.ordering.kernels import (
     pair_row_weights,
     recursive_balance_signs,
     reorder,
-    tree_balance_rows,
+    tree_balance_step,
     tree_buckets,
     tree_size,
 )
@@ -161,33 +161,33 @@ class MeanRule:
 
     def plan(self, rows: Any, fused: bool) -> Plan:
         size, width = rows.shape
-        acc = (torch.zeros(self.nodes + 2, width, dtype=rows.dtype, device=rows.device) if self.acc is None
-               else _copy_to(self.acc, rows.device))
         dense = rows.cpu_rows() if fused else None
-        if dense is not None:  # CPU rows: one fused pass over them, on the copy
-            paths, ok = tree_balance_rows(dense.numpy(), acc[0].to(dense.dtype).numpy(), acc[1:-1].numpy(),
-                                          acc[-1].numpy(), self.depth)
+        if dense is not None:  # CPU rows: one fused call, on a copy of the buffer
+            held = self.acc if self.acc is not None else torch.zeros(self.nodes + 2, width, dtype=dense.dtype)
+            acc, buckets, ok = tree_balance_step(dense.to(held.dtype).numpy(), held.cpu().numpy(), self.depth)
             if not ok:
                 _refuse_non_finite()
+            return Plan(buckets, 0, {"acc": torch.from_numpy(acc)})
+        acc = (torch.zeros(self.nodes + 2, width, dtype=rows.dtype, device=rows.device) if self.acc is None
+               else _copy_to(self.acc, rows.device))
+        # products on the rows' device, one transfer, signs on the host, one weighted update
+        centred = rows.centred(acc[0])
+        products, peaks = centred.products(acc[1:-1], watched=acc)
+        gram = _finite_products(products)[self.nodes:]
+        if self.depth == 0:
+            signs = mean_balance_signs(gram, products[0])
+            weights, buckets = signs[None, :], (signs < 0)
+        else:
+            paths, weights = recursive_balance_signs(gram, products[:self.nodes], self.depth)
             buckets = tree_buckets(paths)
-        else:  # products on the rows' device, one transfer, signs on the host, one weighted update
-            centred = rows.centred(acc[0])
-            products, peaks = centred.products(acc[1:-1], watched=acc)
-            gram = _finite_products(products)[self.nodes:]
-            if self.depth == 0:
-                signs = mean_balance_signs(gram, products[0])
-                weights, buckets = signs[None, :], (signs < 0)
-            else:
-                paths, weights = recursive_balance_signs(gram, products[:self.nodes], self.depth)
-                buckets = tree_buckets(paths)
-            # the last row of weights adds the centred rows' plain sum into the next epoch's sum,
-            # and the next sum gets size * mean as well: sum of g = sum of (g - mean) + size * mean
-            weights = np.vstack([weights, np.ones((1, size))])
-            targets = peaks[1:]
-            targets[-1] += size * peaks[0]  # the mean's part, bounded before the rows' part is
-            _refuse_overflow(targets, weights, gram, acc.dtype)
-            centred.add_weighted_to(acc[1:], weights)
-            acc[-1].add_(acc[0], alpha=size)
+        # the last row of weights adds the centred rows' plain sum into the next epoch's sum,
+        # and the next sum gets size * mean as well: sum of g = sum of (g - mean) + size * mean
+        weights = np.vstack([weights, np.ones((1, size))])
+        targets = peaks[1:]
+        targets[-1] += size * peaks[0]  # the mean's part, bounded before the rows' part is
+        _refuse_overflow(targets, weights, gram, acc.dtype)
+        centred.add_weighted_to(acc[1:], weights)
+        acc[-1].add_(acc[0], alpha=size)
         return Plan(np.asarray(buckets, dtype=np.int16), 0, {"acc": acc})
 
     def commit(self, plan: Plan, start: int = 0) -> None:

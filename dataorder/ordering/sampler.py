@@ -257,26 +257,31 @@ class GradientOrderSampler(IndexSampler):
                              "same parameters every step")
         for rows in batches:
             check_device(rows.device)
-        undo = self.rule.undo_point()  # the rule's tensors are replaced, never changed in place
-        first = max(start - 1, 0)  # a pair carried over rewrites the bucket before ``start``
-        saved = self._buckets[first:start + total].copy()
-        fused = self.fused_cpu
-        try:
-            for rows in batches:
-                plan = self.rule.plan(rows, fused=fused)
-                self.rule.commit(plan, self._visited)
-                written = self._visited - plan.carried
-                self._buckets[written:written + len(plan.buckets)] = plan.buckets
-                self._visited += rows.shape[0]
-        except BaseException:
-            self.rule.restore(undo)
-            self._buckets[first:start + total] = saved
-            self._visited = start
-            raise
+        if len(batches) == 1:  # a plan changes nothing: the step is all or none without an undo log
+            self._commit(self.rule.plan(batches[0], fused=self.fused_cpu), total)
+        else:
+            undo = self.rule.undo_point()  # the rule's tensors are replaced, never changed in place
+            first = max(start - 1, 0)  # a pair carried over rewrites the bucket before ``start``
+            saved = self._buckets[first:start + total].copy()
+            try:
+                for rows in batches:
+                    self._commit(self.rule.plan(rows, fused=self.fused_cpu), rows.shape[0])
+            except BaseException:
+                self.rule.restore(undo)
+                self._buckets[first:start + total] = saved
+                self._visited = start
+                raise
         self._dim, self._rows_sketch = dim, rows_sketch
         self._dtype = self._dtype or batches[0].dtype
         if self._awaiting:
             self._complete_awaiting()
+
+    def _commit(self, plan: Any, size: int) -> None:
+        """Apply one batch's plan: the rule's tensors, the buckets of its positions, the cursor."""
+        self.rule.commit(plan, self._visited)
+        written = self._visited - plan.carried
+        self._buckets[written:written + len(plan.buckets)] = plan.buckets
+        self._visited += size
 
     def _check_ranks_agree(self, batch: int, dim: int) -> None:
         """Once, at the first step: seeds, settings, batch sizes and widths must match on all ranks."""

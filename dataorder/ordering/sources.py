@@ -34,8 +34,8 @@ from dataorder._device import download, upload
 from dataorder.distributed import gather_global_batch, gather_global_batches
 from dataorder.ordering.kernels import apply_signs, balance_products
 
-__all__ = ["DenseRows", "GhostRows", "GhostSource", "HookSource", "SketchSource", "UnsupportedDeviceError",
-           "check_device", "dense_rows", "grads_width"]
+__all__ = ["DENSE_EXACT_MAX", "DenseRows", "ExactRowsSource", "GhostRows", "GhostSource", "HookSource",
+           "SketchSource", "UnsupportedDeviceError", "check_device", "dense_rows", "exact_source", "grads_width"]
 
 
 class UnsupportedDeviceError(ValueError):
@@ -224,6 +224,31 @@ class GhostSource(HookSource):
         return [GhostRows(rows.batch.gathered(gather_global_batches, world)) for rows in batches]
 
 
+#: The exact path builds dense rows during the backward (:class:`ExactRowsSource`) when the
+#: selected parameters hold at most this many values; above it, the ghost products
+#: (:class:`GhostSource`), whose memory does not grow with ``B × d``. Measured on the CPU
+#: (1 thread, digits MLPs, whole training step over a plain one): d = 650 at B = 16, rows
+#: 1.59× against products 3.53×; d = 2410, 1.81× against 3.94×; d = 4810, 1.88× against
+#: 3.59×; the two break even near ``B·d`` = 600k values (d = 9610 at B = 64: 3.46× against
+#: 3.32×). At 4096 the rows are cheaper up to B ≈ 128, and a batch of 1024 takes 16 MiB.
+DENSE_EXACT_MAX = 4096
+
+
+def exact_source(model: torch.nn.Module, params: Any = None) -> HookSource:
+    """The exact path's source for ``model``: dense rows built in the backward for a model with
+    at most :data:`DENSE_EXACT_MAX` selected values, the ghost products otherwise.
+
+    >>> from torch import nn
+    >>> type(exact_source(nn.Linear(3, 2))).__name__, type(exact_source(nn.Linear(100, 100))).__name__
+    ('ExactRowsSource', 'GhostSource')
+    """
+    from dataorder.grads import select_parameters
+
+    named = dict(model.named_parameters())
+    size = sum(named[name].numel() for name in select_parameters(model, params))
+    return ExactRowsSource(model, params) if size <= DENSE_EXACT_MAX else GhostSource(model, params)
+
+
 class SketchSource(HookSource):
     """Rows from hooks as per-layer Kronecker sketches (at most ``sketch²`` values per weight), balanced densely.
 
@@ -251,6 +276,30 @@ class SketchSource(HookSource):
 
     def globalise(self, batches: list[DenseRows], world: int) -> list[DenseRows]:
         return [DenseRows(gather_global_batch(rows.rows)) for rows in batches]
+
+
+class ExactRowsSource(SketchSource):
+    """Rows from hooks as the exact per-example gradients, ``(B, d)``, built during the backward.
+
+    The exact path (``attach(model, sketch=None)``) for models with few parameters
+    (:func:`exact_source`): the same numbers as :class:`GhostSource`'s products, balanced as
+    dense rows (on the CPU in one fused call), without the products' fixed cost per layer.
+
+    Example::
+
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2)
+        >>> source = ExactRowsSource(model, None)
+        >>> model(torch.randn(4, 3)).pow(2).mean().backward()
+        >>> [rows] = source.collect(); rows.shape, source.sketch
+        ((4, 8), None)
+        >>> source.remove()
+    """
+
+    def __init__(self, model: torch.nn.Module, params: Any) -> None:
+        from dataorder.ghost import GhostGrads
+
+        HookSource.__init__(self, GhostGrads(model, params=params, dense=True))
 
 
 def _stack_rows(blocks: list[Tensor]) -> Tensor:

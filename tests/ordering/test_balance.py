@@ -16,6 +16,7 @@ from dataorder.ordering.kernels import (
     recursive_balance_signs,
     reorder,
     tree_balance_rows,
+    tree_balance_step,
     tree_buckets,
     tree_size,
 )
@@ -175,6 +176,29 @@ def test_fused_tree_rows_equal_reference_and_accumulate_next_sum(rows, depth):
     np.testing.assert_array_equal(paths, expected_paths)
     np.testing.assert_allclose(sums, expected_sums, atol=1e-10)
     np.testing.assert_allclose(next_sum, 1 + rows.sum(axis=0))
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_fused_step_is_the_tree_kernel_on_a_copy_with_buckets(rows, depth):
+    rng = np.random.default_rng(7)
+    acc = rng.standard_normal((tree_size(depth) + 2, 12))
+    before = acc.copy()
+    new, buckets, ok = tree_balance_step(rows, acc, depth)
+    sums, next_sum = acc[1:-1].copy(), acc[-1].copy()
+    paths, expected_ok = tree_balance_rows(rows, acc[0].copy(), sums, next_sum, depth)
+    assert ok and expected_ok
+    np.testing.assert_array_equal(acc, before)  # the rule's buffer is left as it was
+    assert buckets.dtype == np.int16
+    np.testing.assert_array_equal(buckets, tree_buckets(paths))
+    np.testing.assert_array_equal(new[0], before[0])
+    np.testing.assert_array_equal(new[1:-1], sums)
+    np.testing.assert_array_equal(new[-1], next_sum)
+
+
+def test_fused_step_reports_non_finite_rows(rows):
+    broken = rows.copy()
+    broken[0, 0] = np.nan
+    assert not tree_balance_step(broken, np.zeros((3, 12)), 0)[2]
 
 
 @pytest.mark.parametrize("carry", [0, 1])

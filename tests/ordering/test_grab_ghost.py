@@ -14,6 +14,9 @@ from dataorder.samplers import StateError
 from reference_grads import per_example_grads
 from state_checks import same_state
 
+# every test runs on both sources of the exact path (conftest.exact_source)
+pytestmark = pytest.mark.usefixtures("exact_source")
+
 
 class Block(nn.Module):
     """A small transformer block of supported layers, on token sequences."""

@@ -12,6 +12,9 @@ from dataorder.ordering.sources import UnsupportedDeviceError
 from dataorder.samplers import StateError, StateTypeError
 from state_checks import same_state
 
+# every test runs on both sources of the exact path (conftest.exact_source)
+pytestmark = pytest.mark.usefixtures("exact_source")
+
 
 def stepped(balance="mean", fused=True, n=12, steps=1, batch=3, width=4):
     sampler = GraBSampler(n, balance=balance, seed=1) if balance != "herding" else HerdingSampler(n, seed=1)

@@ -17,6 +17,9 @@ from torch.utils.data import TensorDataset
 from dataorder.grads import PerExampleGrads
 from dataorder.ordering import GraBSampler, HerdingSampler
 
+# every test runs on both sources of the exact path (conftest.exact_source)
+pytestmark = pytest.mark.usefixtures("exact_source")
+
 stateful = pytest.importorskip("torchdata.stateful_dataloader")
 
 N, BATCH, EPOCHS = 22, 5, 3  # 5 batches per epoch, the last one short
