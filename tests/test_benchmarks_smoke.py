@@ -98,3 +98,11 @@ def test_time_to_quality_quick_reports_every_workload() -> None:
     assert len(tables) == 2 * len(WORKLOADS)
     assert all(row[1:3] == ["1.000", "1/1"] for row in tables if row[0] == "rr")
     assert "best GraB-family ordering per workload" in out
+
+
+@pytest.mark.slow
+def test_exact_rows_quick_times_both_sources() -> None:
+    out = run_quick("exact_rows.py", timeout=120)
+    [row] = [line.split() for line in out.splitlines() if line.split()[:1] == ["64-10"]]
+    assert row[1:3] == ["650", "16"] and row[-2:] == ["dense", "rows"]  # logreg: 650 values, under the threshold
+    assert all(float(ratio) > 0 for ratio in row[4:6])

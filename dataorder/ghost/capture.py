@@ -78,6 +78,10 @@ class GhostGrads:
         >>> sketched.model(torch.randn(4, 100)).pow(2).mean().backward()
         >>> [rows] = sketched.collect_sketch(); rows.shape    # 8 × 8 weight values + 50 bias values
         torch.Size([4, 114])
+        >>> dense = GhostGrads(nn.Linear(3, 2), dense=True)  # the exact rows, built in the backward
+        >>> dense.model(torch.randn(4, 3)).pow(2).mean().backward()
+        >>> [rows] = dense.collect_sketch(); rows.shape      # 2 × 3 weight values + 2 bias values
+        torch.Size([4, 8])
     """
 
     def __init__(self, model: nn.Module, *, params=None, sketch: int | None = None, seed: int = 0,

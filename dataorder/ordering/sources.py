@@ -226,11 +226,12 @@ class GhostSource(HookSource):
 
 #: The exact path builds dense rows during the backward (:class:`ExactRowsSource`) when the
 #: selected parameters hold at most this many values; above it, the ghost products
-#: (:class:`GhostSource`), whose memory does not grow with ``B × d``. Measured on the CPU
-#: (1 thread, digits MLPs, whole training step over a plain one): d = 650 at B = 16, rows
-#: 1.59× against products 3.53×; d = 2410, 1.81× against 3.94×; d = 4810, 1.88× against
-#: 3.59×; the two break even near ``B·d`` = 600k values (d = 9610 at B = 64: 3.46× against
-#: 3.32×). At 4096 the rows are cheaper up to B ≈ 128, and a batch of 1024 takes 16 MiB.
+#: (:class:`GhostSource`), whose memory does not grow with ``B × d``. ``benchmarks/exact_rows.py``
+#: (CPU, 1 thread, digits MLPs, a training step over a plain one): at B = 16 the rows cost
+#: 1.88× against the products' 4.11× for d = 650 and 2.33× against 3.58× for d = 19210; at
+#: B = 64, 1.35× against 2.29× for d = 650, even at d = 9610 (3.03× against 3.06×), and 4.10×
+#: against 3.02× for d = 19210: the two cross near ``B·d`` ≈ 600k values. At 4096 the rows
+#: should be the cheaper up to B ≈ 146 (extrapolated), and a batch of 1024 takes 16 MiB.
 DENSE_EXACT_MAX = 4096
 
 
