@@ -52,8 +52,8 @@ from dataorder.ghost.factors import ConvFactors, DenseFactors, EmbeddingFactors,
 from dataorder.ghost.projections import PatchMap, RowMap, low_precision_dtype
 from dataorder.ghost.tied import TiedFactors
 
-__all__ = ["DENSE_SIDE_MAX", "EXACT_SIDE", "GROUPED_CONV_COST", "Projection", "SketchRows", "Sketcher", "block_is_cheaper", "projection",
-           "sketch_width"]
+__all__ = ["DENSE_SIDE_MAX", "EXACT_SIDE", "GROUPED_CONV_COST", "Projection", "SketchRows", "Sketcher",
+           "block_is_cheaper", "projection", "sketch_width"]
 
 #: Longest side projected by a dense Gaussian matrix; longer sides use a CountSketch.
 DENSE_SIDE_MAX = 4096

@@ -11,7 +11,9 @@ the batch's ``B × d`` gradients. Both give the same numbers, so the rules canno
 
 A *source* turns what the training loop hands over into a list of such rows, one per
 micro-batch: :func:`dense_rows` (``step(grads)``), :class:`GhostSource` (hooks, exact
-products) and :class:`SketchSource` (hooks, per-layer sketched rows, balanced as dense rows).
+products), :class:`ExactRowsSource` (hooks, exact rows built in the backward: the exact path
+of a small model, :func:`exact_source`) and :class:`SketchSource` (hooks, per-layer sketched
+rows); the last two are balanced as dense rows.
 
 >>> import torch
 >>> rows = DenseRows(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
