@@ -365,6 +365,35 @@ def pair_balance_rows(carried, rows, s):  # pragma: no cover - numba
     return signs, all_finite(s)
 
 
+@numba.njit(cache=True, fastmath=_SIMD)
+def pair_balance_step(carried, rows, sums):  # pragma: no cover - numba
+    """One step of pair balance over CPU ``rows`` on a copy of the running sum, in one call.
+
+    ``carried`` ``(0 or 1, k)`` is the first of a pair split across steps and ``sums`` the
+    rule's ``(1, k)`` running sum, left unchanged. Returns ``(new_sums, buckets, tail, ok)``:
+    the updated copy, the int16 bucket of each row of ``[carried; rows]`` (0 front, 1 back,
+    -1 for an unpaired last row), that unpaired row as a ``(0 or 1, k)`` copy, and ``ok`` as
+    :func:`pair_balance_rows` gives it, also ``False`` for a NaN or inf in the unpaired row.
+
+    >>> import numpy as np
+    >>> new, buckets, tail, ok = pair_balance_step(np.zeros((0, 1)), np.array([[2.0], [1.0], [5.0]]), np.zeros((1, 1)))
+    >>> new.tolist(), buckets.tolist(), tail.tolist(), ok
+    ([[1.0]], [0, 1, -1], [[5.0]], True)
+    """
+    new = sums.copy()
+    signs, ok = pair_balance_rows(carried, rows, new[0])
+    total = carried.shape[0] + rows.shape[0]
+    buckets = np.full(total, -1, dtype=np.int16)
+    for p in range(len(signs)):
+        buckets[2 * p] = 1 if signs[p] < 0 else 0  # +1: the first of the pair goes to the front
+        buckets[2 * p + 1] = 1 if signs[p] > 0 else 0
+    tail = np.empty((total % 2, rows.shape[1]), dtype=sums.dtype)
+    if total % 2:
+        tail[0] = rows[rows.shape[0] - 1]
+        ok = ok and all_finite(tail)
+    return new, buckets, tail, ok
+
+
 # -- order bookkeeping ----------------------------------------------------------------------
 def reorder(visited: np.ndarray, buckets: np.ndarray, unvisited: np.ndarray | None = None) -> np.ndarray:
     """The next order from this epoch's visited examples and their buckets.

@@ -29,8 +29,8 @@ from torch import Tensor
 from dataorder.ordering.kernels import (
     herding_order,
     mean_balance_signs,
-    pair_balance_rows,
     pair_balance_signs,
+    pair_balance_step,
     pair_row_weights,
     recursive_balance_signs,
     reorder,
@@ -70,12 +70,6 @@ def _finite_products(products: np.ndarray) -> np.ndarray:
     if not np.isfinite(products).all():
         _refuse_non_finite()
     return products
-
-
-def _finite_tensor(*tensors: Tensor) -> None:
-    # the largest magnitude is NaN or inf iff some entry is; one reduction, ~20x cheaper than isfinite().all()
-    if not all(bool(torch.isfinite(t.abs().amax())) for t in tensors if t.numel()):
-        _refuse_non_finite()
 
 
 #: An update is refused once its bound passes this fraction of the dtype's largest value: the
@@ -254,6 +248,15 @@ class PairRule:
 
     def plan(self, rows: Any, fused: bool) -> Plan:
         size, width = rows.shape
+        dense = rows.cpu_rows() if fused else None
+        if dense is not None:  # CPU rows: one fused call, on a copy of the sum; it checks the unpaired row
+            sums = self.sums if self.sums is not None else torch.zeros(1, width, dtype=dense.dtype)
+            pending = self.pending if self.pending is not None else sums[:0]
+            new, buckets, tail, ok = pair_balance_step(pending.to(sums.dtype).cpu().numpy(),
+                                                       dense.to(sums.dtype).numpy(), sums.cpu().numpy())
+            if not ok:
+                _refuse_non_finite()
+            return Plan(buckets, pending.shape[0], {"sums": torch.from_numpy(new), "pending": torch.from_numpy(tail)})
         if self.sums is None:
             sums = torch.zeros(1, width, dtype=rows.dtype, device=rows.device)
             pending = torch.zeros(0, width, dtype=rows.dtype, device=rows.device)
@@ -261,23 +264,15 @@ class PairRule:
             sums, pending = _copy_to(self.sums, rows.device), self.pending.to(rows.device)
         carried = pending.shape[0]
         total = carried + size
-        dense = rows.cpu_rows() if fused else None
-        if dense is not None:
-            signs, ok = pair_balance_rows(pending.to(dense.dtype).numpy(), dense.numpy(), sums[0].numpy())
-            if not ok:
-                _refuse_non_finite()
-            # an unpaired last row is checked here, before it is kept; the kernel checked the sums
-            tail = dense[size - total % 2:].to(sums.dtype, copy=True)
-            _finite_tensor(tail)
-        else:  # a finite Gram means finite rows, the unpaired last one included
-            joined = rows.prepend(pending) if carried else rows
-            products, peaks = joined.products(sums)
-            gram = _finite_products(products)[1:]
-            signs = pair_balance_signs(gram, products[0])
-            weights = pair_row_weights(signs, total)[None, :]
-            _refuse_overflow(peaks, weights, gram, sums.dtype)
-            joined.add_weighted_to(sums, weights)
-            tail = joined.tail(2 * (total // 2)).to(sums.dtype)
+        # a finite Gram means finite rows, the unpaired last one included
+        joined = rows.prepend(pending) if carried else rows
+        products, peaks = joined.products(sums)
+        gram = _finite_products(products)[1:]
+        signs = pair_balance_signs(gram, products[0])
+        weights = pair_row_weights(signs, total)[None, :]
+        _refuse_overflow(peaks, weights, gram, sums.dtype)
+        joined.add_weighted_to(sums, weights)
+        tail = joined.tail(2 * (total // 2)).to(sums.dtype)
         return Plan(_pair_buckets(signs, total), carried, {"sums": sums, "pending": tail})
 
     def commit(self, plan: Plan, start: int = 0) -> None:

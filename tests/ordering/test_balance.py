@@ -11,6 +11,7 @@ from dataorder.ordering.kernels import (
     balance_products,
     mean_balance_signs,
     pair_balance_rows,
+    pair_balance_step,
     pair_balance_signs,
     pair_row_weights,
     recursive_balance_signs,
@@ -210,6 +211,30 @@ def test_fused_pair_rows_equal_reference(rows, carry):
     assert ok
     np.testing.assert_array_equal(signs, expected)
     np.testing.assert_allclose(s, expected_s, atol=1e-10)
+
+
+@pytest.mark.parametrize(("carry", "count"), [(0, 31), (1, 31), (0, 30), (1, 30)])
+def test_fused_pair_step_is_the_pair_kernel_on_a_copy_with_buckets_and_tail(rows, carry, count):
+    from dataorder.ordering.rules import _pair_buckets
+
+    sums = np.random.default_rng(8).standard_normal((1, 12))
+    before = sums.copy()
+    new, buckets, tail, ok = pair_balance_step(rows[:carry], rows[carry:count], sums)
+    expected_sums = sums[0].copy()
+    signs, expected_ok = pair_balance_rows(rows[:carry], rows[carry:count], expected_sums)
+    assert ok and expected_ok
+    np.testing.assert_array_equal(sums, before)  # the rule's sum is left as it was
+    np.testing.assert_array_equal(new[0], expected_sums)
+    assert buckets.dtype == np.int16
+    np.testing.assert_array_equal(buckets, _pair_buckets(signs, count))
+    np.testing.assert_array_equal(tail, rows[count - 1:count] if count % 2 else rows[:0])
+
+
+def test_fused_pair_step_reports_a_non_finite_unpaired_row(rows):
+    broken = rows[:3].copy()
+    broken[2, 0] = np.inf  # the unpaired last row: no dot of the kernel reads it
+    assert not pair_balance_step(rows[:0], broken, np.zeros((1, 12)))[3]
+    assert pair_balance_step(rows[:0], rows[:3], np.zeros((1, 12)))[3]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
