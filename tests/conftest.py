@@ -27,7 +27,6 @@ def ghost_form(request, monkeypatch):
     return request.param
 
 
-
 @pytest.fixture(params=["rows", "products"])
 def exact_source(request, monkeypatch):
     """Run a test of the exact path (``attach(model, sketch=None)``) on each of its sources:
