@@ -83,17 +83,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="two epochs, logreg only (a smoke run)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     if args.quick:
         args.hidden, args.batches, args.epochs = ",", "16", 1
+    try:
+        specs = [[int(size) for size in spec.split("-") if size] for spec in dict.fromkeys(args.hidden.split(","))]
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--hidden and --batches take comma-separated ints, got {args.hidden!r} and {args.batches!r}")
+    for flag, values in (("--hidden", [size for spec in specs for size in spec]), ("--batches", batches),
+                         ("--epochs", [args.epochs]), ("--threads", [args.threads])):
+        if any(value < 1 for value in values):
+            parser.error(f"{flag} must be >= 1, got {min(values)}")
+    torch.set_num_threads(args.threads)
     split = load_digits_split()
     dataset = TensorDataset(split.x_train, split.y_train)
     print(f"# exact path, dense rows vs ghost products -- {machine()}; digits train split ({len(dataset)}), "
           f"DENSE_EXACT_MAX = {sources.DENSE_EXACT_MAX}")
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
-        for spec in dict.fromkeys(args.hidden.split(",")):
-            hidden = [int(size) for size in spec.split("-") if size]
+    for batch in batches:
+        for hidden in specs:
             d = sum(p.numel() for p in build(hidden).parameters())
             times = time_model(hidden, batch, args.epochs, dataset)
             plain = times["plain"]

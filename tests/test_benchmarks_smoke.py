@@ -106,3 +106,12 @@ def test_exact_rows_quick_times_both_sources() -> None:
     [row] = [line.split() for line in out.splitlines() if line.split()[:1] == ["64-10"]]
     assert row[1:3] == ["650", "16"] and row[-2:] == ["dense", "rows"]  # logreg: 650 values, under the threshold
     assert all(float(ratio) > 0 for ratio in row[4:6])
+
+
+@pytest.mark.parametrize("argv, message", [(["--hidden", "32,x"], "--hidden and --batches take comma-separated ints"),
+                                           (["--batches", "0"], "--batches must be >= 1, got 0")])
+def test_exact_rows_refuses_bad_arguments_in_one_line_before_timing(argv, message) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "exact_rows.py"), *argv], cwd=BENCHMARKS,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert message in result.stderr.strip().splitlines()[-1]
