@@ -100,6 +100,20 @@ def gather_global_batches(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def collective_device() -> torch.device:
+    """Where the default group's collectives take their tensors: the current GPU under NCCL alone, else the CPU.
+
+    NCCL has no CPU transport, so a check's few integers travel on the GPU there; ``gloo``
+    and mixed backends (``"cpu:gloo,cuda:nccl"``) take CPU tensors.
+
+    >>> collective_device()  # no process group
+    device(type='cpu')
+    """
+    if active_world() > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _digest(value: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:7], "little")
 
@@ -116,7 +130,7 @@ def check_same_on_all_ranks(what: str, **values: Any) -> None:
     if world == 1:
         return
     names = sorted(values)
-    local = torch.tensor([_digest(values[name]) for name in names], dtype=torch.int64)
+    local = torch.tensor([_digest(values[name]) for name in names], dtype=torch.int64, device=collective_device())
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     for column, name in enumerate(names):

@@ -138,3 +138,14 @@ def test_a_result_file_is_read_as_plain_data_only(tmp_path):
     assert not marker.exists()
     torch.save({"ok": True, "result": [1, torch.ones(2)]}, path)
     assert _load_result(path, 0, 0)[0] == 1
+
+
+@pytest.mark.parametrize("backend, expected", [("nccl", torch.device("cuda", 3)), ("gloo", torch.device("cpu")),
+                                               ("cpu:gloo,cuda:nccl", torch.device("cpu"))])
+def test_checks_send_their_integers_where_the_backend_takes_them(backend, expected, monkeypatch):
+    import dataorder.distributed as distributed
+
+    monkeypatch.setattr(distributed, "active_world", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == expected

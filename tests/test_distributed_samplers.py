@@ -75,3 +75,46 @@ def test_ranks_share_the_global_order_and_resume(name, world_size, tmp_path):
         stream = reference.stream().tolist()
         interleaved = [shares[r][k] for k in range(len(shares[0])) for r in range(world_size)]
         assert interleaved[: len(stream)] == stream[: len(interleaved)]
+
+
+def _built_with(name, seed, **changes):
+    from dataorder.samplers.curriculum import CurriculumSampler
+    from dataorder.samplers.mixture import MixtureSampler
+    from dataorder.samplers.shuffle import FlipFlop, RandomReshuffling
+    from dataorder.samplers.stratified import StratifiedBatchSampler
+
+    n, drop_last = changes.get("n", N), changes.get("drop_last", False)
+    if name == "rr":
+        return RandomReshuffling(n, seed=seed, drop_last=drop_last)
+    if name == "flipflop":
+        return FlipFlop(n, seed=seed, drop_last=drop_last)
+    if name == "stratified":
+        return StratifiedBatchSampler(_labels(), batch_size=4, seed=seed, drop_last=drop_last)
+    if name == "mixture":
+        return MixtureSampler({"a": 30, "b": 10}, {"a": 0.5, "b": 0.5}, num_samples=48, batch_size=6, seed=seed,
+                              drop_last=drop_last)
+    return CurriculumSampler(_scores(), num_samples=48, seed=seed, drop_last=drop_last)
+
+
+def _refusals(rank, world_size, name):
+    """Each rank's error for a sampler seeded by rank, then for one whose drop_last differs (None: built)."""
+    messages = []
+    for arguments in ({"seed": rank}, {"seed": 5, "drop_last": rank == 1}):
+        try:
+            _built_with(name, **arguments)
+            messages.append(None)
+        except ValueError as error:
+            messages.append(str(error))
+    _built_with(name, seed=5)  # the same settings everywhere still build
+    return messages
+
+
+@pytest.mark.parametrize("name", ["rr", "flipflop", "stratified", "mixture", "curriculum"])
+def test_settings_that_differ_across_ranks_are_refused_where_the_sampler_is_built(name, tmp_path):
+    owner = {"rr": "RandomReshuffling", "flipflop": "FlipFlop", "stratified": "StratifiedBatchSampler",
+             "mixture": "MixtureSampler", "curriculum": "CurriculumSampler"}[name]
+    for seed_error, drop_last_error in run_distributed(_refusals, 2, tmp_path, name):
+        assert seed_error == (f"{owner}: seed differs across ranks (rank 0: 0, rank 1: 1); "
+                              "every rank must use the same seed")
+        assert drop_last_error == (f"{owner}: drop_last differs across ranks (rank 0: False, rank 1: True); "
+                                   "every rank must use the same drop_last")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import copy
 import numbers
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dataorder._validate import INT64_LIMIT, check_bool, check_epoch, check_rank, check_seed, check_world_size
+from dataorder.distributed import check_same_on_all_ranks
 from dataorder.samplers._state import (Cursor, StateError, StateReader, StateTypeError, refuse_unknown_fields,
                                       resume_position)
 
@@ -64,15 +65,20 @@ def dataset_length(data: Sized | int, name: str = "data") -> int:
     return n
 
 
-def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def resolve_world(rank: int | None, world_size: int | None, *, owner: str = "sampler",
+                  shared: Mapping[str, Any] | None = None) -> tuple[int, int]:
     """Fill in ``rank``/``world_size`` from ``torch.distributed`` when initialised, else 0 and 1.
 
     An explicit ``world_size`` that disagrees with an initialised process group is an error:
-    the shards would overlap or leave examples out.
+    the shards would overlap or leave examples out. So is, under an initialised group of two
+    or more ranks, a value of ``shared`` (the settings the global order is drawn from: seed,
+    size, ``drop_last``) that differs between ranks: ``ValueError`` on every rank, naming
+    ``owner``, the setting and each rank's value (one all-gather of a few integers, so every
+    rank must build the sampler).
 
     >>> resolve_world(None, None)
     (0, 1)
-    >>> resolve_world(1, 4)
+    >>> resolve_world(1, 4, owner="RandomReshuffling", shared={"seed": 0})  # no group: nothing to compare
     (1, 4)
     """
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -87,6 +93,8 @@ def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
             f"world_size={world_size} does not match the initialised process group "
             f"(size {torch.distributed.get_world_size()}); leave world_size=None to use the group's"
         )
+    if initialised and shared:
+        check_same_on_all_ranks(owner, **shared)
     return rank, world_size
 
 
@@ -164,8 +172,9 @@ class IndexSampler(Sampler[int], abc.ABC):
     ) -> None:
         self.n = dataset_length(data)
         self.seed = check_seed(seed)
-        self.rank, self.world_size = resolve_world(rank, world_size)
         self.drop_last = check_bool(drop_last, "drop_last")
+        self.rank, self.world_size = resolve_world(rank, world_size, owner=type(self).__name__,
+                                                   shared={"seed": self.seed, "n": self.n, "drop_last": self.drop_last})
         self.epoch = 0
         self._cursor = Cursor()
         self._cache: tuple[int, np.ndarray] | None = None  # (epoch, this rank's order)

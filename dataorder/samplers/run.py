@@ -49,8 +49,9 @@ class RunSampler(Sampler[int], abc.ABC):
     ) -> None:
         self.num_samples = check_count(num_samples, "num_samples")
         self.seed = check_seed(seed)
-        self.rank, self.world_size = resolve_world(rank, world_size)
         self.drop_last = check_bool(drop_last, "drop_last")
+        shared = {"seed": self.seed, "num_samples": self.num_samples, "drop_last": self.drop_last}
+        self.rank, self.world_size = resolve_world(rank, world_size, owner=type(self).__name__, shared=shared)
         self.epoch = 0
         self._cursor = Cursor()
 

@@ -198,10 +198,11 @@ class StratifiedBatchSampler(Sampler[list[int]]):
             raise ValueError("strata must hold at least one example")
         batch_size = check_count(batch_size, "batch_size")
         self.seed = check_seed(seed)
-        self.rank, self.world_size = resolve_world(rank, world_size)
         self.drop_last = check_bool(drop_last, "drop_last")
         self.codes, self.labels = codes, labels
         self.n, self.batch_size = len(codes), int(batch_size)
+        shared = {"seed": self.seed, "n": self.n, "batch_size": self.batch_size, "drop_last": self.drop_last}
+        self.rank, self.world_size = resolve_world(rank, world_size, owner=type(self).__name__, shared=shared)
         self.global_batch_size = self.batch_size * self.world_size
         self.sizes = np.bincount(codes, minlength=len(labels))
         self.allocation, self._shares = self._check_allocation(allocation)
