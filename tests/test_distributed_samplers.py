@@ -77,17 +77,16 @@ def test_ranks_share_the_global_order_and_resume(name, world_size, tmp_path):
         assert interleaved[: len(stream)] == stream[: len(interleaved)]
 
 
-def _built_with(name, seed, **changes):
+def _built_with(name, seed, drop_last=False):
     from dataorder.samplers.curriculum import CurriculumSampler
     from dataorder.samplers.mixture import MixtureSampler
     from dataorder.samplers.shuffle import FlipFlop, RandomReshuffling
     from dataorder.samplers.stratified import StratifiedBatchSampler
 
-    n, drop_last = changes.get("n", N), changes.get("drop_last", False)
     if name == "rr":
-        return RandomReshuffling(n, seed=seed, drop_last=drop_last)
+        return RandomReshuffling(N, seed=seed, drop_last=drop_last)
     if name == "flipflop":
-        return FlipFlop(n, seed=seed, drop_last=drop_last)
+        return FlipFlop(N, seed=seed, drop_last=drop_last)
     if name == "stratified":
         return StratifiedBatchSampler(_labels(), batch_size=4, seed=seed, drop_last=drop_last)
     if name == "mixture":
