@@ -23,7 +23,7 @@ often); nothing is interpolated between evaluations.
 
     python benchmarks/time_to_quality.py [--workloads digits-logreg,stdlib-lm] [--seeds 3]
                                          [--orders rr,grab] [--quick] [--threads 1]
-                                         [--epochs N] [--evals-per-epoch N]
+                                         [--epochs N] [--evals-per-epoch N] [--lr-schedule cosine]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from _common import machine, print_table
 from dataorder.data import TensorSplit
 from dataorder.orderings import make_ordering
-from dataorder.training import WORKLOADS, RunResult, Workload, initial_state, summarize, train_run, warm_up
+from dataorder.training import LR_SCHEDULES, WORKLOADS, RunResult, Workload, initial_state, summarize, train_run, warm_up
 
 #: the GraB family: the best of these per workload is checked against the ≤ 0.9× target
 GRAB_FAMILY = ("grab", "pair", "recursive", "grab-sketch")
@@ -57,7 +57,7 @@ def truncated(split: TensorSplit, size: int) -> TensorSplit:
 
 def run_workload(name: str, workload: Workload, seeds: int, orders: list[str], split: TensorSplit) -> dict:
     settings = dict(batch_size=workload.batch_size, lr=workload.lr, momentum=workload.momentum,
-                    weight_decay=workload.weight_decay)
+                    weight_decay=workload.weight_decay, lr_schedule=workload.lr_schedule)
     for order in orders:
         warm_up(split, workload.model, order, batch_size=workload.batch_size)
     runs: dict[str, list[RunResult]] = {order: [] for order in orders}
@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override every workload's epochs")
     parser.add_argument("--evals-per-epoch", type=int, default=None,
                         help="override every workload's full-train evaluations per epoch")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                        help="override every workload's learning-rate schedule (cosine: from lr to 0 over the run)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: every workload on 64 examples, 1 seed, 1 epoch, rr and grab")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -132,7 +134,8 @@ def main() -> None:
         if args.quick:
             workload = dataclasses.replace(workload, epochs=1, evals_per_epoch=2, orders=("rr", "grab"))
         else:
-            overrides = {"epochs": args.epochs, "evals_per_epoch": args.evals_per_epoch}
+            overrides = {"epochs": args.epochs, "evals_per_epoch": args.evals_per_epoch,
+                         "lr_schedule": args.lr_schedule}
             workload = dataclasses.replace(workload, **{k: v for k, v in overrides.items() if v is not None})
         orders = list(workload.orders) if args.orders is None else [o.strip() for o in args.orders.split(",")]
         orders = ["rr"] + [o for o in orders if o != "rr"]
@@ -140,7 +143,8 @@ def main() -> None:
         if args.quick:
             split = truncated(split, 64)
         print(f"\n{name}: {workload.model} on {split.name} ({len(split.y_train)} train / {len(split.y_test)} "
-              f"held-out), batch {workload.batch_size}, lr {workload.lr}, momentum {workload.momentum}, "
+              f"held-out), batch {workload.batch_size}, lr {workload.lr}"
+              f"{' (cosine to 0)' if workload.lr_schedule == 'cosine' else ''}, momentum {workload.momentum}, "
               f"weight decay {workload.weight_decay}, {workload.epochs} epochs, full-train loss evaluated "
               f"{workload.evals_per_epoch}× per epoch")
         if split.info:

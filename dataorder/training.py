@@ -22,13 +22,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dataorder._validate import check_choice
 from dataorder.data import TensorSplit
 from dataorder.errors import DataorderError
 from dataorder.models import build_model
 from dataorder.orderings import Ordering
 
-__all__ = ["DivergedError", "Reach", "RunResult", "TargetSummary", "Workload", "WORKLOADS", "evaluate", "first_reach",
-           "initial_state", "mean_cross_entropy", "state_digest", "summarize", "train_run", "warm_up"]
+__all__ = ["LR_SCHEDULES", "DivergedError", "Reach", "RunResult", "TargetSummary", "Workload", "WORKLOADS", "evaluate", "first_reach",
+           "initial_state", "lr_scheduler", "mean_cross_entropy", "state_digest", "summarize", "train_run", "warm_up"]
+
+#: Learning-rate schedules of :func:`train_run`: ``constant`` keeps ``lr``; ``cosine`` decays it along a
+#: half cosine from ``lr`` to 0 over the run's steps, stepped after every optimizer step.
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -239,12 +244,32 @@ def _evaluation_steps(steps: int, per_epoch: int) -> set[int]:
     return {max(1, round(steps * i / per_epoch)) for i in range(1, per_epoch + 1)}
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str,
+                 total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The scheduler of ``schedule`` (one of :data:`LR_SCHEDULES`) over ``total_steps`` optimizer
+    steps, or None for ``constant``.
+
+    >>> optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
+    >>> scheduler = lr_scheduler(optimizer, "cosine", total_steps=4)
+    >>> lrs = []
+    >>> for _ in range(4):
+    ...     lrs.append(round(optimizer.param_groups[0]["lr"], 4)); optimizer.step(); scheduler.step()
+    >>> lrs, round(optimizer.param_groups[0]["lr"], 4)
+    ([0.4, 0.3414, 0.2, 0.0586], 0.0)
+    """
+    if check_choice(schedule, "lr_schedule", LR_SCHEDULES) == "constant":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+
 def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: int, epochs: int,
               batch_size: int = 16, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
+              lr_schedule: str = "constant",
               device: str = "cpu", augment: str | None = None, evals_per_epoch: int = 1,
               init: Mapping[str, torch.Tensor] | None = None,
               on_epoch: Callable[[], None] | None = None) -> RunResult:
-    """Train ``model_name`` on ``split`` with ``ordering`` (SGD), evaluating the full-train loss
+    """Train ``model_name`` on ``split`` with ``ordering`` (SGD with ``lr_schedule``, one of
+    :data:`LR_SCHEDULES`), evaluating the full-train loss
     ``evals_per_epoch`` times per epoch (evenly spaced in steps, the last at the epoch's end;
     an evaluation's epoch position is the fraction of the epoch's steps taken).
 
@@ -266,6 +291,7 @@ def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: 
     """
     if isinstance(evals_per_epoch, bool) or not isinstance(evals_per_epoch, int) or evals_per_epoch < 1:
         raise ValueError(f"evals_per_epoch must be a positive int, got {evals_per_epoch!r}")
+    check_choice(lr_schedule, "lr_schedule", LR_SCHEDULES)
     model = build_model(model_name, tuple(split.x_train.shape[1:]), split.num_classes)
     model.load_state_dict(init if init is not None else initial_state(split, model_name, seed))
     model.to(device)
@@ -277,6 +303,7 @@ def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: 
     sampler = ordering.make_sampler(len(dataset), seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = lr_scheduler(optimizer, lr_schedule, total_steps=epochs * len(loader))
     ordering.attach(model, mean_cross_entropy, sampler)
     result = RunResult(ordering=ordering.name, seed=seed, init_digest=state_digest(model.state_dict()))
     clock = _Clock(device)
@@ -305,6 +332,8 @@ def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: 
             optimizer.zero_grad(set_to_none=True)
             ordering.backward(model, mean_cross_entropy, x, y, sampler)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             if step in evaluate_after:
                 record(epoch + step / steps)
                 clock.resume()
@@ -370,6 +399,7 @@ class Workload:
     weight_decay: float = 0.0
     momentum: float = 0.0
     evals_per_epoch: int = 1
+    lr_schedule: str = "constant"
     orders: tuple[str, ...] = ("rr", "so", "flipflop", "grab", "pair", "recursive", "herding", "grab-sketch")
 
     def load(self) -> TensorSplit:

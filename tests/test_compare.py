@@ -96,6 +96,33 @@ def test_compare_table_has_the_time_to_quality_columns(capsys):
     assert captured.err == ""  # no progress bar when stderr is not a terminal
 
 
+def test_compare_lr_schedule_flag_reaches_the_run_and_the_header(capsys, monkeypatch):
+    from dataorder import training
+
+    seen = []
+    real = training.train_run
+    monkeypatch.setattr(training, "train_run", lambda *a, **kw: seen.append(kw.get("lr_schedule")) or real(*a, **kw))
+    assert main(["compare", "--orders", "rr", "--epochs", "1", "--seeds", "1", "--batch-size", "64",
+                 "--lr-schedule", "cosine", "--quiet"]) == 0
+    assert "lr 0.5 (cosine to 0), momentum" in capsys.readouterr().out.splitlines()[0]
+    assert seen == [None, "cosine"]  # the untimed warm-up (two batches), then the timed run
+    assert main(["compare", "--lr-schedule", "linear"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dataorder compare: error:") and "--lr-schedule: invalid choice: 'linear'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_compare_lr_schedule_choices_are_the_training_loops():
+    import argparse
+
+    from dataorder.cli.commands.compare import configure
+    from dataorder.training import LR_SCHEDULES
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert tuple(next(a for a in parser._actions if a.dest == "lr_schedule").choices) == LR_SCHEDULES
+
+
 def test_progress_bar_only_on_a_terminal_and_never_when_quiet(monkeypatch):
     import sys
 

@@ -117,3 +117,50 @@ def test_settings_that_differ_across_ranks_are_refused_where_the_sampler_is_buil
                               "every rank must use the same seed")
         assert drop_last_error == (f"{owner}: drop_last differs across ranks (rank 0: False, rank 1: True); "
                                    "every rank must use the same drop_last")
+
+
+def _subclass_refusals(rank, world_size):
+    """Each rank's error for samplers whose own settings (beyond seed, size, drop_last) differ by rank."""
+    from dataorder.samplers.curriculum import CurriculumSampler
+    from dataorder.samplers.mixture import MixtureSampler
+    from dataorder.samplers.shuffle import WithReplacement
+    from dataorder.samplers.stratified import StratifiedBatchSampler
+
+    builds = [
+        lambda: StratifiedBatchSampler(_labels() if rank == 0 else _labels()[::-1], batch_size=4),
+        lambda: WithReplacement(N, num_samples=10 + rank),
+        lambda: CurriculumSampler(_scores() if rank == 0 else _scores()[::-1], num_samples=48),  # computed apart
+        lambda: CurriculumSampler(_scores(), num_samples=48, start=0.2 + rank / 10),
+        lambda: MixtureSampler({"a": 30, "b": 10}, {"a": 0.5 + rank / 4, "b": 0.5 - rank / 4}, num_samples=48,
+                               batch_size=6),
+        lambda: MixtureSampler({"a": 30 + rank, "b": 10}, {"a": 0.5, "b": 0.5}, num_samples=48, batch_size=6),
+        lambda: MixtureSampler({"a": 30, "b": 10}, {"a": 0.5, "b": 0.5}, num_samples=48, batch_size=6,
+                               exhaustion=("restart", "stop")[rank]),
+    ]
+    messages = []
+    for build in builds:
+        try:
+            build()
+            messages.append(None)
+        except ValueError as error:
+            messages.append(str(error))
+    WithReplacement(N, num_samples=N)  # the same settings, one rank spelling out the default: still built
+    WithReplacement(N, num_samples=None if rank == 0 else N)
+    return messages
+
+
+def test_a_subclass_s_own_settings_that_differ_across_ranks_are_refused_where_it_is_built(tmp_path):
+    for messages in run_distributed(_subclass_refusals, 2, tmp_path):
+        strata, num_samples, ranking, start, weights, sizes, exhaustion = messages
+        assert strata.startswith("StratifiedBatchSampler: strata differs across ranks (rank 0: '")
+        assert num_samples == ("WithReplacement: num_samples differs across ranks (rank 0: 10, rank 1: 11); "
+                               "every rank must use the same num_samples")
+        assert ranking.startswith("CurriculumSampler: score_ranking differs across ranks (rank 0: '")
+        assert ranking.endswith("'); every rank must use the same score_ranking")
+        assert start == ("CurriculumSampler: start differs across ranks (rank 0: 0.2, rank 1: 0.30000000000000004); "
+                         "every rank must use the same start")
+        assert weights.startswith("MixtureSampler: schedule differs across ranks (rank 0: '")
+        assert sizes == ("MixtureSampler: sizes differs across ranks (rank 0: {'a': 30, 'b': 10}, "
+                         "rank 1: {'a': 31, 'b': 10}); every rank must use the same sizes")
+        assert exhaustion == ("MixtureSampler: exhaustion differs across ranks (rank 0: 'restart', rank 1: 'stop'); "
+                              "every rank must use the same exhaustion")

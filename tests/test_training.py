@@ -8,8 +8,8 @@ import torch
 from dataorder.data import TensorSplit, load_digits_split, load_patterns32_split, load_stdlib_lm_split
 from dataorder.models import SmallResNet, build_model
 from dataorder.orderings import make_ordering
-from dataorder.training import (RunResult, Reach, _evaluation_steps, first_reach, initial_state, mean_cross_entropy,
-                                state_digest, summarize, train_run)
+from dataorder.training import (RunResult, Reach, _evaluation_steps, evaluate, first_reach, initial_state,
+                                mean_cross_entropy, state_digest, summarize, train_run)
 
 
 
@@ -100,6 +100,38 @@ def test_run_records_evaluations_times_and_held_out_numbers():
     assert 0.0 <= run.test_accuracy <= 1.0 and math.isfinite(run.test_loss)
     with pytest.raises(ValueError, match="evals_per_epoch"):
         train_run(split, "logreg", make_ordering("rr"), seed=0, epochs=1, evals_per_epoch=0)
+
+
+def test_cosine_schedule_matches_a_hand_written_loop_with_the_closed_form_lr():
+    split, seed, epochs, batch_size, lr = small_digits(), 1, 2, 32, 0.5
+    run = train_run(split, "logreg", make_ordering("rr"), seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                    momentum=0.9, lr_schedule="cosine")
+    model = build_model("logreg", tuple(split.x_train.shape[1:]), split.num_classes)
+    model.load_state_dict(initial_state(split, "logreg", seed))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sampler = make_ordering("rr").make_sampler(len(split.y_train), seed)
+    steps_per_epoch = math.ceil(len(split.y_train) / batch_size)
+    total, step = epochs * steps_per_epoch, 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(order), batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (1 + math.cos(math.pi * step / total)) / 2
+            index = torch.tensor(order[start:start + batch_size])
+            optimizer.zero_grad()
+            mean_cross_entropy(model(split.x_train[index]), split.y_train[index]).backward()
+            optimizer.step()
+            step += 1
+    assert run.final_train_loss == pytest.approx(evaluate(model, split.x_train, split.y_train)[0], rel=1e-5)
+    constant = train_run(split, "logreg", make_ordering("rr"), seed=seed, epochs=epochs, batch_size=batch_size,
+                         lr=lr, momentum=0.9)
+    assert constant.final_train_loss != pytest.approx(run.final_train_loss, rel=1e-3)
+
+
+def test_unknown_lr_schedule_is_refused_before_training():
+    with pytest.raises(ValueError, match="^lr_schedule must be one of 'constant', 'cosine', got 'linear'$"):
+        train_run(small_digits(), "logreg", make_ordering("rr"), seed=0, epochs=1, lr_schedule="linear")
 
 
 def test_mean_cross_entropy_is_the_batch_mean_of_per_example_token_means():

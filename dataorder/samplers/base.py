@@ -142,7 +142,10 @@ class IndexSampler(Sampler[int], abc.ABC):
 
     Subclasses implement :meth:`_global_order` (the epoch's order on all ranks, an int64
     array) and, if they hold state beyond ``(seed, epoch, position)``, the hooks
-    :meth:`_extra_state` / :meth:`_load_extra_state`.
+    :meth:`_extra_state` / :meth:`_load_extra_state`. A subclass whose order depends on
+    settings of its own passes them as ``shared`` (name -> value): under an initialised process
+    group they are compared across ranks with ``seed``, ``n`` and ``drop_last``
+    (:func:`resolve_world`).
 
     ``state_dict()`` may be taken at any point of an epoch, also while the DataLoader is
     iterating; loading it into a fresh sampler built with the same arguments makes the next
@@ -169,12 +172,14 @@ class IndexSampler(Sampler[int], abc.ABC):
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
+        shared: Mapping[str, Any] | None = None,
     ) -> None:
         self.n = dataset_length(data)
         self.seed = check_seed(seed)
         self.drop_last = check_bool(drop_last, "drop_last")
-        self.rank, self.world_size = resolve_world(rank, world_size, owner=type(self).__name__,
-                                                   shared={"seed": self.seed, "n": self.n, "drop_last": self.drop_last})
+        # a subclass's ``shared``: its own settings the order is drawn from, compared across ranks too
+        shared = {"seed": self.seed, "n": self.n, "drop_last": self.drop_last, **(shared or {})}
+        self.rank, self.world_size = resolve_world(rank, world_size, owner=type(self).__name__, shared=shared)
         self.epoch = 0
         self._cursor = Cursor()
         self._cache: tuple[int, np.ndarray] | None = None  # (epoch, this rank's order)

@@ -9,6 +9,7 @@ unless ``higher_is_easier`` says otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
@@ -227,15 +228,22 @@ class CurriculumSampler(RunSampler):
         hardness = difficulty(scores, column=column, higher_is_easier=higher_is_easier)
         check_choice(order, "order", ORDERS)
         pace = pacing_function(pacing, start=start, full_at=full_at)
-        super().__init__(num_samples, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        pacing_name = pacing if isinstance(pacing, str) else getattr(pacing, "__qualname__", "callable")
+        settings = {"pacing": pacing_name, "start": float(start), "full_at": float(full_at), "order": order}
+        ranking = _easiest_first(hardness) if order == "easy_first" else _hardest_first(hardness)
+        ranking_digest = hashlib.sha256(ranking.tobytes()).hexdigest()
+        # scores computed apart on each rank can rank differently: compare the ranking itself
+        shared = {**settings, "score_ranking": ranking_digest[:16]}
+        super().__init__(num_samples, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, shared=shared)
         self.n = hardness.size
         self.order = order
         self.pacing = pace
         self._custom_pacing = not isinstance(pacing, str)
-        self._pacing_name = pacing if isinstance(pacing, str) else getattr(pacing, "__qualname__", "callable")
-        self._settings = {"pacing": self._pacing_name, "start": float(start), "full_at": float(full_at), "order": order}
+        self._pacing_name = pacing_name
+        self._settings = settings
         #: Example indices in curriculum order: ``ranking[:m]`` is the pool of size ``m``.
-        self.ranking = _easiest_first(hardness) if order == "easy_first" else _hardest_first(hardness)
+        self.ranking = ranking
+        self._ranking_digest = ranking_digest
         self._table: tuple[np.ndarray, np.ndarray, int] | None = None
         self._digest: str | None = None
 
@@ -305,9 +313,7 @@ class CurriculumSampler(RunSampler):
 
     def _fingerprint(self) -> str:
         if self._digest is None:
-            import hashlib
-
-            settings = {**self._settings, "ranking": hashlib.sha256(self.ranking.tobytes()).hexdigest()}
+            settings = {**self._settings, "ranking": self._ranking_digest}
             if self._custom_pacing:
                 # a callable is known by what it does: the pool size of every pass before the pool is full
                 starts, pools, full_from = self._passes()

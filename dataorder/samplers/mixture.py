@@ -21,7 +21,7 @@ from dataorder.samplers.permutation import _ROUNDS, _SLOTS, _SOURCES, _chain, _d
 from dataorder.samplers.run import RunSampler, fingerprint
 from dataorder.schedules import BatchCounts, Schedule
 
-__all__ = ["MixtureSampler"]
+__all__ = ["MixtureSampler", "schedule_fingerprint"]
 
 _STEP = 0.6180339887498949  # the golden ratio's fractional part: the most evenly spread rotation
 
@@ -142,7 +142,9 @@ class MixtureSampler(RunSampler):
         num_samples = _from_run(num_samples, schedule, "num_samples")
         batch_size = check_count(_from_run(batch_size, schedule, "batch_size"), "batch_size")
         check_choice(exhaustion, "exhaustion", ("restart", "stop"))
-        super().__init__(num_samples, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        shared = {"schedule": schedule_fingerprint(schedule), "sizes": sizes, "batch_size": batch_size,
+                  "exhaustion": exhaustion}
+        super().__init__(num_samples, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, shared=shared)
         if batch_size % self.world_size:
             raise ValueError(
                 f"batch_size={batch_size} is the global batch and must be a positive multiple of "
@@ -267,24 +269,31 @@ class MixtureSampler(RunSampler):
     # -- state ------------------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "sizes": dict(self.sizes), "exhaustion": self.exhaustion,
-                "schedule": self._schedule_fingerprint()}
+                "schedule": schedule_fingerprint(self.schedule)}
 
     def _check_extra_state(self, state: dict[str, Any]) -> None:
         reader = StateReader(state, type(self).__name__)
         reader.same("batch_size", self.batch_size)
         reader.same("sizes", dict(self.sizes))
         reader.same("exhaustion", self.exhaustion)
-        if reader.str("schedule") != self._schedule_fingerprint():
+        if reader.str("schedule") != schedule_fingerprint(self.schedule):
             raise StateError("state was saved with another schedule; the global stream depends on the schedule, "
                              "so construct the sampler with the schedule of the saved run")
-
-    def _schedule_fingerprint(self) -> str:
-        # the sources' order is the stream's column order: a reordered schedule draws another stream
-        return fingerprint({"schedule": self.schedule.to_dict(), "sources": list(self.schedule.names)})
 
     def __repr__(self) -> str:
         return (f"MixtureSampler(sources={self.sizes}, num_samples={self.num_samples}, batch_size={self.batch_size}, "
                 f"seed={self.seed}, rank={self.rank}, world_size={self.world_size}, exhaustion={self.exhaustion!r})")
+
+
+def schedule_fingerprint(schedule: Schedule) -> str:
+    """A digest of ``schedule`` as the stream depends on it: its phases and its sources' order
+    (the stream's column order: a reordered schedule draws another stream).
+
+    >>> schedule_fingerprint(Schedule.constant({"a": 0.5, "b": 0.5})) == schedule_fingerprint(
+    ...     Schedule.constant({"b": 0.5, "a": 0.5}))
+    False
+    """
+    return fingerprint({"schedule": schedule.to_dict(), "sources": list(schedule.names)})
 
 
 def _as_schedule(schedule: Any) -> Schedule:

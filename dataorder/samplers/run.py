@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,10 @@ class RunSampler(Sampler[int], abc.ABC):
 
     The whole run is one epoch: :meth:`set_epoch` is accepted and changes nothing.
     ``state_dict()`` holds the global position (``sample``); loading it costs O(1) in the
-    position and works at another world size when the position splits evenly.
+    position and works at another world size when the position splits evenly. A subclass
+    passes the settings of its own that the stream is drawn from as ``shared``: they are
+    compared across ranks where the sampler is built, with ``seed``, ``num_samples`` and
+    ``drop_last`` (:func:`~dataorder.samplers.base.resolve_world`).
     """
 
     #: Global positions generated at a time while iterating (bounded memory per block).
@@ -46,11 +49,13 @@ class RunSampler(Sampler[int], abc.ABC):
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
+        shared: Mapping[str, Any] | None = None,
     ) -> None:
         self.num_samples = check_count(num_samples, "num_samples")
         self.seed = check_seed(seed)
         self.drop_last = check_bool(drop_last, "drop_last")
-        shared = {"seed": self.seed, "num_samples": self.num_samples, "drop_last": self.drop_last}
+        # a subclass's ``shared``: its own settings the stream is drawn from, compared across ranks too
+        shared = {"seed": self.seed, "num_samples": self.num_samples, "drop_last": self.drop_last, **(shared or {})}
         self.rank, self.world_size = resolve_world(rank, world_size, owner=type(self).__name__, shared=shared)
         self.epoch = 0
         self._cursor = Cursor()

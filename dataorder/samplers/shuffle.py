@@ -9,7 +9,7 @@ import numpy as np
 
 from dataorder._validate import check_count
 from dataorder.samplers._state import StateReader
-from dataorder.samplers.base import IndexSampler, epoch_rng
+from dataorder.samplers.base import IndexSampler, dataset_length, epoch_rng
 
 __all__ = ["FlipFlop", "RandomReshuffling", "ShuffleOnce", "WithReplacement"]
 
@@ -71,10 +71,10 @@ class WithReplacement(IndexSampler):
         world_size: int | None = None,
         drop_last: bool = False,
     ) -> None:
-        super().__init__(data, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
-        if num_samples is None:
-            num_samples = self.n
-        self.num_samples = check_count(num_samples, "num_samples")
+        num_samples = dataset_length(data) if num_samples is None else check_count(num_samples, "num_samples")
+        super().__init__(data, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
+                         shared={"num_samples": num_samples})
+        self.num_samples = num_samples
 
     def _global_length(self) -> int:
         return self.num_samples

@@ -12,6 +12,7 @@ of the representative method" (1934).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any
@@ -201,7 +202,8 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         self.drop_last = check_bool(drop_last, "drop_last")
         self.codes, self.labels = codes, labels
         self.n, self.batch_size = len(codes), int(batch_size)
-        shared = {"seed": self.seed, "n": self.n, "batch_size": self.batch_size, "drop_last": self.drop_last}
+        shared = {"seed": self.seed, "n": self.n, "batch_size": self.batch_size, "drop_last": self.drop_last,
+                  "strata": hashlib.sha256(codes.astype(np.int64).tobytes()).hexdigest()[:16]}
         self.rank, self.world_size = resolve_world(rank, world_size, owner=type(self).__name__, shared=shared)
         self.global_batch_size = self.batch_size * self.world_size
         self.sizes = np.bincount(codes, minlength=len(labels))

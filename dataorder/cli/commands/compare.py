@@ -32,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default 16 (stdlib-lm: its workload's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.5 for logreg, else 0.1; "
                         "stdlib-lm and patterns32: their workload's)")
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                        help="constant, or cosine: the learning rate decays from --lr to 0 over the run's steps")
     parser.add_argument("--momentum", type=float, default=None)
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="SGD weight decay (default 1e-3 on digits: a finite optimum, where ordering shows)")
@@ -59,7 +61,8 @@ def _settings(args: argparse.Namespace) -> dict:
         "weight_decay": workload.weight_decay}
     given = {"batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
              "weight_decay": args.weight_decay}
-    return {key: defaults[key] if value is None else value for key, value in given.items()}
+    settings = {key: defaults[key] if value is None else value for key, value in given.items()}
+    return {**settings, "lr_schedule": args.lr_schedule}
 
 
 def _load_split(args: argparse.Namespace, augment: bool):
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(f"--model: {error}") from error
     print(f"dataorder compare: {args.data} ({len(split.y_train)} train / {len(split.y_test)} test), "
-          f"model {args.model}, batch {settings['batch_size']}, lr {settings['lr']}, momentum {settings['momentum']}, "
+          f"model {args.model}, batch {settings['batch_size']}, lr {settings['lr']}"
+          f"{' (cosine to 0)' if args.lr_schedule == 'cosine' else ''}, momentum {settings['momentum']}, "
           f"weight decay {settings['weight_decay']}, {args.epochs} epochs, {args.seeds} seeds"
           + (f"; {split.info}" if split.info and args.data != "digits" else ""))
     jobs = [(name, augment) for name in names for augment in augments]
