@@ -39,7 +39,8 @@ import torch
 from _common import machine, print_table
 from dataorder.data import TensorSplit
 from dataorder.orderings import make_ordering
-from dataorder.training import LR_SCHEDULES, WORKLOADS, RunResult, Workload, initial_state, summarize, train_run, warm_up
+from dataorder.training import (LR_SCHEDULES, WORKLOADS, RunResult, Workload, initial_state, summarize, train_run,
+                                warm_up)
 
 #: the GraB family: the best of these per workload is checked against the ≤ 0.9× target
 GRAB_FAMILY = ("grab", "pair", "recursive", "grab-sketch")

@@ -28,8 +28,9 @@ from dataorder.errors import DataorderError
 from dataorder.models import build_model
 from dataorder.orderings import Ordering
 
-__all__ = ["LR_SCHEDULES", "DivergedError", "Reach", "RunResult", "TargetSummary", "Workload", "WORKLOADS", "evaluate", "first_reach",
-           "initial_state", "lr_scheduler", "mean_cross_entropy", "state_digest", "summarize", "train_run", "warm_up"]
+__all__ = ["LR_SCHEDULES", "DivergedError", "Reach", "RunResult", "TargetSummary", "Workload", "WORKLOADS", "evaluate",
+           "first_reach", "initial_state", "lr_scheduler", "mean_cross_entropy", "state_digest", "summarize", "train_run",
+           "warm_up"]
 
 #: Learning-rate schedules of :func:`train_run`: ``constant`` keeps ``lr``; ``cosine`` decays it along a
 #: half cosine from ``lr`` to 0 over the run's steps, stepped after every optimizer step.
@@ -291,7 +292,6 @@ def train_run(split: TensorSplit, model_name: str, ordering: Ordering, *, seed: 
     """
     if isinstance(evals_per_epoch, bool) or not isinstance(evals_per_epoch, int) or evals_per_epoch < 1:
         raise ValueError(f"evals_per_epoch must be a positive int, got {evals_per_epoch!r}")
-    check_choice(lr_schedule, "lr_schedule", LR_SCHEDULES)
     model = build_model(model_name, tuple(split.x_train.shape[1:]), split.num_classes)
     model.load_state_dict(init if init is not None else initial_state(split, model_name, seed))
     model.to(device)
@@ -385,10 +385,11 @@ class _Clock:
 
 @dataclass(frozen=True)
 class Workload:
-    """A benchmark workload: data, model and the SGD settings used for every ordering.
+    """A benchmark workload: data, model and the SGD settings used for every ordering
+    (``lr_schedule``: one of :data:`LR_SCHEDULES`; every built-in workload trains at a constant rate).
 
-    >>> WORKLOADS["digits-logreg"].model
-    'logreg'
+    >>> WORKLOADS["digits-logreg"].model, WORKLOADS["digits-logreg"].lr_schedule
+    ('logreg', 'constant')
     """
 
     data: str

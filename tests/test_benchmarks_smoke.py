@@ -59,6 +59,7 @@ def test_an_unknown_device_is_a_one_line_usage_error(script) -> None:
     ("time_to_quality.py", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
     ("time_to_quality.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
     ("time_to_quality.py", ["--orders", "rr,bogus"], "--orders: unknown ordering 'bogus'"),
+    ("time_to_quality.py", ["--lr-schedule", "linear"], "--lr-schedule: invalid choice: 'linear'"),
     ("exact_rows.py", ["--hidden", "32,x"], "--hidden and --batches take comma-separated ints"),
     ("exact_rows.py", ["--batches", "0"], "--batches must be >= 1, got 0"),
 ])
