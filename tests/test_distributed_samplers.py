@@ -95,15 +95,19 @@ def _built_with(name, seed, drop_last=False):
     return CurriculumSampler(_scores(), num_samples=48, seed=seed, drop_last=drop_last)
 
 
+def _error_of(build):
+    """The message of the ValueError ``build()`` raises, or None when it builds."""
+    try:
+        build()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _refusals(rank, world_size, name):
     """Each rank's error for a sampler seeded by rank, then for one whose drop_last differs (None: built)."""
-    messages = []
-    for arguments in ({"seed": rank}, {"seed": 5, "drop_last": rank == 1}):
-        try:
-            _built_with(name, **arguments)
-            messages.append(None)
-        except ValueError as error:
-            messages.append(str(error))
+    messages = [_error_of(lambda: _built_with(name, seed=rank)),
+                _error_of(lambda: _built_with(name, seed=5, drop_last=rank == 1))]
     _built_with(name, seed=5)  # the same settings everywhere still build
     return messages
 
@@ -137,13 +141,7 @@ def _subclass_refusals(rank, world_size):
         lambda: MixtureSampler({"a": 30, "b": 10}, {"a": 0.5, "b": 0.5}, num_samples=48, batch_size=6,
                                exhaustion=("restart", "stop")[rank]),
     ]
-    messages = []
-    for build in builds:
-        try:
-            build()
-            messages.append(None)
-        except ValueError as error:
-            messages.append(str(error))
+    messages = [_error_of(build) for build in builds]
     WithReplacement(N, num_samples=N)  # the same settings, one rank spelling out the default: still built
     WithReplacement(N, num_samples=None if rank == 0 else N)
     return messages

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import hashlib
 import numbers
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any
@@ -29,6 +30,7 @@ from dataorder.samplers._state import (Cursor, StateError, StateReader, StateTyp
 
 __all__ = [
     "IndexSampler",
+    "array_digest",
     "check_bool",
     "check_epoch",
     "check_seed",
@@ -38,6 +40,15 @@ __all__ = [
     "shard",
     "shard_length",
 ]
+
+
+def array_digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's bytes (hex): an order or a set of codes, compared across ranks or states.
+
+    >>> array_digest(np.arange(3)) == array_digest(np.array([0, 1, 2])) != array_digest(np.arange(4))
+    True
+    """
+    return hashlib.sha256(np.asarray(array).tobytes()).hexdigest()
 
 
 def dataset_length(data: Sized | int, name: str = "data") -> int:

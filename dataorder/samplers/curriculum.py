@@ -9,7 +9,6 @@ unless ``higher_is_easier`` says otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import os
@@ -20,7 +19,7 @@ import numpy as np
 
 from dataorder._validate import check_bool, check_choice, check_count, check_fraction, check_seed
 from dataorder.samplers._state import StateError, StateReader
-from dataorder.samplers.base import epoch_rng
+from dataorder.samplers.base import array_digest, epoch_rng
 from dataorder.samplers.permutation import hash_key, keyed_permutation
 from dataorder.samplers.run import RunSampler, fingerprint
 from dataorder.schedules import pacing_function
@@ -231,15 +230,14 @@ class CurriculumSampler(RunSampler):
         pacing_name = pacing if isinstance(pacing, str) else getattr(pacing, "__qualname__", "callable")
         settings = {"pacing": pacing_name, "start": float(start), "full_at": float(full_at), "order": order}
         ranking = _easiest_first(hardness) if order == "easy_first" else _hardest_first(hardness)
-        ranking_digest = hashlib.sha256(ranking.tobytes()).hexdigest()
+        ranking_digest = array_digest(ranking)
         # scores computed apart on each rank can rank differently: compare the ranking itself
-        shared = {**settings, "score_ranking": ranking_digest[:16]}
+        shared = {**settings, "score_ranking": ranking_digest}
         super().__init__(num_samples, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, shared=shared)
         self.n = hardness.size
         self.order = order
         self.pacing = pace
         self._custom_pacing = not isinstance(pacing, str)
-        self._pacing_name = pacing_name
         self._settings = settings
         #: Example indices in curriculum order: ``ranking[:m]`` is the pool of size ``m``.
         self.ranking = ranking
@@ -317,7 +315,7 @@ class CurriculumSampler(RunSampler):
             if self._custom_pacing:
                 # a callable is known by what it does: the pool size of every pass before the pool is full
                 starts, pools, full_from = self._passes()
-                settings["passes"] = hashlib.sha256(np.concatenate([starts, pools, [full_from]]).tobytes()).hexdigest()
+                settings["passes"] = array_digest(np.concatenate([starts, pools, [full_from]]))
             self._digest = fingerprint(settings)
         return self._digest
 

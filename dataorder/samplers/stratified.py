@@ -12,7 +12,6 @@ of the representative method" (1934).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any
@@ -24,7 +23,7 @@ from torch.utils.data import Sampler
 from dataorder.samplers.allocation import allocate, count_range
 from dataorder._validate import check_bool, check_count, check_epoch, check_seed
 from dataorder.samplers._state import Cursor, StateError, StateReader, refuse_unknown_fields, resume_position
-from dataorder.samplers.base import epoch_rng, resolve_world
+from dataorder.samplers.base import array_digest, epoch_rng, resolve_world
 
 __all__ = ["StratifiedBatchSampler", "encode_strata", "merge_moments", "stratum_draws"]
 
@@ -203,7 +202,7 @@ class StratifiedBatchSampler(Sampler[list[int]]):
         self.codes, self.labels = codes, labels
         self.n, self.batch_size = len(codes), int(batch_size)
         shared = {"seed": self.seed, "n": self.n, "batch_size": self.batch_size, "drop_last": self.drop_last,
-                  "strata": hashlib.sha256(codes.astype(np.int64).tobytes()).hexdigest()[:16]}
+                  "strata": array_digest(codes.astype(np.int64))}
         self.rank, self.world_size = resolve_world(rank, world_size, owner=type(self).__name__, shared=shared)
         self.global_batch_size = self.batch_size * self.world_size
         self.sizes = np.bincount(codes, minlength=len(labels))
